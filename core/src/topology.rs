@@ -1,0 +1,291 @@
+//! Topology: a topic space, the queues bound to it, and the rules for names
+//! and patterns (C16).
+
+use crate::error::{Error, Result};
+
+/// The longest name any backend accepts (AMQP short strings).
+pub const MAX_NAME_LEN: usize = 255;
+
+/// Everything a backend declares for one topic space: the space itself and
+/// the work queues bound to it, with their retry and dead-letter plumbing.
+///
+/// Declaring is idempotent: declaring the same topology again changes nothing.
+///
+/// ```
+/// use ticketrail_core::{QueueSpec, Topology};
+///
+/// let topology = Topology::new("app.events")
+///     .queue(QueueSpec::new("email.notifications").bind("user.#"));
+/// assert!(topology.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    /// The topic space (an exchange on RabbitMQ, a stream on NATS).
+    pub topic_space: String,
+    /// The work queues bound to the topic space.
+    pub queues: Vec<QueueSpec>,
+}
+
+impl Topology {
+    /// A topic space with no queues yet.
+    pub fn new(topic_space: impl Into<String>) -> Self {
+        Topology {
+            topic_space: topic_space.into(),
+            queues: Vec::new(),
+        }
+    }
+
+    /// Adds a work queue.
+    pub fn queue(mut self, queue: QueueSpec) -> Self {
+        self.queues.push(queue);
+        self
+    }
+
+    /// Checks every name and pattern, naming the first one that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("topic space", &self.topic_space)?;
+        for queue in &self.queues {
+            validate_name("queue", &queue.name)?;
+            if queue.delivery_limit == 0 {
+                return Err(Error::config(format!(
+                    "queue `{}`: delivery limit must be at least 1",
+                    queue.name
+                )));
+            }
+            for pattern in &queue.bindings {
+                validate_pattern(pattern).map_err(|e| {
+                    Error::invalid_name(format!("queue `{}`: {}", queue.name, e.message()))
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A work queue: its name, the patterns that bind it to the topic space, and
+/// the broker-side backstop for messages that crash their consumer (C13).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueSpec {
+    /// Queue name, e.g. `email.notifications`.
+    pub name: String,
+    /// Binding patterns (C16): words split by `.`, `*` one word, `#` zero or more.
+    pub bindings: Vec<String>,
+    /// How many times the broker delivers a message without it being settled
+    /// (its consumer died) before it dead-letters it with reason
+    /// `delivery-limit` (C13). Default 5.
+    pub delivery_limit: u32,
+}
+
+impl QueueSpec {
+    /// The default [`delivery_limit`](QueueSpec::delivery_limit).
+    pub const DEFAULT_DELIVERY_LIMIT: u32 = 5;
+
+    /// A queue with no bindings and the default delivery limit.
+    pub fn new(name: impl Into<String>) -> Self {
+        QueueSpec {
+            name: name.into(),
+            bindings: Vec::new(),
+            delivery_limit: Self::DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+
+    /// Binds the queue to a pattern of the topic space.
+    pub fn bind(mut self, pattern: impl Into<String>) -> Self {
+        self.bindings.push(pattern.into());
+        self
+    }
+
+    /// Sets the [`delivery_limit`](QueueSpec::delivery_limit).
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+}
+
+/// Checks a queue or topic-space name: not empty, at most 255 bytes, no
+/// whitespace or control characters, no wildcards (`*`, `#`, `>`).
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_name(format!("{what} name is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::invalid_name(format!(
+            "{what} name `{}…` is {} bytes long; the limit is {MAX_NAME_LEN}",
+            truncate(name, 40),
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control() || matches!(c, '*' | '#' | '>'))
+    {
+        return Err(Error::invalid_name(format!(
+            "{what} name `{name}` contains {c:?}, which is not allowed in names"
+        )));
+    }
+    if name.starts_with('.') || name.ends_with('.') || name.contains("..") {
+        return Err(Error::invalid_name(format!(
+            "{what} name `{name}` has an empty word between dots"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a routing key: words split by `.`, none empty, no wildcards.
+pub fn validate_routing_key(key: &str) -> Result<()> {
+    check_words("routing key", key, false)
+}
+
+/// Checks a binding pattern: words split by `.`, none empty; `*` and `#` only
+/// as whole words.
+pub fn validate_pattern(pattern: &str) -> Result<()> {
+    check_words("pattern", pattern, true)
+}
+
+fn check_words(what: &str, text: &str, wildcards: bool) -> Result<()> {
+    if text.is_empty() {
+        return Err(Error::invalid_name(format!("{what} is empty")));
+    }
+    if text.len() > MAX_NAME_LEN {
+        return Err(Error::invalid_name(format!(
+            "{what} `{}…` is {} bytes long; the limit is {MAX_NAME_LEN}",
+            truncate(text, 40),
+            text.len()
+        )));
+    }
+    for word in text.split('.') {
+        if word.is_empty() {
+            return Err(Error::invalid_name(format!(
+                "{what} `{text}` has an empty word (words are split by `.`)"
+            )));
+        }
+        if let Some(c) = word
+            .chars()
+            .find(|c| c.is_whitespace() || c.is_control() || *c == '>')
+        {
+            return Err(Error::invalid_name(format!(
+                "{what} `{text}` contains {c:?}, which is not allowed"
+            )));
+        }
+        let has_wildcard = word.contains('*') || word.contains('#');
+        if has_wildcard && (!wildcards || word.len() > 1) {
+            let rule = if wildcards {
+                "`*` and `#` must stand alone as whole words"
+            } else {
+                "a routing key takes no wildcards"
+            };
+            return Err(Error::invalid_name(format!("{what} `{text}`: {rule}")));
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Whether `routing_key` matches `pattern` under C16: `*` is exactly one word,
+/// `#` zero or more words.
+///
+/// ```
+/// use ticketrail_core::topic_matches;
+///
+/// assert!(topic_matches("user.#", "user.welcome"));
+/// assert!(topic_matches("user.#", "user"));
+/// assert!(topic_matches("*.created", "order.created"));
+/// assert!(!topic_matches("*.created", "order.item.created"));
+/// ```
+pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let key: Vec<&str> = routing_key.split('.').collect();
+    // reachable[j]: the pattern words seen so far can match the first j key words.
+    let mut reachable = vec![false; key.len() + 1];
+    reachable[0] = true;
+    for word in pattern {
+        let mut next = vec![false; key.len() + 1];
+        match word {
+            "#" => {
+                let mut any = false;
+                for j in 0..=key.len() {
+                    any |= reachable[j];
+                    next[j] = any;
+                }
+            }
+            _ => {
+                for j in 0..key.len() {
+                    if reachable[j] && (word == "*" || word == key[j]) {
+                        next[j + 1] = true;
+                    }
+                }
+            }
+        }
+        reachable = next;
+    }
+    reachable[key.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn matching_follows_c16() {
+        let cases = [
+            ("user.#", "user", true),
+            ("user.#", "user.welcome", true),
+            ("user.#", "user.a.b", true),
+            ("user.#", "users.welcome", false),
+            ("#", "anything.at.all", true),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.c", false),
+            ("a.#.c", "a.c", true),
+            ("a.#.c", "a.x.y.c", true),
+            ("a.#.c", "a.x.y.d", false),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            ("#.end", "end", true),
+        ];
+        for (pattern, key, expected) in cases {
+            assert_eq!(topic_matches(pattern, key), expected, "{pattern} vs {key}");
+        }
+    }
+
+    #[test]
+    fn bad_names_are_rejected_with_the_reason() {
+        let err = validate_name("queue", "").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidName);
+        assert_eq!(err.message(), "queue name is empty");
+        let err = validate_name("queue", "email notifications").unwrap_err();
+        assert!(err.message().contains("' '"), "{err}");
+        assert!(validate_name("queue", "q.*").is_err());
+        assert!(validate_name("queue", &"x".repeat(256)).is_err());
+        assert!(validate_name("queue", "email.notifications").is_ok());
+    }
+
+    #[test]
+    fn patterns_and_keys_are_checked() {
+        assert!(validate_pattern("user.#").is_ok());
+        assert!(validate_pattern("*.created").is_ok());
+        let err = validate_pattern("user.we*").unwrap_err();
+        assert!(err.message().contains("whole words"), "{err}");
+        assert!(validate_pattern("user..x").is_err());
+        assert!(validate_pattern("").is_err());
+        assert!(validate_routing_key("user.welcome").is_ok());
+        let err = validate_routing_key("user.*").unwrap_err();
+        assert!(err.message().contains("no wildcards"), "{err}");
+    }
+
+    #[test]
+    fn topology_validation_names_the_queue() {
+        let t = Topology::new("app.events").queue(QueueSpec::new("q").bind("a..b"));
+        let err = t.validate().unwrap_err();
+        assert!(err.message().starts_with("queue `q`:"), "{err}");
+        let t = Topology::new("app.events").queue(QueueSpec::new("q").delivery_limit(0));
+        assert_eq!(t.validate().unwrap_err().kind(), ErrorKind::Config);
+    }
+}
