@@ -1,1 +1,32 @@
-//! placeholder
+//! # ticketrail-memory
+//!
+//! An in-process broker: the reference implementation of the ticketrail
+//! contract. Exact semantics, no network; delays run on tokio's clock, so
+//! tests can run with time paused. Every rule of DESIGN.md holds except C15
+//! (there is no broker process to restart).
+//!
+//! ```
+//! use ticketrail_core::{Broker, Message, QueueSpec, SubscribeOptions, Topology};
+//! use ticketrail_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> ticketrail_core::Result<()> {
+//! let broker = MemoryBroker::new();
+//! broker
+//!     .declare(&Topology::new("app.events").queue(QueueSpec::new("email.notifications").bind("user.#")))
+//!     .await?;
+//! broker.publish("app.events", Message::new("user.welcome", "hi")).await?;
+//! let mut sub = broker.subscribe("email.notifications", SubscribeOptions::default()).await?;
+//! let mut delivery = sub.next().await.unwrap()?;
+//! assert_eq!(delivery.envelope().payload, "hi");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod broker;
+mod config;
+mod delivery;
+mod topology;
+
+pub use broker::MemoryBroker;
+pub use config::MemoryConfig;

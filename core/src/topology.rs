@@ -70,9 +70,10 @@ pub struct QueueSpec {
     pub name: String,
     /// Binding patterns (C16): words split by `.`, `*` one word, `#` zero or more.
     pub bindings: Vec<String>,
-    /// How many times the broker delivers a message without it being settled
-    /// (its consumer died) before it dead-letters it with reason
-    /// `delivery-limit` (C13). Default 5.
+    /// How many times the broker delivers again a message that came back
+    /// unsettled (its consumer died, or nacked it) before it dead-letters it
+    /// with reason `delivery-limit` (C13). The count starts afresh when a
+    /// message re-enters the queue after a delayed retry. Default 5.
     pub delivery_limit: u32,
 }
 

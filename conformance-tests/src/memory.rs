@@ -1,0 +1,49 @@
+//! The in-process broker under test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ticketrail_core::{Result, SharedBroker};
+use ticketrail_memory::MemoryBroker;
+
+use crate::harness::Harness;
+
+/// Runs the suite on one [`MemoryBroker`]; each `connect` is a new
+/// connection to it.
+#[derive(Debug, Default)]
+pub struct MemoryHarness {
+    broker: MemoryBroker,
+}
+
+#[async_trait]
+impl Harness for MemoryHarness {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn connect(&self) -> Result<SharedBroker> {
+        Ok(Arc::new(self.broker.connect()))
+    }
+
+    async fn publish_foreign(
+        &self,
+        topic_space: &str,
+        routing_key: &str,
+        payload: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<()> {
+        self.broker
+            .publish_foreign(
+                topic_space,
+                routing_key,
+                payload.to_vec(),
+                message_id.map(str::to_owned),
+            )
+            .await
+    }
+
+    fn redelivery_timeout(&self) -> Duration {
+        Duration::from_secs(2)
+    }
+}
