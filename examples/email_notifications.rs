@@ -1,1 +1,263 @@
-fn main() {}
+//! The seed's scenario: an API publishes welcome and password-reset emails to
+//! `app.events`; a worker on `email.notifications` (bound to `user.#`) sends
+//! them. Sending fails about 10% of the time (seeded, so runs repeat), and
+//! one mail domain is down until an operator fixes it: those messages retry
+//! after 1 s, 2 s and 4 s, then land in the DLQ. The program lists the DLQ
+//! with its reasons, "fixes" the domain, replays the DLQ and prints a summary.
+//!
+//! ```text
+//! cargo run --example email_notifications                      # in-process broker
+//! cargo run --example email_notifications --features rabbitmq -- --broker amqp://guest:guest@127.0.0.1:5672/%2f
+//! cargo run --example email_notifications --features nats -- --broker nats://127.0.0.1:4222
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use ticketrail::{
+    Consumer, Context, Exponential, Handler, HandlerError, Publisher, QueueSpec, Replay,
+    RetryPolicy, SharedBroker, Topology,
+};
+
+const EXCHANGE: &str = "app.events";
+const QUEUE: &str = "email.notifications";
+const SEED: u64 = 42;
+const EMAILS: usize = 20;
+
+/// The seed's message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EmailMessage {
+    to: String,
+    subject: String,
+    template: String,
+    data: BTreeMap<String, String>,
+    user_id: String,
+    timestamp: String,
+}
+
+/// The worker's `send_email`, with a flaky SMTP relay and one mail domain
+/// that is down until [`Mailer::outage_over`] is set.
+struct Mailer {
+    policy: Exponential,
+    outage_over: AtomicBool,
+    sent: Mutex<HashSet<String>>,
+    retried: AtomicUsize,
+}
+
+impl Mailer {
+    /// Whether the relay fails this attempt: about 10%, the same on every run.
+    fn relay_fails(user_id: &str, attempt: u32) -> bool {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (user_id, attempt).hash(&mut hasher);
+        fastrand::Rng::with_seed(SEED ^ hasher.finish()).f64() < 0.1
+    }
+}
+
+impl Handler for Mailer {
+    type Message = EmailMessage;
+
+    async fn handle(&self, email: EmailMessage, ctx: &Context) -> Result<(), HandlerError> {
+        let failure =
+            if email.to.ends_with("@outage.example") && !self.outage_over.load(Ordering::SeqCst) {
+                Some(format!("mail server for {} refuses connections", email.to))
+            } else if Mailer::relay_fails(&email.user_id, ctx.attempt()) {
+                Some("SMTP connection failed".to_owned())
+            } else {
+                None
+            };
+        if let Some(error) = failure {
+            if ctx.attempt() < self.policy.max_attempts() {
+                self.retried.fetch_add(1, Ordering::SeqCst);
+            }
+            return Err(HandlerError::retryable(error));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // the work itself
+        println!(
+            "sent {:<15} to {:<24} (attempt {})",
+            email.template,
+            email.to,
+            ctx.attempt()
+        );
+        self.sent
+            .lock()
+            .expect("not poisoned")
+            .insert(ctx.id().to_owned());
+        Ok(())
+    }
+}
+
+fn email(i: usize) -> (&'static str, EmailMessage) {
+    let (routing_key, template, subject) = if i.is_multiple_of(2) {
+        ("user.welcome", "welcome", "Welcome to the platform")
+    } else {
+        ("user.password-reset", "password-reset", "Password Reset")
+    };
+    let domain = if i % 9 == 4 {
+        "outage.example"
+    } else {
+        "example.com"
+    };
+    let message = EmailMessage {
+        to: format!("user{i}@{domain}"),
+        subject: subject.to_owned(),
+        template: template.to_owned(),
+        data: BTreeMap::from([("name".to_owned(), format!("User {i}"))]),
+        user_id: format!("user-{i}"),
+        timestamp: format!("2026-11-28T12:{:02}:00Z", i % 60),
+    };
+    (routing_key, message)
+}
+
+async fn wait_for(
+    what: &str,
+    within: Duration,
+    mut done: impl AsyncFnMut() -> ticketrail::Result<bool>,
+) -> ticketrail::Result<()> {
+    let deadline = Instant::now() + within;
+    while !done().await? {
+        if Instant::now() > deadline {
+            return Err(ticketrail::Error::new(
+                ticketrail::ErrorKind::Timeout,
+                format!("{what} took over {within:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_target(false)
+        .init();
+    let url = broker_url()?;
+    let broker: SharedBroker = ticketrail::connect(&url).await?;
+    println!(
+        "broker: {} ({})",
+        broker.backend(),
+        ticketrail::redact_url(&url)
+    );
+
+    // The seed's topology; declaring is idempotent.
+    let topology = Topology::new(EXCHANGE).queue(QueueSpec::new(QUEUE).bind("user.#"));
+    broker.declare(&topology).await?;
+
+    // Seed defaults: 1 s, x2, 3 retries (4 attempts), then the DLQ.
+    let policy = Exponential::builder()
+        .initial(Duration::from_secs(1))
+        .multiplier(2.0)
+        .max_attempts(4)
+        .build()?;
+    let mailer = Arc::new(Mailer {
+        policy: policy.clone(),
+        outage_over: AtomicBool::new(false),
+        sent: Mutex::default(),
+        retried: AtomicUsize::new(0),
+    });
+    let worker = Consumer::new(broker.clone(), QUEUE, SharedMailer(mailer.clone()))
+        .retry_policy(policy)
+        .prefetch(5)
+        .spawn();
+
+    // The API side: publish and return; each publish is confirmed.
+    let publisher = Publisher::new(broker.clone(), EXCHANGE);
+    let mut published = HashSet::new();
+    for i in 0..EMAILS {
+        let (routing_key, message) = email(i);
+        published.insert(publisher.publish(routing_key, &message).await?);
+    }
+    println!("published {} emails", published.len());
+
+    let sent = |mailer: &Mailer| mailer.sent.lock().expect("not poisoned").len();
+    wait_for(
+        "handling or dead-lettering every email",
+        Duration::from_secs(60),
+        async || {
+            let dead = broker.dead_letters(QUEUE, 1000).await?.len();
+            Ok(sent(&mailer) + dead >= published.len())
+        },
+    )
+    .await?;
+
+    let dead = broker.dead_letters(QUEUE, 1000).await?;
+    println!("dead-letter queue of {QUEUE}: {} message(s)", dead.len());
+    for record in &dead {
+        println!(
+            "  {} {} reason={} attempts={} error={:?}",
+            record.envelope.id,
+            record.envelope.routing_key,
+            record.reason,
+            record.attempts,
+            record.last_error
+        );
+    }
+
+    println!("operator: the mail server is back; replaying the dead-letter queue");
+    mailer.outage_over.store(true, Ordering::SeqCst);
+    let replayed = broker.replay(QUEUE, Replay::All).await?;
+    wait_for(
+        "handling the replayed emails",
+        Duration::from_secs(60),
+        async || Ok(sent(&mailer) >= published.len()),
+    )
+    .await?;
+    worker.shutdown().await?;
+    broker.close().await?;
+
+    let handled = sent(&mailer);
+    println!(
+        "published {}, handled {}, retried {}, dead-lettered {}, replayed {}",
+        published.len(),
+        handled,
+        mailer.retried.load(Ordering::SeqCst),
+        dead.len(),
+        replayed
+    );
+    if handled != published.len() {
+        return Err(format!(
+            "{} of {} emails were not handled",
+            published.len() - handled,
+            published.len()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Lets the example keep a reference to the handler it hands the consumer.
+struct SharedMailer(Arc<Mailer>);
+
+impl Handler for SharedMailer {
+    type Message = EmailMessage;
+
+    async fn handle(&self, email: EmailMessage, ctx: &Context) -> Result<(), HandlerError> {
+        self.0.handle(email, ctx).await
+    }
+}
+
+/// `--broker <url>`, else `TICKETRAIL_BROKER`, else the in-process broker.
+fn broker_url() -> Result<String, String> {
+    let mut args = std::env::args().skip(1);
+    let mut url = std::env::var("TICKETRAIL_BROKER").unwrap_or_else(|_| "memory://".to_owned());
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--broker" => url = args.next().ok_or("--broker needs a URL")?,
+            other => {
+                return Err(format!(
+                    "unknown argument `{other}`; usage: email_notifications [--broker URL]"
+                ))
+            }
+        }
+    }
+    Ok(url)
+}

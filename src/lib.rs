@@ -1,1 +1,83 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+pub use ticketrail_core::*;
+
+/// The in-process broker (feature `memory`, on by default).
+#[cfg(feature = "memory")]
+pub mod memory {
+    pub use ticketrail_memory::*;
+}
+
+/// The RabbitMQ backend (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use ticketrail_rabbitmq::*;
+}
+
+/// The NATS JetStream backend (feature `nats`).
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use ticketrail_nats::*;
+}
+
+/// Connects to the broker a URL names, so a program can pick its backend at
+/// run time: `memory://` (a new in-process broker), `amqp://` or `amqps://`
+/// (RabbitMQ), `nats://` or `tls://` (NATS JetStream). A scheme whose
+/// feature is off is an [`ErrorKind::Unsupported`] error naming the feature.
+pub async fn connect(url: &str) -> Result<SharedBroker> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme)
+        .unwrap_or("");
+    match scheme {
+        "memory" => connect_memory(),
+        "amqp" | "amqps" => connect_rabbitmq(url).await,
+        "nats" | "tls" => connect_nats(url).await,
+        _ => Err(Error::config(format!(
+            "broker URL must start with memory://, amqp://, amqps://, nats:// or tls://; got `{}`",
+            redact_url(url)
+        ))),
+    }
+}
+
+#[cfg(feature = "memory")]
+fn connect_memory() -> Result<SharedBroker> {
+    Ok(std::sync::Arc::new(memory::MemoryBroker::new()))
+}
+
+#[cfg(not(feature = "memory"))]
+fn connect_memory() -> Result<SharedBroker> {
+    Err(missing_feature("memory"))
+}
+
+#[cfg(feature = "rabbitmq")]
+async fn connect_rabbitmq(url: &str) -> Result<SharedBroker> {
+    let broker = rabbitmq::RabbitBroker::connect(rabbitmq::RabbitConfig::from_url(url)?).await?;
+    Ok(std::sync::Arc::new(broker))
+}
+
+#[cfg(not(feature = "rabbitmq"))]
+async fn connect_rabbitmq(_url: &str) -> Result<SharedBroker> {
+    Err(missing_feature("rabbitmq"))
+}
+
+#[cfg(feature = "nats")]
+async fn connect_nats(url: &str) -> Result<SharedBroker> {
+    let broker = nats::NatsBroker::connect(nats::NatsConfig::from_url(url)?).await?;
+    Ok(std::sync::Arc::new(broker))
+}
+
+#[cfg(not(feature = "nats"))]
+async fn connect_nats(_url: &str) -> Result<SharedBroker> {
+    Err(missing_feature("nats"))
+}
+
+#[allow(dead_code)] // unused when every backend feature is on
+fn missing_feature(feature: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "this build has no {feature} backend; enable the `{feature}` feature of ticketrail"
+        ),
+    )
+}

@@ -304,34 +304,60 @@ impl<H: Handler, C: Codec> Worker<H, C> {
                     self.acked.increment(1);
                     delivery.ack().await
                 }
-                Outcome::Undecodable(why) => self.dead_letter(&mut delivery, DeadLetterReason::Undecodable, &why).await,
+                Outcome::Undecodable(why) => {
+                    self.dead_letter(&mut delivery, DeadLetterReason::Undecodable, &why)
+                        .await
+                }
                 Outcome::OverLimit => {
                     let why = format!(
                         "delivered {attempt} times, more than the {} attempts allowed; \
                          its consumer likely crashed while handling it",
                         self.policy.max_attempts()
                     );
-                    self.dead_letter(&mut delivery, DeadLetterReason::DeliveryLimit, &why).await
+                    self.dead_letter(&mut delivery, DeadLetterReason::DeliveryLimit, &why)
+                        .await
                 }
                 Outcome::Failed(error) if !error.is_retryable() => {
-                    self.dead_letter(&mut delivery, DeadLetterReason::Permanent, &error.to_string()).await
+                    self.dead_letter(
+                        &mut delivery,
+                        DeadLetterReason::Permanent,
+                        &error.to_string(),
+                    )
+                    .await
                 }
                 Outcome::Failed(error) => match self.policy.decide(attempt, &error) {
                     RetryDecision::Retry(after) => {
                         tracing::Span::current().record("outcome", "retried");
-                        tracing::warn!(error = %error, retry_in = ?after, "handler failed; retrying");
+                        tracing::warn!(
+                            queue = %self.queue,
+                            id = %envelope.id,
+                            attempt,
+                            error = %error,
+                            retry_in = ?after,
+                            "handler failed; retrying"
+                        );
                         self.retried.increment(1);
                         delivery.retry(after, &error.to_string()).await
                     }
                     RetryDecision::DeadLetter => {
-                        self.dead_letter(&mut delivery, DeadLetterReason::Exhausted, &error.to_string()).await
+                        self.dead_letter(
+                            &mut delivery,
+                            DeadLetterReason::Exhausted,
+                            &error.to_string(),
+                        )
+                        .await
                     }
                 },
             };
             if let Err(e) = settled {
                 // The delivery is dropped unsettled below, so the broker
                 // delivers it again: nothing is lost.
-                tracing::error!(error = %e, "settling failed; the message will be redelivered");
+                tracing::error!(
+                    queue = %self.queue,
+                    id = %envelope.id,
+                    error = %e,
+                    "settling failed; the message will be redelivered"
+                );
             }
         }
         .instrument(span)
@@ -345,7 +371,15 @@ impl<H: Handler, C: Codec> Worker<H, C> {
         why: &str,
     ) -> Result<()> {
         tracing::Span::current().record("outcome", "dead-lettered");
-        tracing::error!(reason = %reason, error = %why, "message dead-lettered");
+        let envelope = delivery.envelope();
+        tracing::error!(
+            queue = %self.queue,
+            id = %envelope.id,
+            attempt = envelope.attempt,
+            reason = %reason,
+            error = %why,
+            "message dead-lettered"
+        );
         self.dead_lettered.increment(1);
         delivery.dead_letter(reason, why).await
     }

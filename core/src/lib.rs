@@ -21,6 +21,7 @@ mod envelope;
 mod error;
 mod handler;
 mod publisher;
+mod redact;
 mod retry;
 mod topology;
 
@@ -34,6 +35,7 @@ pub use envelope::{from_unix_millis, to_unix_millis, Envelope, Headers, Message}
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use handler::{handler_fn, Context, FailureKind, Handler, HandlerError, HandlerFn};
 pub use publisher::Publisher;
+pub use redact::redact_url;
 pub use retry::{Exponential, ExponentialBuilder, Fixed, NoRetry, RetryDecision, RetryPolicy};
 pub use topology::{
     topic_matches, validate_name, validate_pattern, validate_routing_key, QueueSpec, Topology,
