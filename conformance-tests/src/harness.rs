@@ -65,9 +65,12 @@ pub trait Restartable: Send + Sync {
     /// Opens a connection to the throwaway server.
     async fn connect(&self) -> Result<SharedBroker>;
 
-    /// Stops the server, waits `down_for`, and starts it again with its data.
-    async fn restart(&mut self, down_for: Duration) -> Result<()>;
+    /// Stops the server, keeping its data.
+    async fn halt(&mut self) -> Result<()>;
+
+    /// Starts the halted server again with its data, on the same port.
+    async fn resume(&mut self) -> Result<()>;
 
     /// Stops the server for good and removes its data.
-    async fn stop(&mut self) -> Result<()>;
+    async fn remove(&mut self) -> Result<()>;
 }

@@ -16,9 +16,12 @@
 
 mod harness;
 mod memory;
+mod rabbitmq;
 pub mod rules;
+mod servers;
 mod support;
 
 pub use harness::{Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
+pub use rabbitmq::{RabbitHarness, DEFAULT_AMQP_URL};
 pub use rules::{run_rule, run_suite, Rule, Summary, RULES};

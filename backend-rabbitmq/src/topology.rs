@@ -1,0 +1,264 @@
+//! How the contract maps onto RabbitMQ: names, queue arguments and retry tiers.
+//!
+//! For a work queue `Q` bound to topic exchange `S`:
+//! - `Q`: a quorum queue with `x-delivery-limit` (C13) that dead-letters, at
+//!   least once, to `Q.dlq`;
+//! - `Q.dlq`: a quorum queue holding dead-letter records (C10);
+//! - `Q.retry.<ms>ms`: one quorum wait queue per delay tier, created on
+//!   demand, whose `x-message-ttl` dead-letters messages back to `Q` (C7, C12).
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+use ticketrail_core::{Error, QueueSpec, Result, Topology};
+
+use crate::error::map;
+
+/// The longest work-queue name: room is left for the `.retry.<ms>ms` suffix.
+pub(crate) const MAX_QUEUE_NAME: usize = 220;
+
+/// How long a wait queue outlives its last use, beyond its delay: every
+/// message has left it long before it expires.
+const WAIT_QUEUE_SLACK: Duration = Duration::from_secs(120);
+
+/// The name of the DLQ of `queue`.
+pub(crate) fn dlq_name(queue: &str) -> String {
+    format!("{queue}.dlq")
+}
+
+/// The name of the wait queue of `queue` for a tier.
+pub(crate) fn wait_queue_name(queue: &str, tier: Duration) -> String {
+    format!("{queue}.retry.{}ms", tier.as_millis())
+}
+
+/// Tiers below one second, in 100 ms steps: late by under 100 ms.
+const SUB_SECOND_STEP_MS: u64 = 100;
+/// Tiers from one second up, per decade: neighbours differ by at most 15.4 %,
+/// so a delay rounded up to its tier is late by less than C7's 20 %.
+const DECADE: [u64; 24] = [
+    10, 11, 12, 13, 15, 16, 18, 20, 22, 24, 27, 30, 33, 36, 40, 44, 48, 53, 58, 64, 70, 77, 85, 93,
+];
+/// Decades of seconds covered: 1 s up to about 108 days.
+const DECADES: u32 = 7;
+
+/// Every tier, shortest first.
+pub(crate) fn tiers() -> impl Iterator<Item = Duration> {
+    let sub_second = (1..=9).map(|i| Duration::from_millis(i * SUB_SECOND_STEP_MS));
+    let above = (0..DECADES).flat_map(|decade| {
+        DECADE
+            .iter()
+            .map(move |m| Duration::from_millis(m * 100 * 10u64.pow(decade)))
+    });
+    sub_second.chain(above)
+}
+
+/// The shortest tier not below `delay`: the wait queue a retry after `delay`
+/// goes to. Never earlier than asked (C7), and late by at most
+/// max(100 ms, 15.4 %).
+pub(crate) fn tier_for(delay: Duration) -> Result<Duration> {
+    tiers().find(|t| *t >= delay).ok_or_else(|| {
+        Error::config(format!(
+            "retry delay {delay:?} is longer than the longest the RabbitMQ backend supports ({:?})",
+            tiers().last().unwrap_or_default()
+        ))
+    })
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+fn quorum_args(dead_letter_to: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long("quorum"));
+    args.insert("x-dead-letter-exchange".into(), long(""));
+    args.insert("x-dead-letter-routing-key".into(), long(dead_letter_to));
+    // Without reject-publish, at-least-once dead-lettering silently falls
+    // back to at-most-once.
+    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
+    args.insert("x-overflow".into(), long("reject-publish"));
+    args
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Checks names against RabbitMQ's own limits on top of the core rules.
+pub(crate) fn validate(topology: &Topology) -> Result<()> {
+    topology.validate()?;
+    if topology.topic_space.starts_with("amq.") {
+        return Err(Error::invalid_name(format!(
+            "topic space `{}`: names starting with `amq.` are reserved by RabbitMQ",
+            topology.topic_space
+        )));
+    }
+    for queue in &topology.queues {
+        if queue.name.len() > MAX_QUEUE_NAME {
+            return Err(Error::invalid_name(format!(
+                "queue `{}` is {} bytes long; the RabbitMQ backend allows {MAX_QUEUE_NAME} \
+                 (room is kept for its retry and dead-letter queues)",
+                queue.name,
+                queue.name.len()
+            )));
+        }
+        if queue.name.starts_with("amq.") {
+            return Err(Error::invalid_name(format!(
+                "queue `{}`: names starting with `amq.` are reserved by RabbitMQ",
+                queue.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Declares the exchange, the work queues, their DLQs and bindings.
+pub(crate) async fn declare(channel: &Channel, topology: &Topology) -> Result<()> {
+    let space = topology.topic_space.as_str();
+    channel
+        .exchange_declare(
+            space.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map(&format!("declaring topic exchange `{space}`"), e))?;
+    for queue in &topology.queues {
+        declare_queue(channel, space, queue).await?;
+    }
+    Ok(())
+}
+
+async fn declare_queue(channel: &Channel, space: &str, spec: &QueueSpec) -> Result<()> {
+    let dlq = dlq_name(&spec.name);
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert("x-queue-type".into(), long("quorum"));
+    channel
+        .queue_declare(dlq.as_str().into(), durable(), dlq_args)
+        .await
+        .map_err(|e| map(&format!("declaring dead-letter queue `{dlq}`"), e))?;
+
+    let mut args = quorum_args(&dlq);
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(spec.delivery_limit)),
+    );
+    channel
+        .queue_declare(spec.name.as_str().into(), durable(), args)
+        .await
+        .map_err(|e| {
+            map(
+                &format!(
+                    "declaring queue `{}` (if it exists with other arguments, e.g. as a classic \
+                     queue or with another delivery limit, delete it or choose another name)",
+                    spec.name
+                ),
+                e,
+            )
+        })?;
+    for pattern in &spec.bindings {
+        channel
+            .queue_bind(
+                spec.name.as_str().into(),
+                space.into(),
+                pattern.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                map(
+                    &format!("binding `{}` to `{space}` with `{pattern}`", spec.name),
+                    e,
+                )
+            })?;
+    }
+    Ok(())
+}
+
+/// Declares the wait queue of `queue` for `tier`.
+pub(crate) async fn declare_wait_queue(
+    channel: &Channel,
+    queue: &str,
+    tier: Duration,
+) -> Result<()> {
+    let name = wait_queue_name(queue, tier);
+    let mut args = quorum_args(queue);
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(tier.as_millis() as i64),
+    );
+    args.insert(
+        "x-expires".into(),
+        AMQPValue::LongLongInt((tier + WAIT_QUEUE_SLACK).as_millis() as i64),
+    );
+    channel
+        .queue_declare(name.as_str().into(), durable(), args)
+        .await
+        .map_err(|e| map(&format!("declaring wait queue `{name}`"), e))?;
+    Ok(())
+}
+
+/// How often a wait queue in use is declared again, which keeps it from
+/// expiring while messages may still enter it.
+pub(crate) const WAIT_QUEUE_REFRESH: Duration = Duration::from_secs(60);
+
+/// Deletes a work queue with its DLQ and every wait queue it may have.
+pub(crate) async fn delete_queue(channel: &Channel, queue: &str) -> Result<()> {
+    let mut names = vec![queue.to_owned(), dlq_name(queue)];
+    names.extend(tiers().map(|t| wait_queue_name(queue, t)));
+    let deletes = names.iter().map(|name| async move {
+        channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .map_err(|e| map(&format!("deleting queue `{name}`"), e))
+    });
+    for result in futures::future::join_all(deletes).await {
+        result?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_keep_the_c7_bound_and_are_never_early() {
+        let mut ms = 0u64;
+        while ms <= 3_600_000 {
+            let delay = Duration::from_millis(ms);
+            let tier = tier_for(delay).unwrap();
+            assert!(tier >= delay, "{delay:?} -> {tier:?} is early");
+            let allowed = Duration::from_millis(100).max(delay.mul_f64(0.155));
+            assert!(
+                tier - delay <= allowed,
+                "{delay:?} -> {tier:?} is late by more than {allowed:?}"
+            );
+            ms += if ms < 10_000 { 7 } else { 997 };
+        }
+    }
+
+    #[test]
+    fn seed_delays_are_tiers_of_their_own() {
+        for s in [1, 2, 4] {
+            assert_eq!(
+                tier_for(Duration::from_secs(s)).unwrap(),
+                Duration::from_secs(s)
+            );
+        }
+        assert!(tier_for(Duration::from_secs(200 * 24 * 3600)).is_err());
+        assert_eq!(tiers().count(), 9 + 24 * 7);
+    }
+}

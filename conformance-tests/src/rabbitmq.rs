@@ -1,0 +1,140 @@
+//! RabbitMQ under test: the shared broker at `AMQP_URL`, and a throwaway
+//! node for C15.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
+use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
+
+use crate::harness::{Harness, Restartable};
+use crate::servers::RabbitNode;
+
+/// The default RabbitMQ URL when `AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// Runs the suite on RabbitMQ at `AMQP_URL` (default [`DEFAULT_AMQP_URL`]).
+#[derive(Debug, Clone)]
+pub struct RabbitHarness {
+    url: String,
+}
+
+impl RabbitHarness {
+    /// The harness for `AMQP_URL`.
+    pub fn from_env() -> Self {
+        RabbitHarness {
+            url: std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned()),
+        }
+    }
+
+    async fn connect_url(url: &str) -> Result<SharedBroker> {
+        let config = RabbitConfig::from_url(url)?
+            .connect_timeout(Duration::from_secs(5))
+            .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1));
+        RabbitBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker).map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "{} (is RabbitMQ running? start it with `rabbitmq-server -detached`, or set AMQP_URL)",
+                    e.message()
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+#[async_trait]
+impl Harness for RabbitHarness {
+    fn name(&self) -> &'static str {
+        "rabbitmq"
+    }
+
+    async fn connect(&self) -> Result<SharedBroker> {
+        Self::connect_url(&self.url).await
+    }
+
+    async fn publish_foreign(
+        &self,
+        topic_space: &str,
+        routing_key: &str,
+        payload: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<()> {
+        let raw = |doing: &'static str| {
+            move |e: lapin::Error| Error::new(ErrorKind::Broker, doing).with_source(e)
+        };
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(raw("connecting a plain AMQP client"))?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(raw("opening a channel"))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(raw("confirm mode"))?;
+        let mut properties = BasicProperties::default();
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        let confirmation = channel
+            .basic_publish(
+                topic_space.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+            .await
+            .map_err(raw("publishing"))?
+            .await
+            .map_err(raw("waiting for the confirm"))?;
+        let _ = connection.close(200, "done".into()).await;
+        if confirmation.is_ack() {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::Broker,
+                "the plain publish was not confirmed",
+            ))
+        }
+    }
+
+    fn redelivery_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+
+    async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
+        Ok(Some(Box::new(ThrowawayRabbit {
+            node: RabbitNode::start().await?,
+        })))
+    }
+}
+
+struct ThrowawayRabbit {
+    node: RabbitNode,
+}
+
+#[async_trait]
+impl Restartable for ThrowawayRabbit {
+    async fn connect(&self) -> Result<SharedBroker> {
+        RabbitHarness::connect_url(&self.node.url()).await
+    }
+
+    async fn halt(&mut self) -> Result<()> {
+        self.node.halt().await
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.node.launch().await
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        self.node.remove().await
+    }
+}

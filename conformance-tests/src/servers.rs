@@ -1,0 +1,183 @@
+//! Throwaway broker servers that a test owns, restarts and removes (C15).
+//! They run on free loopback ports with their own data directories; the
+//! shared brokers are never touched.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ticketrail_core::{Error, ErrorKind, Result};
+use tokio::process::{Child, Command};
+
+/// A free TCP port on 127.0.0.1.
+pub(crate) fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::new(ErrorKind::Connection, "finding a free port").with_source(e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::new(ErrorKind::Connection, "finding a free port").with_source(e))?
+        .port();
+    Ok(port)
+}
+
+/// Waits until something accepts connections on `port`.
+pub(crate) async fn wait_for_port(port: u16, within: Duration, what: &str) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{what} did not accept connections on 127.0.0.1:{port} within {within:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::new(ErrorKind::Connection, what.to_owned()).with_source(e)
+}
+
+/// A RabbitMQ node of its own: node name, ports, data and log directories.
+/// Started with `rabbitmq-server` (which, run as root, drops to the
+/// `rabbitmq` user), stopped with `rabbitmqctl -n <node> stop`.
+pub(crate) struct RabbitNode {
+    pub(crate) port: u16,
+    dist_port: u16,
+    node: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RabbitNode {
+    pub(crate) async fn start() -> Result<Self> {
+        let port = free_port()?;
+        let dist_port = free_port()?;
+        let node = format!(
+            "tr-{}@localhost",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let dir = std::env::temp_dir().join(format!("ticketrail-{}", node.replace('@', "-")));
+        std::fs::create_dir_all(dir.join("mnesia"))
+            .map_err(io("creating the node's data directory"))?;
+        std::fs::create_dir_all(dir.join("log"))
+            .map_err(io("creating the node's log directory"))?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n")
+            .map_err(io("writing enabled_plugins"))?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .map_err(io("writing rabbitmq.conf"))?;
+        // Run as root, Debian's wrapper starts the node as `rabbitmq`, which
+        // must own its directories.
+        let status = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status()
+            .await
+            .map_err(io("chown of the node's directory"))?;
+        if !status.success() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                "chown of the throwaway node's directory failed (is this root?)",
+            ));
+        }
+        let mut node = RabbitNode {
+            port,
+            dist_port,
+            node,
+            dir,
+            child: None,
+        };
+        node.launch().await?;
+        Ok(node)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub(crate) async fn launch(&mut self) -> Result<()> {
+        let child = Command::new("rabbitmq-server")
+            .current_dir(&self.dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                self.dir.join("enabled_plugins"),
+            )
+            .env(
+                "RABBITMQ_FEATURE_FLAGS_FILE",
+                self.dir.join("feature_flags"),
+            )
+            .env("RABBITMQ_CONFIG_FILE", self.dir.join("rabbitmq"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io(
+                "starting rabbitmq-server (apt-get install rabbitmq-server)",
+            ))?;
+        self.child = Some(child);
+        wait_for_port(
+            self.port,
+            Duration::from_secs(60),
+            &format!("throwaway RabbitMQ node {}", self.node),
+        )
+        .await
+    }
+
+    pub(crate) async fn halt(&mut self) -> Result<()> {
+        let output = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "stop"])
+            .output()
+            .await
+            .map_err(io("running rabbitmqctl stop"))?;
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+        }
+        if !output.status.success() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!(
+                    "rabbitmqctl -n {} stop failed: {}",
+                    self.node,
+                    String::from_utf8_lossy(&output.stderr)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn remove(&mut self) -> Result<()> {
+        let halted = self.halt().await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        halted
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // Not stopped by the test (it failed or panicked): stop it anyway.
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-n", &self.node, "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
