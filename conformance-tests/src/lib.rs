@@ -16,6 +16,7 @@
 
 mod harness;
 mod memory;
+mod nats;
 mod rabbitmq;
 pub mod rules;
 mod servers;
@@ -23,5 +24,6 @@ mod support;
 
 pub use harness::{Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
+pub use nats::{NatsHarness, DEFAULT_NATS_URL};
 pub use rabbitmq::{RabbitHarness, DEFAULT_AMQP_URL};
 pub use rules::{run_rule, run_suite, Rule, Summary, RULES};

@@ -3,7 +3,9 @@
 
 use std::process::ExitCode;
 
-use ticketrail_conformance::{run_rule, run_suite, Harness, MemoryHarness, RabbitHarness};
+use ticketrail_conformance::{
+    run_rule, run_suite, Harness, MemoryHarness, NatsHarness, RabbitHarness,
+};
 
 fn usage() -> ExitCode {
     eprintln!("usage: ticketrail-conformance <memory|rabbitmq|nats> [C01 C07 ...]");
@@ -27,6 +29,7 @@ async fn main() -> ExitCode {
     let harness: Box<dyn Harness> = match backend.as_str() {
         "memory" => Box::new(MemoryHarness::default()),
         "rabbitmq" => Box::new(RabbitHarness::from_env()),
+        "nats" => Box::new(NatsHarness::from_env()),
         _ => return usage(),
     };
     let only: Vec<String> = args.collect();

@@ -181,3 +181,73 @@ impl Drop for RabbitNode {
         }
     }
 }
+
+/// A nats-server with JetStream of its own, on a free port with a temporary
+/// store directory. Halting kills the process; resuming starts it again on
+/// the same port and store.
+pub(crate) struct NatsServer {
+    pub(crate) port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    pub(crate) async fn start() -> Result<Self> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("ticketrail-nats-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).map_err(io("creating the server's store directory"))?;
+        let mut server = NatsServer {
+            port,
+            dir,
+            child: None,
+        };
+        server.launch().await?;
+        Ok(server)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub(crate) async fn launch(&mut self) -> Result<()> {
+        let child = Command::new("nats-server")
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(io("starting nats-server (apt-get install nats-server)"))?;
+        self.child = Some(child);
+        wait_for_port(self.port, Duration::from_secs(20), "throwaway nats-server").await
+    }
+
+    pub(crate) async fn halt(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.map_err(io("stopping nats-server"))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn remove(&mut self) -> Result<()> {
+        self.halt().await?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // The child is killed on drop; the store goes with it.
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

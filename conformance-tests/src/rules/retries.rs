@@ -393,7 +393,8 @@ pub(crate) async fn c13_crash_loops_end(h: &dyn Harness) -> Result<(), Skip> {
             let bound = (limit + 1).max(policy().max_attempts()) as usize;
             ensure!(
                 deliveries <= bound,
-                "the poison message was handled {deliveries} times; the bound is {bound}"
+                "the poison message was handled {deliveries} times; the bound is {bound}; {}",
+                handler.describe()
             );
             let mut sub = sc
                 .broker

@@ -1,0 +1,122 @@
+//! Settings of the NATS JetStream backend.
+
+use std::fmt;
+use std::time::Duration;
+
+use ticketrail_core::{redact_url, Error, Result};
+
+/// How to reach NATS and how the JetStream consumers behave.
+///
+/// ```
+/// use std::time::Duration;
+/// use ticketrail_nats::NatsConfig;
+///
+/// let config = NatsConfig::from_url("nats://app:secret@127.0.0.1:4222")?.ack_wait(Duration::from_secs(60));
+/// assert_eq!(config.address(), "127.0.0.1:4222");
+/// assert!(!format!("{config:?}").contains("secret"));
+/// # Ok::<(), ticketrail_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct NatsConfig {
+    pub(crate) url: String,
+    pub(crate) address: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_ack_pending: i64,
+    pub(crate) request_timeout: Duration,
+    pub(crate) retry_on_initial_connect: bool,
+}
+
+impl NatsConfig {
+    /// Settings for a `nats://` or `tls://` URL, e.g. `nats://127.0.0.1:4222`.
+    pub fn from_url(url: &str) -> Result<Self> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(Error::config(format!(
+                "invalid NATS URL `{}`: no scheme",
+                redact_url(url)
+            )));
+        };
+        if !matches!(scheme, "nats" | "tls") {
+            return Err(Error::config(format!(
+                "invalid NATS URL `{}`: the scheme must be nats:// or tls://",
+                redact_url(url)
+            )));
+        }
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if host_port.is_empty() {
+            return Err(Error::config(format!(
+                "invalid NATS URL `{}`: no host",
+                redact_url(url)
+            )));
+        }
+        let address = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:4222")
+        };
+        Ok(NatsConfig {
+            url: url.to_owned(),
+            address,
+            connect_timeout: Duration::from_secs(10),
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            request_timeout: Duration::from_secs(10),
+            retry_on_initial_connect: false,
+        })
+    }
+
+    /// How long connecting may take before it fails naming the host and
+    /// port. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long the server waits for a delivery to be settled before it
+    /// delivers it again: a consumer that dies holding a message releases it
+    /// after this (C4). Keep handlers (and their timeout) shorter. Default 30 s.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// The server-side bound on unsettled messages per queue, across all its
+    /// subscriptions. Messages waiting out a retry delay count against it, so
+    /// it is kept well above any prefetch. Default 10 000.
+    pub fn max_ack_pending(mut self, max: i64) -> Self {
+        self.max_ack_pending = max;
+        self
+    }
+
+    /// How long a publish waits for its acknowledgement. Default 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Keep trying to reach the server at start-up until the connect timeout,
+    /// instead of failing at the first refusal. Default off.
+    pub fn retry_on_initial_connect(mut self, retry: bool) -> Self {
+        self.retry_on_initial_connect = retry;
+        self
+    }
+
+    /// `host:port` of the server, for messages.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+}
+
+impl fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsConfig")
+            .field("url", &redact_url(&self.url))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("ack_wait", &self.ack_wait)
+            .field("max_ack_pending", &self.max_ack_pending)
+            .field("request_timeout", &self.request_timeout)
+            .field("retry_on_initial_connect", &self.retry_on_initial_connect)
+            .finish()
+    }
+}

@@ -1,0 +1,127 @@
+//! NATS JetStream under test: the shared server at `NATS_URL`, and a
+//! throwaway server for C15.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_trait::async_trait;
+use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
+use ticketrail_nats::{NatsBroker, NatsConfig};
+
+use crate::harness::{Harness, Restartable};
+use crate::servers::NatsServer;
+
+/// The default NATS URL when `NATS_URL` is not set.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// How long the server waits for a settlement before it redelivers, in the
+/// suite: short, so that C4 and C13 do not wait long for killed consumers.
+const ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// Runs the suite on NATS at `NATS_URL` (default [`DEFAULT_NATS_URL`]).
+#[derive(Debug, Clone)]
+pub struct NatsHarness {
+    url: String,
+}
+
+impl NatsHarness {
+    /// The harness for `NATS_URL`.
+    pub fn from_env() -> Self {
+        NatsHarness {
+            url: std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned()),
+        }
+    }
+
+    async fn connect_url(url: &str) -> Result<SharedBroker> {
+        let config = NatsConfig::from_url(url)?
+            .connect_timeout(Duration::from_secs(5))
+            .ack_wait(ACK_WAIT);
+        NatsBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker).map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "{} (is NATS running? start it with `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or set NATS_URL)",
+                    e.message()
+                ),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+#[async_trait]
+impl Harness for NatsHarness {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    async fn connect(&self) -> Result<SharedBroker> {
+        Self::connect_url(&self.url).await
+    }
+
+    async fn publish_foreign(
+        &self,
+        topic_space: &str,
+        routing_key: &str,
+        payload: &[u8],
+        message_id: Option<&str>,
+    ) -> Result<()> {
+        let raw = |doing: &'static str| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| {
+                Error::new(ErrorKind::Broker, doing).with_source(e)
+            }
+        };
+        let client = async_nats::connect(self.url.as_str())
+            .await
+            .map_err(|e| raw("connecting a plain NATS client")(e.into()))?;
+        let mut headers = HeaderMap::new();
+        if let Some(id) = message_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        // A request, so the stream's acknowledgement says it is stored.
+        client
+            .request_with_headers(
+                format!("{topic_space}.{routing_key}"),
+                headers,
+                payload.to_vec().into(),
+            )
+            .await
+            .map_err(|e| raw("publishing with a plain client")(e.into()))?;
+        let _ = client.drain().await;
+        Ok(())
+    }
+
+    fn redelivery_timeout(&self) -> Duration {
+        ACK_WAIT + Duration::from_secs(7)
+    }
+
+    async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
+        Ok(Some(Box::new(ThrowawayNats {
+            server: NatsServer::start().await?,
+        })))
+    }
+}
+
+struct ThrowawayNats {
+    server: NatsServer,
+}
+
+#[async_trait]
+impl Restartable for ThrowawayNats {
+    async fn connect(&self) -> Result<SharedBroker> {
+        NatsHarness::connect_url(&self.server.url()).await
+    }
+
+    async fn halt(&mut self) -> Result<()> {
+        self.server.halt().await
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.server.launch().await
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        self.server.remove().await
+    }
+}
