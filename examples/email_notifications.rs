@@ -10,6 +10,8 @@
 //! cargo run --example email_notifications --features rabbitmq -- --broker amqp://guest:guest@127.0.0.1:5672/%2f
 //! cargo run --example email_notifications --features nats -- --broker nats://127.0.0.1:4222
 //! ```
+//!
+//! With `--cleanup` it deletes its queues and topic space at the end.
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -140,7 +142,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .with_target(false)
         .init();
-    let url = broker_url()?;
+    let (url, cleanup) = arguments()?;
     let broker: SharedBroker = ticketrail::connect(&url).await?;
     println!(
         "broker: {} ({})",
@@ -212,6 +214,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     worker.shutdown().await?;
+    if cleanup {
+        broker.delete(&topology).await?;
+    }
     broker.close().await?;
 
     let handled = sent(&mailer);
@@ -245,19 +250,20 @@ impl Handler for SharedMailer {
     }
 }
 
-/// `--broker <url>`, else `TICKETRAIL_BROKER`, else the in-process broker.
-fn broker_url() -> Result<String, String> {
+/// `--broker <url>` (else `TICKETRAIL_BROKER`, else the in-process broker)
+/// and `--cleanup`.
+fn arguments() -> Result<(String, bool), String> {
     let mut args = std::env::args().skip(1);
     let mut url = std::env::var("TICKETRAIL_BROKER").unwrap_or_else(|_| "memory://".to_owned());
+    let mut cleanup = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--broker" => url = args.next().ok_or("--broker needs a URL")?,
-            other => {
-                return Err(format!(
-                    "unknown argument `{other}`; usage: email_notifications [--broker URL]"
-                ))
-            }
+            "--cleanup" => cleanup = true,
+            other => return Err(format!(
+                "unknown argument `{other}`; usage: email_notifications [--broker URL] [--cleanup]"
+            )),
         }
     }
-    Ok(url)
+    Ok((url, cleanup))
 }
