@@ -260,9 +260,11 @@ fn arguments() -> Result<(String, bool), String> {
         match arg.as_str() {
             "--broker" => url = args.next().ok_or("--broker needs a URL")?,
             "--cleanup" => cleanup = true,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown argument `{other}`; usage: email_notifications [--broker URL] [--cleanup]"
-            )),
+            ))
+            }
         }
     }
     Ok((url, cleanup))

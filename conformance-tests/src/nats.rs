@@ -10,7 +10,7 @@ use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_nats::{NatsBroker, NatsConfig};
 
 use crate::harness::{Harness, Restartable};
-use crate::servers::NatsServer;
+use crate::servers::{NatsServer, Throwaway};
 
 /// The default NATS URL when `NATS_URL` is not set.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -97,31 +97,9 @@ impl Harness for NatsHarness {
     }
 
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
-        Ok(Some(Box::new(ThrowawayNats {
+        Ok(Some(Box::new(Throwaway {
             server: NatsServer::start().await?,
+            connect: |url| Box::pin(NatsHarness::connect_url(url)),
         })))
-    }
-}
-
-struct ThrowawayNats {
-    server: NatsServer,
-}
-
-#[async_trait]
-impl Restartable for ThrowawayNats {
-    async fn connect(&self) -> Result<SharedBroker> {
-        NatsHarness::connect_url(&self.server.url()).await
-    }
-
-    async fn halt(&mut self) -> Result<()> {
-        self.server.halt().await
-    }
-
-    async fn resume(&mut self) -> Result<()> {
-        self.server.launch().await
-    }
-
-    async fn remove(&mut self) -> Result<()> {
-        self.server.remove().await
     }
 }

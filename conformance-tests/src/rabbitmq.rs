@@ -11,7 +11,7 @@ use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
 
 use crate::harness::{Harness, Restartable};
-use crate::servers::RabbitNode;
+use crate::servers::{RabbitNode, Throwaway};
 
 /// The default RabbitMQ URL when `AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -110,31 +110,9 @@ impl Harness for RabbitHarness {
     }
 
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
-        Ok(Some(Box::new(ThrowawayRabbit {
-            node: RabbitNode::start().await?,
+        Ok(Some(Box::new(Throwaway {
+            server: RabbitNode::start().await?,
+            connect: |url| Box::pin(RabbitHarness::connect_url(url)),
         })))
-    }
-}
-
-struct ThrowawayRabbit {
-    node: RabbitNode,
-}
-
-#[async_trait]
-impl Restartable for ThrowawayRabbit {
-    async fn connect(&self) -> Result<SharedBroker> {
-        RabbitHarness::connect_url(&self.node.url()).await
-    }
-
-    async fn halt(&mut self) -> Result<()> {
-        self.node.halt().await
-    }
-
-    async fn resume(&mut self) -> Result<()> {
-        self.node.launch().await
-    }
-
-    async fn remove(&mut self) -> Result<()> {
-        self.node.remove().await
     }
 }

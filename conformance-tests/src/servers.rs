@@ -7,8 +7,49 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ticketrail_core::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use tokio::process::{Child, Command};
+
+use crate::harness::Restartable;
+
+/// A broker server process a test owns.
+#[async_trait]
+pub(crate) trait ServerProcess: Send + Sync {
+    fn url(&self) -> String;
+    async fn launch(&mut self) -> Result<()>;
+    async fn halt(&mut self) -> Result<()>;
+    async fn remove(&mut self) -> Result<()>;
+}
+
+/// Connects a broker client to a URL.
+pub(crate) type Connector = for<'a> fn(&'a str) -> BoxFuture<'a, Result<SharedBroker>>;
+
+/// A throwaway server and how to connect to it: what C15 restarts.
+pub(crate) struct Throwaway<S> {
+    pub(crate) server: S,
+    pub(crate) connect: Connector,
+}
+
+#[async_trait]
+impl<S: ServerProcess> Restartable for Throwaway<S> {
+    async fn connect(&self) -> Result<SharedBroker> {
+        (self.connect)(&self.server.url()).await
+    }
+
+    async fn halt(&mut self) -> Result<()> {
+        self.server.halt().await
+    }
+
+    async fn resume(&mut self) -> Result<()> {
+        self.server.launch().await
+    }
+
+    async fn remove(&mut self) -> Result<()> {
+        self.server.remove().await
+    }
+}
 
 /// A free TCP port on 127.0.0.1.
 pub(crate) fn free_port() -> Result<u16> {
@@ -100,12 +141,15 @@ impl RabbitNode {
         node.launch().await?;
         Ok(node)
     }
+}
 
-    pub(crate) fn url(&self) -> String {
+#[async_trait]
+impl ServerProcess for RabbitNode {
+    fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    pub(crate) async fn launch(&mut self) -> Result<()> {
+    async fn launch(&mut self) -> Result<()> {
         let child = Command::new("rabbitmq-server")
             .current_dir(&self.dir)
             .env("RABBITMQ_NODENAME", &self.node)
@@ -139,7 +183,7 @@ impl RabbitNode {
         .await
     }
 
-    pub(crate) async fn halt(&mut self) -> Result<()> {
+    async fn halt(&mut self) -> Result<()> {
         let output = Command::new("rabbitmqctl")
             .args(["-n", &self.node, "stop"])
             .output()
@@ -161,7 +205,7 @@ impl RabbitNode {
         Ok(())
     }
 
-    pub(crate) async fn remove(&mut self) -> Result<()> {
+    async fn remove(&mut self) -> Result<()> {
         let halted = self.halt().await;
         let _ = std::fs::remove_dir_all(&self.dir);
         halted
@@ -205,12 +249,15 @@ impl NatsServer {
         server.launch().await?;
         Ok(server)
     }
+}
 
-    pub(crate) fn url(&self) -> String {
+#[async_trait]
+impl ServerProcess for NatsServer {
+    fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    pub(crate) async fn launch(&mut self) -> Result<()> {
+    async fn launch(&mut self) -> Result<()> {
         let child = Command::new("nats-server")
             .args([
                 "-a",
@@ -231,14 +278,14 @@ impl NatsServer {
         wait_for_port(self.port, Duration::from_secs(20), "throwaway nats-server").await
     }
 
-    pub(crate) async fn halt(&mut self) -> Result<()> {
+    async fn halt(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             child.kill().await.map_err(io("stopping nats-server"))?;
         }
         Ok(())
     }
 
-    pub(crate) async fn remove(&mut self) -> Result<()> {
+    async fn remove(&mut self) -> Result<()> {
         self.halt().await?;
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(())
