@@ -229,9 +229,9 @@ impl Broker for MemoryBroker {
             }
             Some(targets) => targets,
         };
-        let envelope = message.into_envelope(SystemTime::now());
+        let envelope = Arc::new(message.into_envelope(SystemTime::now()));
         for queue in targets {
-            queue.push(Stored::fresh(envelope.clone()));
+            queue.push(Stored::fresh(Arc::clone(&envelope)));
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ impl Subscription for MemorySubscription {
                 if let Some(stored) = self.queue.pop() {
                     self.unsettled.fetch_add(1, Ordering::AcqRel);
                     let first_failed_at = stored.first_failed_at;
-                    let envelope = stored.envelope.clone();
+                    let envelope = Arc::clone(&stored.envelope);
                     let settle = MemorySettle {
                         queue: Arc::clone(&self.queue),
                         connection: Arc::clone(&self.connection),
@@ -112,8 +112,9 @@ impl Settle for MemorySettle {
 
     async fn retry(mut self: Box<Self>, envelope: &Envelope, request: RetryRequest) -> Result<()> {
         let stored = self.finish()?;
-        let mut next = Stored::fresh(stored.envelope);
-        next.envelope.attempt = request.next_attempt;
+        let mut again = Arc::unwrap_or_clone(stored.envelope);
+        again.attempt = request.next_attempt;
+        let mut next = Stored::fresh(again);
         next.first_failed_at = Some(request.first_failed_at);
         let queue = Arc::clone(&self.queue);
         tracing::debug!(queue = %queue.name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");

@@ -11,16 +11,18 @@ use ticketrail_core::{topic_matches, DeadLetter, DeadLetterReason, Envelope};
 /// A message waiting in a queue, with the broker's bookkeeping.
 #[derive(Debug)]
 pub(crate) struct Stored {
-    pub(crate) envelope: Envelope,
+    /// Shared with the deliveries of it, and with the other queues a
+    /// publish fanned out to: never copied on the way through.
+    pub(crate) envelope: Arc<Envelope>,
     pub(crate) first_failed_at: Option<SystemTime>,
     /// Deliveries since the message last entered the queue (C13).
     pub(crate) deliveries: u32,
 }
 
 impl Stored {
-    pub(crate) fn fresh(envelope: Envelope) -> Self {
+    pub(crate) fn fresh(envelope: impl Into<Arc<Envelope>>) -> Self {
         Stored {
-            envelope,
+            envelope: envelope.into(),
             first_failed_at: None,
             deliveries: 0,
         }
@@ -121,7 +123,7 @@ impl Queue {
                 last_failed_at: now,
                 queue: self.name.to_string(),
                 reason: DeadLetterReason::DeliveryLimit,
-                envelope: stored.envelope,
+                envelope: Arc::unwrap_or_clone(stored.envelope),
             };
             tracing::warn!(queue = %self.name, id = %record.envelope.id, "delivery limit reached; dead-lettered");
             state.dead.push(record);

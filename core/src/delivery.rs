@@ -71,12 +71,12 @@ impl Delivery {
     /// failed, if one did.
     pub fn new(
         queue: Arc<str>,
-        envelope: Envelope,
+        envelope: impl Into<Arc<Envelope>>,
         first_failed_at: Option<SystemTime>,
         settle: Box<dyn Settle>,
     ) -> Self {
         Delivery {
-            envelope: Arc::new(envelope),
+            envelope: envelope.into(),
             queue,
             first_failed_at,
             settle: Some(settle),

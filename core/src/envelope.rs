@@ -61,7 +61,7 @@ impl Message {
     /// A message with a fresh id, no content type and no headers.
     pub fn new(routing_key: impl Into<String>, payload: impl Into<Bytes>) -> Self {
         Message {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: crate::id::new_message_id(),
             routing_key: routing_key.into(),
             payload: payload.into(),
             content_type: None,

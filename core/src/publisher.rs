@@ -9,7 +9,6 @@ use crate::broker::SharedBroker;
 use crate::codec::{Codec, Json};
 use crate::envelope::Message;
 use crate::error::Result;
-use crate::topology::validate_routing_key;
 
 /// Publishes typed messages to one topic space. Cheap to clone; clones share
 /// the broker connection, so many publishes can be in flight at once.
@@ -67,13 +66,12 @@ impl<C: Codec> Publisher<C> {
     }
 
     /// Encodes `message` and publishes it with a fresh id; returns the id
-    /// once the broker has confirmed it (C1).
+    /// once the broker has confirmed it (C1). The broker checks the routing key.
     pub async fn publish<T: Serialize + ?Sized>(
         &self,
         routing_key: &str,
         message: &T,
     ) -> Result<String> {
-        validate_routing_key(routing_key)?;
         let payload = self.codec.encode(message)?;
         let message = Message::new(routing_key, payload).content_type(self.codec.content_type());
         let id = message.id.clone();

@@ -201,32 +201,30 @@ fn truncate(s: &str, max: usize) -> &str {
 /// assert!(!topic_matches("*.created", "order.item.created"));
 /// ```
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
-    let pattern: Vec<&str> = pattern.split('.').collect();
-    let key: Vec<&str> = routing_key.split('.').collect();
-    // reachable[j]: the pattern words seen so far can match the first j key words.
-    let mut reachable = vec![false; key.len() + 1];
-    reachable[0] = true;
-    for word in pattern {
-        let mut next = vec![false; key.len() + 1];
-        match word {
-            "#" => {
-                let mut any = false;
-                for j in 0..=key.len() {
-                    any |= reachable[j];
-                    next[j] = any;
-                }
-            }
-            _ => {
-                for j in 0..key.len() {
-                    if reachable[j] && (word == "*" || word == key[j]) {
-                        next[j + 1] = true;
-                    }
-                }
-            }
-        }
-        reachable = next;
+    if !pattern.contains(['*', '#']) {
+        return pattern == routing_key;
     }
-    reachable[key.len()]
+    words_match(pattern.split('.'), routing_key.split('.'))
+}
+
+/// Matches the remaining pattern words against the remaining key words,
+/// without allocating: `#` tries every suffix of the key.
+fn words_match(mut pattern: std::str::Split<'_, char>, mut key: std::str::Split<'_, char>) -> bool {
+    match pattern.next() {
+        None => key.next().is_none(),
+        Some("#") => loop {
+            if words_match(pattern.clone(), key.clone()) {
+                return true;
+            }
+            if key.next().is_none() {
+                return false;
+            }
+        },
+        Some(word) => match key.next() {
+            Some(k) if word == "*" || word == k => words_match(pattern, key),
+            _ => false,
+        },
+    }
 }
 
 #[cfg(test)]
