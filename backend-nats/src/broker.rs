@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     pub(crate) config: NatsConfig,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
+    /// The server's `max_payload`, read once: `server_info()` copies the
+    /// whole server description, too dear for every publish.
+    max_payload: usize,
     queues: Mutex<HashMap<String, QueueInfo>>,
     /// When a message (stream, sequence) first failed: NATS redelivers the
     /// stored message after a delayed nak, so this is kept on the side.
@@ -112,11 +115,13 @@ impl NatsBroker {
         let js = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
             .build(client.clone());
+        let max_payload = client.server_info().max_payload;
         Ok(NatsBroker {
             inner: Arc::new(Inner {
                 config,
                 client,
                 js,
+                max_payload,
                 queues: Mutex::default(),
                 first_failures: Mutex::default(),
                 closed: AtomicBool::new(false),
@@ -174,6 +179,8 @@ impl Inner {
         headers: HeaderMap,
         payload: bytes::Bytes,
     ) -> Result<()> {
+        // A `Subject` is shared bytes: keeping it for error messages is free.
+        let subject = async_nats::Subject::from(subject);
         let describe = |kind: &PublishErrorKind| match kind {
             PublishErrorKind::StreamNotFound => ErrorKind::Unroutable,
             PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
@@ -432,7 +439,7 @@ impl Broker for NatsBroker {
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
         validate_name("topic space", topic_space)?;
         validate_routing_key(&message.routing_key)?;
-        let limit = self.inner.client.server_info().max_payload;
+        let limit = self.inner.max_payload;
         if limit > 0 && message.payload.len() > limit {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,

@@ -7,11 +7,14 @@ use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
 use futures::StreamExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use ticketrail_core::{
     DeadLetter, DeadLetterReason, Delivery, Envelope, Error, ErrorKind, Result, RetryRequest,
     Settle, Subscription,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use futures::stream::SelectAll;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::broker::{Inner, QueueInfo};
 use crate::headers;
@@ -26,18 +29,44 @@ const IMMEDIATE: Duration = Duration::from_millis(1);
 /// How long one pull request waits for messages before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
-/// A subscription: pulls at most as many messages as it has free prefetch
-/// slots (C5); competing subscriptions share the queue's durable consumer (C6).
+/// A subscription: never has more messages requested or unsettled than it
+/// has prefetch slots (C5), and asks for more as slots free up, before the
+/// last request has run out, so the pipe stays full. Competing
+/// subscriptions share the queue's durable consumer (C6).
 pub(crate) struct NatsSubscription {
     inner: Arc<Inner>,
     info: QueueInfo,
     consumer: PullConsumer,
     slots: Arc<Semaphore>,
-    batch: Option<jetstream::consumer::pull::Batch>,
+    prefetch: usize,
+    /// Woken when a delivery is settled and its slot freed.
+    freed: Arc<Notify>,
+    /// The open pull requests, each ending with a note of how many it had
+    /// asked for and not received.
+    pulls: SelectAll<PullStream>,
+    /// Messages asked for and not yet received, over all open pulls.
+    requested: usize,
+    /// How many pulls are open.
+    open_pulls: usize,
     /// Whether the consumer's filter is exactly the queue's one binding; if
     /// not, the subscription checks each routing key against the bindings.
     exact_filter: bool,
 }
+
+/// An open pull request, as a stream.
+type PullStream = std::pin::Pin<Box<dyn futures::Stream<Item = Pulled> + Send + Sync>>;
+
+/// What an open pull request yields. Moved once per message; boxing the
+/// large variant would cost an allocation per message instead.
+#[allow(clippy::large_enum_variant)]
+enum Pulled {
+    Message(Result<jetstream::Message, String>),
+    /// The request ended (filled or expired) with this many not received.
+    Ended(Arc<AtomicUsize>),
+}
+
+/// At most this many pull requests are open at once.
+const MAX_OPEN_PULLS: usize = 2;
 
 impl NatsSubscription {
     pub(crate) fn new(
@@ -47,14 +76,63 @@ impl NatsSubscription {
         slots: Arc<Semaphore>,
     ) -> Self {
         let exact_filter = matches!(info.bindings.as_slice(), [only] if !only.contains('#'));
+        let prefetch = slots.available_permits();
         NatsSubscription {
             inner,
             info,
             consumer,
             slots,
-            batch: None,
+            prefetch,
+            freed: Arc::new(Notify::new()),
+            pulls: SelectAll::new(),
+            requested: 0,
+            open_pulls: 0,
             exact_filter,
         }
+    }
+
+    /// Opens another pull request when enough slots are free: the first
+    /// one as soon as any slot is, a second one once half of them are.
+    async fn top_up(&mut self) -> Result<()> {
+        let free = self
+            .slots
+            .available_permits()
+            .saturating_sub(self.requested);
+        let worth_it = match self.open_pulls {
+            0 => free > 0,
+            n => n < MAX_OPEN_PULLS && free * 2 >= self.prefetch,
+        };
+        if !worth_it {
+            return Ok(());
+        }
+        let batch = self
+            .consumer
+            .batch()
+            .max_messages(free)
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("pulling from `{}`", self.info.name),
+                )
+                .with_source(e)
+            })?;
+        let outstanding = Arc::new(AtomicUsize::new(free));
+        let counted = Arc::clone(&outstanding);
+        let messages = batch.map(move |pulled| match pulled {
+            Ok(message) => {
+                counted.fetch_sub(1, Ordering::AcqRel);
+                Pulled::Message(Ok(message))
+            }
+            Err(e) => Pulled::Message(Err(e.to_string())),
+        });
+        let ended = futures::stream::once(async move { Pulled::Ended(outstanding) });
+        self.pulls.push(Box::pin(messages.chain(ended)));
+        self.requested += free;
+        self.open_pulls += 1;
+        Ok(())
     }
 
     /// Turns a pulled message into a delivery, or settles it here when it is
@@ -102,13 +180,19 @@ impl NatsSubscription {
             stored_at,
             attempt,
         );
-        let first_failed_at = self.inner.first_failure(&self.info.stream, stream_sequence);
+        let first_failed_at = if delivered > 1 {
+            self.inner.first_failure(&self.info.stream, stream_sequence)
+        } else {
+            None
+        };
         let settle = NatsSettle {
             inner: Arc::clone(&self.inner),
             info: self.info.clone(),
             sequence: stream_sequence,
+            redelivered: delivered > 1,
             message: Some(message),
-            _slot: slot,
+            slot: Some(slot),
+            freed: Arc::clone(&self.freed),
         };
         let max_deliver = self.consumer.cached_info().config.max_deliver;
         if max_deliver > 0 && delivered >= max_deliver {
@@ -147,52 +231,43 @@ impl Subscription for NatsSubscription {
             if self.inner.is_closed() {
                 return None;
             }
-            if let Some(batch) = self.batch.as_mut() {
-                match batch.next().await {
-                    Some(Ok(message)) => {
-                        let slot = match Arc::clone(&self.slots).try_acquire_owned() {
-                            Ok(slot) => slot,
-                            Err(_) => Arc::clone(&self.slots).acquire_owned().await.ok()?,
-                        };
-                        if let Some(delivery) = self.accept(message, slot).await {
-                            return Some(Ok(delivery));
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(queue = %self.info.name, error = %e, "pull interrupted; pulling again");
-                        self.batch = None;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
-                    }
-                    None => self.batch = None,
-                }
+            if let Err(e) = self.top_up().await {
+                tracing::warn!(queue = %self.info.name, error = %e, retry_in = ?backoff, "cannot pull; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
-            // Pull only as many as there are free slots.
-            let free = match self.slots.available_permits() {
-                0 => {
-                    drop(self.slots.acquire().await.ok()?);
-                    continue;
-                }
-                n => n,
+            backoff = Duration::from_millis(100);
+            if self.open_pulls == 0 {
+                // Every slot holds an unsettled delivery: wait for one to free.
+                self.freed.notified().await;
+                continue;
+            }
+            let pulled = tokio::select! {
+                pulled = self.pulls.next() => pulled,
+                () = self.freed.notified() => continue,
             };
-            match self
-                .consumer
-                .batch()
-                .max_messages(free)
-                .expires(PULL_EXPIRES)
-                .messages()
-                .await
-            {
-                Ok(batch) => {
-                    self.batch = Some(batch);
-                    backoff = Duration::from_millis(100);
+            match pulled {
+                Some(Pulled::Message(Ok(message))) => {
+                    self.requested = self.requested.saturating_sub(1);
+                    let slot = match Arc::clone(&self.slots).try_acquire_owned() {
+                        Ok(slot) => slot,
+                        Err(_) => Arc::clone(&self.slots).acquire_owned().await.ok()?,
+                    };
+                    if let Some(delivery) = self.accept(message, slot).await {
+                        return Some(Ok(delivery));
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(queue = %self.info.name, error = %e, retry_in = ?backoff, "cannot pull; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                Some(Pulled::Message(Err(e))) => {
+                    tracing::debug!(queue = %self.info.name, error = %e, "pull interrupted");
                 }
+                Some(Pulled::Ended(unreceived)) => {
+                    self.requested = self
+                        .requested
+                        .saturating_sub(unreceived.load(Ordering::Acquire));
+                    self.open_pulls -= 1;
+                }
+                None => self.open_pulls = 0,
             }
         }
     }
@@ -204,8 +279,11 @@ struct NatsSettle {
     inner: Arc<Inner>,
     info: QueueInfo,
     sequence: u64,
+    /// Whether this is a redelivery, which may have a first failure on record.
+    redelivered: bool,
     message: Option<jetstream::Message>,
-    _slot: OwnedSemaphorePermit,
+    slot: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
 }
 
 impl NatsSettle {
@@ -245,6 +323,9 @@ impl NatsSettle {
 
 impl Drop for NatsSettle {
     fn drop(&mut self) {
+        // The slot first, then the wake-up, so the subscription sees it free.
+        drop(self.slot.take());
+        self.freed.notify_one();
         if let (Some(message), Ok(runtime)) =
             (self.message.take(), tokio::runtime::Handle::try_current())
         {
@@ -258,9 +339,19 @@ impl Drop for NatsSettle {
 #[async_trait]
 impl Settle for NatsSettle {
     async fn ack(mut self: Box<Self>, _envelope: &Envelope) -> Result<()> {
+        // Like an AMQP ack, not confirmed by the server: a lost ack means a
+        // redelivery, never a loss. Closing the broker flushes acks sent.
         let message = self.take();
-        self.confirmed(&message, AckKind::Ack, "acking").await?;
-        self.inner.forget_failure(&self.info.stream, self.sequence);
+        message.ack().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                format!("acking message {}", self.sequence),
+            )
+            .with_source(e)
+        })?;
+        if self.redelivered {
+            self.inner.forget_failure(&self.info.stream, self.sequence);
+        }
         Ok(())
     }
 
