@@ -129,7 +129,7 @@ impl Broker for RabbitBroker {
             queue: Arc::from(queue),
             prefetch: options.prefetch,
             consumer: None,
-            channel: None,
+            acks: None,
         };
         subscription.open().await?;
         Ok(Box::new(subscription))

@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Acker, Channel};
 use ticketrail_core::{
     DeadLetter, Delivery, Envelope, Error, ErrorKind, Result, RetryRequest, Settle, Subscription,
 };
 
+use crate::acks::Acks;
 use crate::error::map;
 use crate::headers;
 use crate::link::Link;
@@ -23,9 +23,10 @@ pub(crate) struct RabbitSubscription {
     pub(crate) queue: Arc<str>,
     pub(crate) prefetch: u16,
     pub(crate) consumer: Option<lapin::Consumer>,
-    /// The consumer's channel. Dropping the consumer cancels it; the channel
-    /// stays open until every delivery taken from it is settled (C14).
-    pub(crate) channel: Option<Channel>,
+    /// The consumer's channel and its acks. Dropping the consumer cancels
+    /// it; the channel stays open until every delivery taken from it is
+    /// settled (C14).
+    pub(crate) acks: Option<Arc<Acks>>,
 }
 
 impl RabbitSubscription {
@@ -45,7 +46,7 @@ impl RabbitSubscription {
             .await
             .map_err(|e| map(&format!("consuming from queue `{}`", self.queue), e))?;
         self.consumer = Some(consumer);
-        self.channel = Some(channel);
+        self.acks = Some(Acks::new(channel));
         Ok(())
     }
 }
@@ -71,15 +72,18 @@ impl Subscription for RabbitSubscription {
                 }
             };
             match consumer.next().await {
-                Some(Ok(delivery)) => return Some(Ok(self.delivery(delivery))),
+                Some(Ok(delivery)) => {
+                    let acks = Arc::clone(self.acks.as_ref().expect("open with its consumer"));
+                    return Some(Ok(self.delivery(delivery, acks)));
+                }
                 Some(Err(e)) => {
                     tracing::warn!(queue = %self.queue, error = %e, "consumer interrupted; resuming");
                     self.consumer = None;
-                    self.channel = None;
+                    self.acks = None;
                 }
                 None => {
                     self.consumer = None;
-                    self.channel = None;
+                    self.acks = None;
                     if !self.link.is_closed() {
                         tracing::warn!(queue = %self.queue, "consumer cancelled by the broker; resuming");
                         tokio::time::sleep(backoff).await;
@@ -91,17 +95,18 @@ impl Subscription for RabbitSubscription {
 }
 
 impl RabbitSubscription {
-    fn delivery(&self, delivery: lapin::message::Delivery) -> Delivery {
+    fn delivery(&self, delivery: lapin::message::Delivery, acks: Arc<Acks>) -> Delivery {
         let incoming = headers::incoming(
             &delivery.properties,
             delivery.routing_key.as_str(),
             delivery.data,
         );
+        acks.delivered(delivery.delivery_tag);
         let settle = RabbitSettle {
             link: Arc::clone(&self.link),
             queue: Arc::clone(&self.queue),
-            acker: Some(delivery.acker),
-            _channel: self.channel.clone(),
+            tag: Some(delivery.delivery_tag),
+            acks,
         };
         Delivery::new(
             Arc::clone(&self.queue),
@@ -116,53 +121,40 @@ impl RabbitSubscription {
 struct RabbitSettle {
     link: Arc<Link>,
     queue: Arc<str>,
-    acker: Option<Acker>,
-    /// Keeps the channel open until this delivery is settled: closing it
-    /// would requeue the message and turn a finished handler's ack into a
-    /// duplicate delivery.
-    _channel: Option<Channel>,
+    /// The delivery tag, until settled.
+    tag: Option<u64>,
+    /// The channel's acks; holding them keeps the channel open until this
+    /// delivery is settled: closing it would requeue the message and turn a
+    /// finished handler's ack into a duplicate delivery.
+    acks: Arc<Acks>,
 }
 
 impl RabbitSettle {
-    fn acker(&mut self) -> Acker {
-        self.acker
+    fn tag(&mut self) -> u64 {
+        self.tag
             .take()
             .expect("settled once: Delivery guarantees it")
     }
 
     /// Acks after a copy of the message was safely published elsewhere.
     async fn ack_after_copy(mut self: Box<Self>, what: &str) -> Result<()> {
-        let acker = self.acker();
-        confirmed(
-            acker.ack(BasicAckOptions::default()).await,
-            &format!("acking after {what}"),
-        )
-    }
-}
-
-/// lapin answers `Ok(false)` for an ack on a closed channel: that is not an ack.
-fn confirmed(result: lapin::Result<bool>, doing: &str) -> Result<()> {
-    match result {
-        Ok(true) => Ok(()),
-        Ok(false) => Err(Error::closed(format!(
-            "{doing}: the channel closed first; the broker will deliver the message again"
-        ))),
-        Err(e) => Err(map(doing, e)),
+        let tag = self.tag();
+        self.acks.ack(tag).await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("acking after {what}; the broker will deliver the message again"),
+            )
+            .with_source(e)
+        })
     }
 }
 
 impl Drop for RabbitSettle {
     fn drop(&mut self) {
-        if let (Some(acker), Ok(runtime)) =
-            (self.acker.take(), tokio::runtime::Handle::try_current())
-        {
+        if let (Some(tag), Ok(runtime)) = (self.tag.take(), tokio::runtime::Handle::try_current()) {
+            let acks = Arc::clone(&self.acks);
             runtime.spawn(async move {
-                let _ = acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await;
+                let _ = acks.nack(tag).await;
             });
         }
     }
@@ -171,19 +163,14 @@ impl Drop for RabbitSettle {
 #[async_trait]
 impl Settle for RabbitSettle {
     async fn ack(mut self: Box<Self>, _envelope: &Envelope) -> Result<()> {
-        let acker = self.acker();
-        confirmed(acker.ack(BasicAckOptions::default()).await, "acking")
+        let tag = self.tag();
+        self.acks.ack(tag).await
     }
 
     async fn nack(mut self: Box<Self>, _envelope: &Envelope) -> Result<()> {
-        let acker = self.acker();
-        let options = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        confirmed(acker.nack(options).await, "nacking")
+        let tag = self.tag();
+        self.acks.nack(tag).await
     }
-
     async fn retry(self: Box<Self>, envelope: &Envelope, request: RetryRequest) -> Result<()> {
         // The copy waits in a wait queue of the broker (C12); only once it is
         // confirmed there is the original acked.

@@ -19,6 +19,7 @@
 //! - the connection is re-opened with backoff after it breaks, topology is
 //!   declared again and consumers resume (C15).
 
+mod acks;
 mod broker;
 mod config;
 mod dead_letters;

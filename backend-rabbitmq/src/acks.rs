@@ -1,0 +1,122 @@
+//! Acks of one channel, coalesced: settled deliveries that form an unbroken
+//! run of delivery tags are acked with one `multiple` ack.
+//!
+//! A `multiple` ack settles every unacked delivery up to its tag, so it is
+//! sent only up to the lowest delivery still in hand (being handled, being
+//! copied to a wait queue or DLQ, or being nacked). No ack waits for another:
+//! acks that arrive while the previous batch is on the wire form the next
+//! batch.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Channel;
+use ticketrail_core::{Error, Result};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::map;
+
+type Reply = oneshot::Sender<Result<()>>;
+
+/// The ack pipeline of one consumer channel.
+pub(crate) struct Acks {
+    channel: Channel,
+    /// Delivery tags handed out and not yet acked or nacked.
+    in_hand: Arc<Mutex<BTreeSet<u64>>>,
+    requests: mpsc::UnboundedSender<(u64, Reply)>,
+}
+
+impl Acks {
+    pub(crate) fn new(channel: Channel) -> Arc<Self> {
+        let (requests, incoming) = mpsc::unbounded_channel();
+        let in_hand = Arc::new(Mutex::new(BTreeSet::new()));
+        tokio::spawn(send_acks(channel.clone(), Arc::clone(&in_hand), incoming));
+        Arc::new(Acks {
+            channel,
+            in_hand,
+            requests,
+        })
+    }
+
+    /// A delivery with `tag` was handed out.
+    pub(crate) fn delivered(&self, tag: u64) {
+        self.in_hand.lock().expect("not poisoned").insert(tag);
+    }
+
+    /// Acks `tag`; returns once the ack (alone or in a batch) is sent.
+    pub(crate) async fn ack(&self, tag: u64) -> Result<()> {
+        let (reply, replied) = oneshot::channel();
+        self.requests
+            .send((tag, reply))
+            .map_err(|_| Error::closed("the channel's ack pipeline has stopped"))?;
+        replied
+            .await
+            .map_err(|_| Error::closed("the channel's ack pipeline has stopped"))?
+    }
+
+    /// Nacks `tag` with requeue. Only once the nack is sent does the tag
+    /// leave the hand, so no `multiple` ack can cover it first.
+    pub(crate) async fn nack(&self, tag: u64) -> Result<()> {
+        let options = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        let sent = self.channel.basic_nack(tag, options).await;
+        self.in_hand.lock().expect("not poisoned").remove(&tag);
+        sent.map_err(|e| map("nacking", e))
+    }
+}
+
+async fn send_acks(
+    channel: Channel,
+    in_hand: Arc<Mutex<BTreeSet<u64>>>,
+    mut incoming: mpsc::UnboundedReceiver<(u64, Reply)>,
+) {
+    while let Some(first) = incoming.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = incoming.try_recv() {
+            batch.push(more);
+        }
+        batch.sort_unstable_by_key(|(tag, _)| *tag);
+        let acking: BTreeSet<u64> = batch.iter().map(|(tag, _)| *tag).collect();
+        // The lowest tag still in hand that this batch does not settle.
+        let blocker = in_hand
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|tag| !acking.contains(tag))
+            .copied()
+            .unwrap_or(u64::MAX);
+        let run_end = batch.iter().take_while(|(tag, _)| *tag < blocker).count();
+        let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
+        if run_end > 0 {
+            let last = batch[run_end - 1].0;
+            let sent = channel
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await;
+            for _ in 0..run_end {
+                results.push(
+                    sent.as_ref()
+                        .map(drop)
+                        .map_err(|e| map("acking", e.clone())),
+                );
+            }
+        }
+        for (tag, _) in &batch[run_end..] {
+            let sent = channel
+                .basic_ack(*tag, BasicAckOptions { multiple: false })
+                .await;
+            results.push(sent.map_err(|e| map("acking", e)));
+        }
+        {
+            let mut in_hand = in_hand.lock().expect("not poisoned");
+            for tag in &acking {
+                in_hand.remove(tag);
+            }
+        }
+        for ((_, reply), result) in batch.into_iter().zip(results) {
+            let _ = reply.send(result);
+        }
+    }
+}
