@@ -11,9 +11,8 @@
 //!   [`Unroutable`](ticketrail_core::ErrorKind::Unroutable) (C1);
 //! - a queue is a durable pull consumer with explicit acks; a subscription
 //!   pulls no more than its free prefetch slots (C5);
-//! - every publish waits for the stream's acknowledgement and carries its
-//!   id as `Nats-Msg-Id`, so a publish repeated within the stream's
-//!   duplicate window (2 minutes) is stored once;
+//! - every publish waits for the stream's acknowledgement; the id travels
+//!   in `Ticketrail-Id` (a foreign message's `Nats-Msg-Id` is its id);
 //! - a retry is a `Nak` with the delay: the message stays in the stream
 //!   (C7, C12). The attempt is the server's delivery count, so crashes count
 //!   as attempts; the consumer dead-letters a message delivered more often

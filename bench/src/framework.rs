@@ -1,0 +1,157 @@
+//! ticketrail's side: its publisher and its consumer loop with a typed JSON
+//! handler, the same code on every broker.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use ticketrail::{
+    handler_fn, Consumer, Context, Fixed, HandlerError, Publisher, QueueSpec, SharedBroker,
+    Topology,
+};
+use tokio::sync::Notify;
+
+use crate::side::{at_rate, BenchResult, Side};
+use crate::workload::{email, now_ns, EmailMessage, ROUTING_KEY};
+
+pub(crate) struct Framework {
+    broker: SharedBroker,
+    topology: Topology,
+    queue: String,
+    publisher: Publisher,
+}
+
+impl Framework {
+    pub(crate) async fn new(broker: SharedBroker, name: &str) -> BenchResult<Self> {
+        let queue = format!("{name}.q");
+        let topology =
+            Topology::new(format!("{name}.events")).queue(QueueSpec::new(&queue).bind("user.#"));
+        broker.declare(&topology).await?;
+        let publisher = Publisher::new(broker.clone(), topology.topic_space.clone());
+        Ok(Framework {
+            broker,
+            topology,
+            queue,
+            publisher,
+        })
+    }
+
+    pub(crate) fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Handles `count` messages with `prefetch`; a message whose user number
+    /// is a multiple of `fail_every` fails its first attempt and is retried
+    /// after 1 s. Returns how long the healthy ones took.
+    pub(crate) async fn consume_healthy(
+        &self,
+        count: usize,
+        prefetch: u16,
+        fail_every: Option<usize>,
+    ) -> BenchResult<Duration> {
+        let healthy_total = match fail_every {
+            Some(every) => count - count.div_ceil(every),
+            None => count,
+        };
+        let healthy = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(Notify::new());
+        let handler = {
+            let (healthy, done) = (healthy.clone(), done.clone());
+            handler_fn(move |email: EmailMessage, ctx: Context| {
+                let (healthy, done) = (healthy.clone(), done.clone());
+                async move {
+                    let number: usize = email
+                        .user_id
+                        .trim_start_matches("user-")
+                        .parse()
+                        .unwrap_or(1);
+                    let flaky = fail_every.is_some_and(|every| number.is_multiple_of(every));
+                    if flaky && ctx.attempt() == 1 {
+                        return Err(HandlerError::retryable("flaky on its first attempt"));
+                    }
+                    if !flaky && healthy.fetch_add(1, Ordering::Relaxed) + 1 == healthy_total {
+                        done.notify_one();
+                    }
+                    Ok(())
+                }
+            })
+        };
+        let started = Instant::now();
+        let consumer = Consumer::new(self.broker.clone(), self.queue.clone(), handler)
+            .retry_policy(Fixed::new(Duration::from_secs(1), 3)?)
+            .prefetch(prefetch)
+            .spawn();
+        done.notified().await;
+        let took = started.elapsed();
+        if fail_every.is_some() {
+            // Let the flaky ones come back and finish, so the queue is empty.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        consumer.shutdown().await?;
+        Ok(took)
+    }
+}
+
+#[async_trait]
+impl Side for Framework {
+    async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration> {
+        let started = Instant::now();
+        let mut sends = futures::stream::iter(0..count)
+            .map(|i| {
+                let publisher = self.publisher.clone();
+                async move { publisher.publish(ROUTING_KEY, &email(i)).await }
+            })
+            .buffer_unordered(window);
+        while let Some(sent) = sends.next().await {
+            sent?;
+        }
+        Ok(started.elapsed())
+    }
+
+    async fn consume(&self, count: usize, prefetch: u16) -> BenchResult<Duration> {
+        self.consume_healthy(count, prefetch, None).await
+    }
+
+    async fn latency(&self, count: usize, per_second: u32, prefetch: u16) -> BenchResult<Vec<f64>> {
+        let samples = Arc::new(Mutex::new(Vec::with_capacity(count)));
+        let done = Arc::new(Notify::new());
+        let handler = {
+            let (samples, done) = (samples.clone(), done.clone());
+            handler_fn(move |email: EmailMessage, _ctx: Context| {
+                let (samples, done) = (samples.clone(), done.clone());
+                async move {
+                    let micros = (now_ns().saturating_sub(email.sent_at_ns)) as f64 / 1000.0;
+                    let mut samples = samples.lock().expect("not poisoned");
+                    samples.push(micros);
+                    if samples.len() == count {
+                        done.notify_one();
+                    }
+                    Ok(())
+                }
+            })
+        };
+        let consumer = Consumer::new(self.broker.clone(), self.queue.clone(), handler)
+            .prefetch(prefetch)
+            .spawn();
+        let publisher = self.publisher.clone();
+        at_rate(count, per_second, move |i| {
+            let publisher = publisher.clone();
+            async move {
+                let _ = publisher.publish(ROUTING_KEY, &email(i)).await;
+            }
+        })
+        .await;
+        done.notified().await;
+        consumer.shutdown().await?;
+        let samples = std::mem::take(&mut *samples.lock().expect("not poisoned"));
+        Ok(samples)
+    }
+
+    async fn teardown(&self) -> BenchResult<()> {
+        self.broker.delete(&self.topology).await?;
+        self.broker.close().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,382 @@
+//! ticketrail against the raw broker clients, side by side in one run.
+//!
+//! ```text
+//! cargo run --release -p ticketrail-bench -- --broker memory|rabbitmq|nats|all [--messages N] [--backlog N] [--json]
+//! ```
+//!
+//! For each broker the same workload runs through the raw client and through
+//! ticketrail, alternating, in one process: publish throughput (confirmed,
+//! a window in flight), consume throughput (decode, handle, ack), end-to-end
+//! latency at a fixed rate, healthy throughput while 10% of messages fail
+//! and retry after 1 s, and the peak memory of a consumer draining a backlog.
+
+mod framework;
+mod raw_memory;
+mod raw_nats;
+mod raw_rabbitmq;
+mod side;
+mod workload;
+
+use std::process::ExitCode;
+
+use side::{BenchResult, Side};
+use ticketrail::SharedBroker;
+
+/// Publishes in flight at once on both sides.
+const WINDOW: usize = 256;
+/// Prefetch on both sides.
+const PREFETCH: u16 = 100;
+/// Rate and count of the latency run.
+const LATENCY_RATE: u32 = 1000;
+const LATENCY_COUNT: usize = 3000;
+
+struct Options {
+    brokers: Vec<String>,
+    messages: usize,
+    backlog: usize,
+    repeats: usize,
+    json: bool,
+}
+
+/// One figure and its raw baseline.
+struct Figure {
+    broker: String,
+    metric: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+    ticketrail: f64,
+    raw: f64,
+    baseline: &'static str,
+}
+
+impl Figure {
+    fn ratio(&self) -> f64 {
+        self.ticketrail / self.raw
+    }
+
+    fn print(&self, json: bool) {
+        if json {
+            let line = serde_json::json!({
+                "broker": self.broker,
+                "metric": self.metric,
+                "unit": self.unit,
+                "better": if self.higher_is_better { "higher" } else { "lower" },
+                "ticketrail": round(self.ticketrail),
+                "raw": round(self.raw),
+                "ratio": (self.ratio() * 1000.0).round() / 1000.0,
+                "baseline": self.baseline,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{:<9} {:<34} {:>12.0} {:>12.0} {:>7.3}  {} ({} is better; baseline: {})",
+                self.broker,
+                self.metric,
+                self.ticketrail,
+                self.raw,
+                self.ratio(),
+                self.unit,
+                if self.higher_is_better {
+                    "higher"
+                } else {
+                    "lower"
+                },
+                self.baseline
+            );
+        }
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn parse() -> Result<Options, String> {
+    let mut options = Options {
+        brokers: vec!["memory".into()],
+        messages: 20_000,
+        backlog: 100_000,
+        repeats: 3,
+        json: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--broker" => {
+                options.brokers = match value()?.as_str() {
+                    "all" => vec!["memory".into(), "rabbitmq".into(), "nats".into()],
+                    b @ ("memory" | "rabbitmq" | "nats") => vec![b.to_owned()],
+                    other => return Err(format!("unknown broker `{other}`")),
+                }
+            }
+            "--messages" => {
+                options.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
+            }
+            "--backlog" => {
+                options.backlog = value()?.parse().map_err(|e| format!("--backlog: {e}"))?
+            }
+            "--repeats" => {
+                options.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?
+            }
+            "--json" => options.json = true,
+            other => return Err(format!("unknown argument `{other}`")),
+        }
+    }
+    Ok(options)
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn nats_url() -> String {
+    std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn url_of(broker: &str) -> String {
+    match broker {
+        "rabbitmq" => amqp_url(),
+        "nats" => nats_url(),
+        _ => "memory://".to_owned(),
+    }
+}
+
+async fn connect(broker: &str) -> BenchResult<SharedBroker> {
+    Ok(ticketrail::connect(&url_of(broker)).await?)
+}
+
+async fn raw_side(broker: &str, name: &str, capacity: usize) -> BenchResult<Box<dyn Side>> {
+    Ok(match broker {
+        "rabbitmq" => Box::new(raw_rabbitmq::RawRabbit::new(&amqp_url(), name).await?),
+        "nats" => Box::new(raw_nats::RawNats::new(&nats_url(), name).await?),
+        _ => Box::new(raw_memory::RawMemory::new(capacity.max(1))),
+    })
+}
+
+async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let n = options.messages;
+    let raw = raw_side(
+        broker,
+        &format!("bench-{id}-raw"),
+        n.max(options.backlog).max(LATENCY_COUNT),
+    )
+    .await?;
+    let framework =
+        framework::Framework::new(connect(broker).await?, &format!("bench-{id}-tr")).await?;
+    let sides: [(&str, &dyn Side); 2] = [("raw", raw.as_ref()), ("ticketrail", &framework)];
+
+    // Warm up connections, queues and code paths.
+    for (_, side) in sides {
+        side.publish(1000, WINDOW).await?;
+        side.consume(1000, PREFETCH).await?;
+    }
+    let mut publish = [Vec::new(), Vec::new()];
+    let mut consume = [Vec::new(), Vec::new()];
+    for _ in 0..options.repeats {
+        for (k, (_, side)) in sides.iter().enumerate() {
+            publish[k].push(n as f64 / side.publish(n, WINDOW).await?.as_secs_f64());
+            consume[k].push(n as f64 / side.consume(n, PREFETCH).await?.as_secs_f64());
+        }
+    }
+    let mut latency = Vec::new();
+    for (_, side) in sides {
+        latency.push(workload::percentiles(
+            side.latency(LATENCY_COUNT, LATENCY_RATE, PREFETCH).await?,
+        ));
+    }
+
+    // Healthy throughput with 10% failing once, against no failures.
+    let healthy = n - n.div_ceil(10);
+    let mut with_failures = Vec::new();
+    let mut without = Vec::new();
+    for _ in 0..options.repeats {
+        framework.publish(n, WINDOW).await?;
+        without.push(
+            healthy as f64
+                / framework
+                    .consume_healthy(n, PREFETCH, None)
+                    .await?
+                    .as_secs_f64(),
+        );
+        framework.publish(n, WINDOW).await?;
+        with_failures.push(
+            healthy as f64
+                / framework
+                    .consume_healthy(n, PREFETCH, Some(10))
+                    .await?
+                    .as_secs_f64(),
+        );
+    }
+
+    let rss = if broker == "memory" {
+        None // the in-process broker keeps the backlog in the consumer's own process
+    } else {
+        let mut peaks = Vec::new();
+        for (label, side) in sides {
+            side.publish(options.backlog, WINDOW).await?;
+            let queue = match label {
+                "raw" => format!("bench-{id}-raw"),
+                _ => framework.queue().to_owned(),
+            };
+            peaks.push(drain_in_child(broker, label, &queue, options.backlog).await?);
+        }
+        Some(peaks)
+    };
+
+    raw.teardown().await?;
+    framework.teardown().await?;
+
+    let b = broker.to_owned();
+    let figure = |metric, unit, higher_is_better, ticketrail, raw, baseline| Figure {
+        broker: b.clone(),
+        metric,
+        unit,
+        higher_is_better,
+        ticketrail,
+        raw,
+        baseline,
+    };
+    let mut figures = vec![
+        figure(
+            "publish throughput",
+            "msg/s",
+            true,
+            workload::median(publish[1].clone()),
+            workload::median(publish[0].clone()),
+            "raw client",
+        ),
+        figure(
+            "consume throughput",
+            "msg/s",
+            true,
+            workload::median(consume[1].clone()),
+            workload::median(consume[0].clone()),
+            "raw client",
+        ),
+        figure(
+            "latency p50",
+            "us",
+            false,
+            latency[1].0,
+            latency[0].0,
+            "raw client",
+        ),
+        figure(
+            "latency p99",
+            "us",
+            false,
+            latency[1].1,
+            latency[0].1,
+            "raw client",
+        ),
+        figure(
+            "healthy throughput, 10% retrying",
+            "msg/s",
+            true,
+            workload::median(with_failures),
+            workload::median(without),
+            "ticketrail with no failures",
+        ),
+    ];
+    if let Some(peaks) = rss {
+        figures.push(figure(
+            "consumer peak RSS, backlog",
+            "KiB",
+            false,
+            peaks[1] as f64,
+            peaks[0] as f64,
+            "raw client",
+        ));
+    }
+    Ok(figures)
+}
+
+/// Drains a backlog in a child process of this binary and returns the
+/// child's peak resident memory.
+async fn drain_in_child(broker: &str, side: &str, queue: &str, count: usize) -> BenchResult<u64> {
+    let exe = std::env::current_exe()?;
+    let output = tokio::process::Command::new(exe)
+        .args(["drain", broker, side, queue, &count.to_string()])
+        .output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(format!(
+            "drain child failed: {}{}",
+            stdout,
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("peak_rss_kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("drain child printed no peak: {stdout}").into())
+}
+
+/// The child: drain `count` messages from `queue`, print peak memory.
+async fn drain(args: &[String]) -> BenchResult<()> {
+    let [broker, side, queue, count] = args else {
+        return Err("usage: drain <broker> <raw|ticketrail> <queue> <count>".into());
+    };
+    let count: usize = count.parse()?;
+    match side.as_str() {
+        "raw" => {
+            // Declaring is idempotent: attaching declares the same again.
+            let side = raw_side(broker, queue, 0).await?;
+            side.consume(count, PREFETCH).await?;
+        }
+        _ => {
+            let broker = connect(broker).await?;
+            let framework = framework::Framework::new(broker, queue.trim_end_matches(".q")).await?;
+            framework.consume(count, PREFETCH).await?;
+        }
+    }
+    println!("peak_rss_kib={}", workload::peak_rss_kib().unwrap_or(0));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("drain") {
+        return match drain(&args[2..]).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("drain: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let options = match parse() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("{e}\nusage: ticketrail-bench --broker memory|rabbitmq|nats|all [--messages N] [--backlog N] [--repeats N] [--json]");
+            return ExitCode::from(2);
+        }
+    };
+    if !options.json {
+        println!(
+            "{:<9} {:<34} {:>12} {:>12} {:>7}",
+            "broker", "metric", "ticketrail", "raw", "ratio"
+        );
+    }
+    let mut failed = false;
+    for broker in &options.brokers {
+        match bench(broker, &options).await {
+            Ok(figures) => figures.iter().for_each(|f| f.print(options.json)),
+            Err(e) => {
+                eprintln!("{broker}: benchmark failed: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
