@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use ticketrail_core::{
-    validate_name, validate_routing_key, Broker, Capabilities, DeadLetter, Error, ErrorKind,
-    Message, Replay, Result, SubscribeOptions, Subscription, Topology,
+    Broker, Capabilities, DeadLetter, Error, ErrorKind, Message, Replay, Result, SubscribeOptions,
+    Subscription, Topology,
 };
 
 use crate::config::MemoryConfig;
@@ -198,18 +198,11 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
         self.ensure_open()?;
-        validate_name("topic space", topic_space)?;
-        validate_routing_key(&message.routing_key)?;
-        let limit = self.shared.config.max_payload;
-        if message.payload.len() > limit {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "payload of {} bytes is over the memory broker's limit of {limit} bytes",
-                    message.payload.len()
-                ),
-            ));
-        }
+        message.check(
+            topic_space,
+            self.shared.config.max_payload,
+            "the memory broker",
+        )?;
         let targets = self.registry().route(topic_space, &message.routing_key);
         let targets = match targets {
             None => {

@@ -11,8 +11,8 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use ticketrail_core::{
-    validate_name, validate_routing_key, Broker, Capabilities, DeadLetter, Error, ErrorKind,
-    Message, Replay, Result, SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, DeadLetter, Error, ErrorKind, Message, Replay, Result,
+    SubscribeOptions, Subscription, Topology,
 };
 use tokio::sync::Semaphore;
 
@@ -437,18 +437,11 @@ impl Broker for NatsBroker {
     }
 
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
-        validate_name("topic space", topic_space)?;
-        validate_routing_key(&message.routing_key)?;
-        let limit = self.inner.max_payload;
-        if limit > 0 && message.payload.len() > limit {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "payload of {} bytes is over the NATS server's max_payload of {limit} bytes",
-                    message.payload.len()
-                ),
-            ));
-        }
+        let limit = match self.inner.max_payload {
+            0 => usize::MAX,
+            limit => limit,
+        };
+        message.check(topic_space, limit, "the NATS server (max_payload)")?;
         let headers = headers::outgoing(&message)?;
         let subject = topology::subject(topic_space, &message.routing_key);
         self.inner.publish(subject, headers, message.payload).await

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ticketrail_core::{
-    validate_name, validate_routing_key, Broker, Capabilities, DeadLetter, Error, ErrorKind,
-    Message, Replay, Result, SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, DeadLetter, Error, Message, Replay, Result,
+    SubscribeOptions, Subscription, Topology,
 };
 
 use crate::config::RabbitConfig;
@@ -90,18 +90,7 @@ impl Broker for RabbitBroker {
     }
 
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
-        validate_name("topic space", topic_space)?;
-        validate_routing_key(&message.routing_key)?;
-        let limit = self.link.config.max_payload;
-        if message.payload.len() > limit {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "payload of {} bytes is over the limit of {limit} bytes for RabbitMQ",
-                    message.payload.len()
-                ),
-            ));
-        }
+        message.check(topic_space, self.link.config.max_payload, "RabbitMQ")?;
         let properties = headers::properties(&message)?;
         self.link
             .publish(

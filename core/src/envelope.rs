@@ -87,6 +87,24 @@ impl Message {
         self
     }
 
+    /// Checks what every broker checks before publishing: the topic space
+    /// and routing key are valid (C16), and the payload is at most `limit`
+    /// bytes, the limit of `broker` (named in the error).
+    pub fn check(&self, topic_space: &str, limit: usize, broker: &str) -> crate::Result<()> {
+        crate::topology::validate_name("topic space", topic_space)?;
+        crate::topology::validate_routing_key(&self.routing_key)?;
+        if self.payload.len() > limit {
+            return Err(crate::Error::new(
+                crate::ErrorKind::PayloadTooLarge,
+                format!(
+                    "payload of {} bytes is over {broker}'s limit of {limit} bytes",
+                    self.payload.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The envelope this message becomes on its first delivery.
     pub fn into_envelope(self, published_at: SystemTime) -> Envelope {
         Envelope {
