@@ -14,6 +14,7 @@
 //!
 //! Every rule uses fresh, unique names and deletes what it declared.
 
+mod drill;
 mod harness;
 mod memory;
 mod nats;
@@ -22,6 +23,7 @@ pub mod rules;
 mod servers;
 mod support;
 
+pub use drill::{drill_target, run_drill, DrillReport, DrillTarget};
 pub use harness::{Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
 pub use nats::{NatsHarness, DEFAULT_NATS_URL};

@@ -33,7 +33,11 @@ impl NatsHarness {
         }
     }
 
-    async fn connect_url(url: &str) -> Result<SharedBroker> {
+    pub(crate) async fn connect_url_owned(url: String) -> Result<SharedBroker> {
+        Self::connect_url(&url).await
+    }
+
+    pub(crate) async fn connect_url(url: &str) -> Result<SharedBroker> {
         let config = NatsConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .ack_wait(ACK_WAIT);

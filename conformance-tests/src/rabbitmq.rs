@@ -30,7 +30,11 @@ impl RabbitHarness {
         }
     }
 
-    async fn connect_url(url: &str) -> Result<SharedBroker> {
+    pub(crate) async fn connect_url_owned(url: String) -> Result<SharedBroker> {
+        Self::connect_url(&url).await
+    }
+
+    pub(crate) async fn connect_url(url: &str) -> Result<SharedBroker> {
         let config = RabbitConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1));

@@ -1,0 +1,288 @@
+//! The failure drill: many messages with unique ids, while consumers are
+//! killed and restarted at random, the broker restarts, and the handler
+//! fails some messages for a while and some for good. At the end every id
+//! must be handled or dead-lettered: nothing lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ticketrail_core::{
+    Consumer, Context, DeadLetterReason, Fixed, Handler, HandlerError, QueueSpec, Result,
+    SharedBroker, Topology,
+};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::harness::Restartable;
+use crate::support::{job_message, Job};
+
+/// What the drill saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DrillReport {
+    /// Messages published (each reported Ok by the broker).
+    pub published: usize,
+    /// Distinct ids handled successfully.
+    pub handled: usize,
+    /// Distinct ids in the DLQ.
+    pub dead_lettered: usize,
+    /// Ids neither handled nor dead-lettered.
+    pub lost: usize,
+    /// Extra successful handlings of ids handled before (at-least-once).
+    pub duplicates: usize,
+    /// Broken expectations other than loss, e.g. a permanent failure not in
+    /// the DLQ with reason permanent.
+    pub problems: Vec<String>,
+}
+
+/// How a message is meant to fare.
+fn fate(i: usize) -> Fate {
+    if i.is_multiple_of(100) {
+        Fate::Permanent
+    } else if i % 10 == 1 {
+        Fate::Transient
+    } else {
+        Fate::Fine
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    Fine,
+    Transient,
+    Permanent,
+}
+
+fn index(key: &str) -> usize {
+    key.trim_start_matches('m').parse().unwrap_or(usize::MAX)
+}
+
+/// Counts successful handlings per id.
+#[derive(Clone, Default)]
+struct Tally(Arc<Mutex<HashMap<String, usize>>>);
+
+impl Handler for Tally {
+    type Message = Job;
+
+    async fn handle(&self, job: Job, ctx: &Context) -> std::result::Result<(), HandlerError> {
+        match fate(index(&job.key)) {
+            Fate::Permanent => return Err(HandlerError::permanent("drill: this one never works")),
+            Fate::Transient if ctx.attempt() == 1 => {
+                return Err(HandlerError::retryable("drill: works on a later attempt"))
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        *self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry(ctx.id().to_owned())
+            .or_default() += 1;
+        Ok(())
+    }
+}
+
+/// How to reach the broker under drill, and how to restart it.
+pub struct DrillTarget {
+    /// Opens a new connection.
+    pub connect:
+        Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<SharedBroker>> + Send + Sync>,
+    /// The broker process to restart twice, if there is one.
+    pub server: Option<Box<dyn Restartable>>,
+}
+
+const CONSUMERS: usize = 3;
+
+/// Runs the drill with `messages` messages.
+pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillReport> {
+    let connect = Arc::new(target.connect);
+    let server = Arc::new(AsyncMutex::new(target.server));
+    let topology = Topology::new("drill.events")
+        .queue(QueueSpec::new("drill.q").bind("jobs.#").delivery_limit(10));
+    let admin = connect().await?;
+    admin.declare(&topology).await?;
+    let tally = Tally::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let policy = || Fixed::new(Duration::from_millis(200), 6).expect("valid");
+
+    // Consumers killed and restarted at random moments.
+    let mut chaos = Vec::new();
+    for slot in 0..CONSUMERS {
+        let (connect, tally, stop) = (Arc::clone(&connect), tally.clone(), Arc::clone(&stop));
+        chaos.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(slot as u64 + 7);
+            while !stop.load(Ordering::Acquire) {
+                let Ok(broker) = connect().await else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                };
+                let consumer = Consumer::new(broker.clone(), "drill.q", tally.clone())
+                    .retry_policy(policy())
+                    .prefetch(10)
+                    .spawn();
+                tokio::time::sleep(Duration::from_millis(rng.u64(300..1500))).await;
+                // Killed: the task aborted, the connection dropped, nothing acked on the way out.
+                consumer.abort();
+                let _ = broker.close().await;
+            }
+        }));
+    }
+
+    // The publisher; the broker restarts twice while it publishes.
+    let publisher = connect().await?;
+    let mut published = HashSet::new();
+    let restarts = [messages / 3, 2 * messages / 3];
+    for i in 0..messages {
+        if restarts.contains(&i) {
+            if let Some(server) = server.lock().await.as_mut() {
+                server.halt().await?;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                server.resume().await?;
+            }
+        }
+        let message = job_message("jobs.drill", &format!("m{i}"));
+        let id = message.id.clone();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        // Published again (same id) until the broker says it has it.
+        while let Err(e) = publisher.publish("drill.events", message.clone()).await {
+            if Instant::now() > deadline {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        published.insert(id);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Release);
+    for task in chaos {
+        let _ = task.await;
+    }
+
+    // One consumer that stays, until everything is accounted for.
+    let steady = connect().await?;
+    let consumer = Consumer::new(steady.clone(), "drill.q", tally.clone())
+        .retry_policy(policy())
+        .prefetch(20)
+        .spawn();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut dead = Vec::new();
+    loop {
+        dead = steady
+            .dead_letters("drill.q", usize::MAX)
+            .await
+            .unwrap_or(dead);
+        let handled: HashSet<String> = tally
+            .0
+            .lock()
+            .expect("not poisoned")
+            .keys()
+            .cloned()
+            .collect();
+        let dead_ids: HashSet<&String> = dead.iter().map(|r| &r.envelope.id).collect();
+        let missing = published
+            .iter()
+            .filter(|id| !handled.contains(*id) && !dead_ids.contains(id))
+            .count();
+        if missing == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    consumer.shutdown().await?;
+
+    let counts = tally.0.lock().expect("not poisoned").clone();
+    let dead_ids: HashSet<&String> = dead.iter().map(|r| &r.envelope.id).collect();
+    let mut report = DrillReport {
+        published: published.len(),
+        handled: counts.len(),
+        dead_lettered: dead_ids.len(),
+        lost: published
+            .iter()
+            .filter(|id| !counts.contains_key(*id) && !dead_ids.contains(id))
+            .count(),
+        duplicates: counts.values().map(|n| n - 1).sum::<usize>() + dead.len() - dead_ids.len(),
+        problems: Vec::new(),
+    };
+    for record in &dead {
+        let key = serde_json::from_slice::<Job>(&record.envelope.payload)
+            .map(|j| j.key)
+            .unwrap_or_default();
+        match (fate(index(&key)), record.reason) {
+            (Fate::Permanent, DeadLetterReason::Permanent) => {}
+            (Fate::Permanent, other) => report
+                .problems
+                .push(format!("{key}: permanent failure dead-lettered as {other}")),
+            (_, DeadLetterReason::Permanent) => report
+                .problems
+                .push(format!("{key}: dead-lettered as permanent, but it is not")),
+            (_, DeadLetterReason::Exhausted | DeadLetterReason::DeliveryLimit) => {} // crashes used up its attempts
+            (_, other) => report
+                .problems
+                .push(format!("{key}: dead-lettered as {other}")),
+        }
+    }
+    steady.delete(&topology).await?;
+    let _ = steady.close().await;
+    let _ = admin.close().await;
+    let _ = publisher.close().await;
+    if let Some(mut server) = server.lock().await.take() {
+        server.remove().await?;
+    }
+    Ok(report)
+}
+
+/// The target for `backend`: the in-process broker, or a throwaway RabbitMQ
+/// node or nats-server that the drill starts, restarts and removes.
+pub async fn drill_target(backend: &str) -> Result<DrillTarget> {
+    use crate::servers::{NatsServer, RabbitNode, ServerProcess, Throwaway};
+    match backend {
+        "memory" => {
+            let broker = ticketrail_memory::MemoryBroker::new();
+            Ok(DrillTarget {
+                connect: Box::new(move || {
+                    let connection: SharedBroker = Arc::new(broker.connect());
+                    Box::pin(async move { Ok(connection) })
+                }),
+                server: None,
+            })
+        }
+        "rabbitmq" => {
+            let node = RabbitNode::start().await?;
+            let url = node.url();
+            Ok(DrillTarget {
+                connect: Box::new(move || {
+                    Box::pin(crate::rabbitmq::RabbitHarness::connect_url_owned(
+                        url.clone(),
+                    ))
+                }),
+                server: Some(Box::new(Throwaway {
+                    server: node,
+                    connect: |url| {
+                        Box::pin(crate::rabbitmq::RabbitHarness::connect_url_owned(
+                            url.to_owned(),
+                        ))
+                    },
+                })),
+            })
+        }
+        "nats" => {
+            let server = NatsServer::start().await?;
+            let url = server.url();
+            Ok(DrillTarget {
+                connect: Box::new(move || {
+                    Box::pin(crate::nats::NatsHarness::connect_url_owned(url.clone()))
+                }),
+                server: Some(Box::new(Throwaway {
+                    server,
+                    connect: |url| {
+                        Box::pin(crate::nats::NatsHarness::connect_url_owned(url.to_owned()))
+                    },
+                })),
+            })
+        }
+        other => Err(ticketrail_core::Error::config(format!(
+            "no drill for backend `{other}`"
+        ))),
+    }
+}
