@@ -74,15 +74,11 @@ impl NatsBroker {
     /// with backoff (C15).
     pub async fn connect(config: NatsConfig) -> Result<Self> {
         let address = config.address().to_owned();
-        let mut options = async_nats::ConnectOptions::new()
-            .name("ticketrail")
-            .connection_timeout(config.connect_timeout)
-            .request_timeout(Some(config.request_timeout))
-            .max_reconnects(None);
+        let mut options = config.connect_options();
         if config.retry_on_initial_connect {
             options = options.retry_on_initial_connect();
         }
-        let connecting = options.connect(config.url.as_str());
+        let connecting = options.connect(config.server.as_str());
         let client = match tokio::time::timeout(config.connect_timeout, connecting).await {
             Err(_) => None,
             Ok(Err(e)) => {

@@ -18,7 +18,12 @@ use ticketrail_core::{redact_url, Error, Result};
 /// ```
 #[derive(Clone)]
 pub struct NatsConfig {
+    /// The URL as given, for messages (always redacted).
     pub(crate) url: String,
+    /// The URL without credentials: what the client is given, so that its
+    /// own logs never carry a secret.
+    pub(crate) server: String,
+    pub(crate) credentials: Option<Credentials>,
     pub(crate) address: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) ack_wait: Duration,
@@ -50,6 +55,16 @@ impl NatsConfig {
                 redact_url(url)
             )));
         }
+        let credentials =
+            authority
+                .rsplit_once('@')
+                .map(|(userinfo, _)| match userinfo.split_once(':') {
+                    Some((user, password)) => {
+                        Credentials::UserPassword(user.to_owned(), password.to_owned())
+                    }
+                    None => Credentials::Token(userinfo.to_owned()),
+                });
+        let server = format!("{scheme}://{host_port}{}", &rest[authority.len()..]);
         let address = if host_port.contains(':') {
             host_port.to_owned()
         } else {
@@ -57,6 +72,8 @@ impl NatsConfig {
         };
         Ok(NatsConfig {
             url: url.to_owned(),
+            server,
+            credentials,
             address,
             connect_timeout: Duration::from_secs(10),
             ack_wait: Duration::from_secs(30),
@@ -102,10 +119,35 @@ impl NatsConfig {
         self
     }
 
+    /// The connect options for these settings, credentials included.
+    pub(crate) fn connect_options(&self) -> async_nats::ConnectOptions {
+        let options = match &self.credentials {
+            Some(Credentials::UserPassword(user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            Some(Credentials::Token(token)) => {
+                async_nats::ConnectOptions::with_token(token.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        options
+            .name("ticketrail")
+            .connection_timeout(self.connect_timeout)
+            .request_timeout(Some(self.request_timeout))
+            .max_reconnects(None)
+    }
+
     /// `host:port` of the server, for messages.
     pub fn address(&self) -> &str {
         &self.address
     }
+}
+
+/// Credentials taken out of the URL.
+#[derive(Clone)]
+pub(crate) enum Credentials {
+    UserPassword(String, String),
+    Token(String),
 }
 
 impl fmt::Debug for NatsConfig {

@@ -232,11 +232,17 @@ impl Drop for RabbitNode {
 pub(crate) struct NatsServer {
     pub(crate) port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl NatsServer {
     pub(crate) async fn start() -> Result<Self> {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts one with extra command-line arguments (e.g. `--user`).
+    pub(crate) async fn start_with(extra: &[&str]) -> Result<Self> {
         let port = free_port()?;
         let dir =
             std::env::temp_dir().join(format!("ticketrail-nats-{}", uuid::Uuid::new_v4().simple()));
@@ -244,6 +250,7 @@ impl NatsServer {
         let mut server = NatsServer {
             port,
             dir,
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
             child: None,
         };
         server.launch().await?;
@@ -268,6 +275,7 @@ impl ServerProcess for NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -296,5 +304,47 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         // The child is killed on drop; the store goes with it.
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ticketrail_nats::{NatsBroker, NatsConfig};
+
+    /// Wrong credentials are an authentication error, at once, and the
+    /// password appears nowhere in it.
+    #[tokio::test]
+    async fn wrong_nats_credentials_are_an_auth_error_not_a_hang() {
+        let mut server = NatsServer::start_with(&["--user", "app", "--pass", "right-one"])
+            .await
+            .unwrap();
+        let right = format!("nats://app:right-one@127.0.0.1:{}", server.port);
+        let broker = NatsBroker::connect(NatsConfig::from_url(&right).unwrap()).await;
+        assert!(
+            broker.is_ok(),
+            "the right credentials work: {:?}",
+            broker.err()
+        );
+        let wrong = format!("nats://app:wr0ng-Secret@127.0.0.1:{}", server.port);
+        let started = Instant::now();
+        let err = NatsBroker::connect(
+            NatsConfig::from_url(&wrong)
+                .unwrap()
+                .connect_timeout(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.kind(), ticketrail_core::ErrorKind::Auth, "{err:?}");
+        assert!(
+            !format!("{err} {err:?}").contains("wr0ng-Secret"),
+            "the password leaked: {err:?}"
+        );
+        server.remove().await.unwrap();
     }
 }
