@@ -82,6 +82,18 @@ impl NatsBroker {
         let client = match tokio::time::timeout(config.connect_timeout, connecting).await {
             Err(_) => None,
             Ok(Err(e)) => {
+                let tls = e.kind() == async_nats::ConnectErrorKind::Tls
+                    || e.to_string().contains("certificate");
+                if tls {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "TLS with NATS at {address} failed: its certificate is not trusted, \
+                             or TLS is not set up on one side (trust its CA with NatsConfig::tls_ca_file)"
+                        ),
+                    )
+                    .with_source(e));
+                }
                 let kind = match e.kind() {
                     async_nats::ConnectErrorKind::AuthorizationViolation
                     | async_nats::ConnectErrorKind::Authentication => ErrorKind::Auth,

@@ -30,6 +30,8 @@ pub struct NatsConfig {
     pub(crate) max_ack_pending: i64,
     pub(crate) request_timeout: Duration,
     pub(crate) retry_on_initial_connect: bool,
+    pub(crate) tls_ca_file: Option<std::path::PathBuf>,
+    pub(crate) require_tls: bool,
 }
 
 impl NatsConfig {
@@ -80,6 +82,8 @@ impl NatsConfig {
             max_ack_pending: 10_000,
             request_timeout: Duration::from_secs(10),
             retry_on_initial_connect: false,
+            tls_ca_file: None,
+            require_tls: scheme == "tls",
         })
     }
 
@@ -119,6 +123,13 @@ impl NatsConfig {
         self
     }
 
+    /// Trusts the certificate authority in this PEM file, on top of the
+    /// system's trust store (for `tls://` URLs and servers that require TLS).
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_ca_file = Some(path.into());
+        self
+    }
+
     /// The connect options for these settings, credentials included.
     pub(crate) fn connect_options(&self) -> async_nats::ConnectOptions {
         let options = match &self.credentials {
@@ -130,7 +141,12 @@ impl NatsConfig {
             }
             None => async_nats::ConnectOptions::new(),
         };
+        let options = match &self.tls_ca_file {
+            Some(path) => options.add_root_certificates(path.clone()),
+            None => options,
+        };
         options
+            .require_tls(self.require_tls)
             .name("ticketrail")
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.request_timeout))
@@ -159,6 +175,8 @@ impl fmt::Debug for NatsConfig {
             .field("max_ack_pending", &self.max_ack_pending)
             .field("request_timeout", &self.request_timeout)
             .field("retry_on_initial_connect", &self.retry_on_initial_connect)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("require_tls", &self.require_tls)
             .finish()
     }
 }

@@ -226,7 +226,13 @@ impl Link {
 async fn open(config: &RabbitConfig) -> Result<Session> {
     let properties =
         ConnectionProperties::default().with_connection_name(config.connection_name.clone().into());
-    let connecting = Connection::connect(&config.url, properties);
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: config.tls_ca_pem.clone(),
+    };
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| map("starting lapin's runtime", e))?;
+    let connecting = Connection::connect_with_config(&config.url, properties, tls, runtime);
     let connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
         Err(_) => {
             return Err(Error::new(
@@ -245,6 +251,18 @@ async fn open(config: &RabbitConfig) -> Result<Session> {
             );
             let auth =
                 mapped.kind() == ErrorKind::Auth || mapped.to_string().contains("ACCESS_REFUSED");
+            let text = mapped.to_string();
+            if text.contains("certificate") || text.contains("UnknownIssuer") {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "TLS with RabbitMQ at {} failed: its certificate is not trusted \
+                         (trust its CA with RabbitConfig::tls_ca_file)",
+                        config.address()
+                    ),
+                )
+                .with_source(mapped));
+            }
             return Err(if auth {
                 Error::new(
                     ErrorKind::Auth,

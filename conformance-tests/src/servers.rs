@@ -90,7 +90,11 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 /// Started with `rabbitmq-server` (which, run as root, drops to the
 /// `rabbitmq` user), stopped with `rabbitmqctl -n <node> stop`.
 pub(crate) struct RabbitNode {
+    /// The port clients connect to (`amqps://` with TLS).
     pub(crate) port: u16,
+    /// The plain AMQP port (the same as `port` without TLS).
+    tcp_port: u16,
+    tls: bool,
     dist_port: u16,
     node: String,
     dir: PathBuf,
@@ -99,7 +103,14 @@ pub(crate) struct RabbitNode {
 
 impl RabbitNode {
     pub(crate) async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts a node; with `tls`, clients connect with `amqps://` on
+    /// [`port`](RabbitNode::port) using these certificates.
+    pub(crate) async fn start_with(tls: Option<&TestCerts>) -> Result<Self> {
         let port = free_port()?;
+        let tcp_port = if tls.is_some() { free_port()? } else { port };
         let dist_port = free_port()?;
         let node = format!(
             "tr-{}@localhost",
@@ -112,11 +123,28 @@ impl RabbitNode {
             .map_err(io("creating the node's log directory"))?;
         std::fs::write(dir.join("enabled_plugins"), "[].\n")
             .map_err(io("writing enabled_plugins"))?;
-        std::fs::write(
-            dir.join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
-        )
-        .map_err(io("writing rabbitmq.conf"))?;
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{tcp_port}\n");
+        if let Some(certs) = tls {
+            for (name, file) in [
+                ("ca.pem", &certs.ca),
+                ("server.pem", &certs.cert),
+                ("server.key", &certs.key),
+            ] {
+                std::fs::copy(file, dir.join(name)).map_err(io("copying the test certificates"))?;
+            }
+            conf += &format!(
+                "listeners.ssl.default = 127.0.0.1:{port}\n\
+                 ssl_options.cacertfile = {ca}\n\
+                 ssl_options.certfile = {cert}\n\
+                 ssl_options.keyfile = {key}\n\
+                 ssl_options.verify = verify_none\n\
+                 ssl_options.fail_if_no_peer_cert = false\n",
+                ca = dir.join("ca.pem").display(),
+                cert = dir.join("server.pem").display(),
+                key = dir.join("server.key").display(),
+            );
+        }
+        std::fs::write(dir.join("rabbitmq.conf"), conf).map_err(io("writing rabbitmq.conf"))?;
         // Run as root, Debian's wrapper starts the node as `rabbitmq`, which
         // must own its directories.
         let status = Command::new("chown")
@@ -133,6 +161,8 @@ impl RabbitNode {
         }
         let mut node = RabbitNode {
             port,
+            tcp_port,
+            tls: tls.is_some(),
             dist_port,
             node,
             dir,
@@ -146,14 +176,15 @@ impl RabbitNode {
 #[async_trait]
 impl ServerProcess for RabbitNode {
     fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        format!("{scheme}://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
     async fn launch(&mut self) -> Result<()> {
         let child = Command::new("rabbitmq-server")
             .current_dir(&self.dir)
             .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_NODE_PORT", self.tcp_port.to_string())
             .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_MNESIA_BASE", self.dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", self.dir.join("log"))
@@ -223,6 +254,113 @@ impl Drop for RabbitNode {
                 .status();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1 and
+/// localhost, made with `openssl` in a temporary directory.
+pub(crate) struct TestCerts {
+    pub(crate) dir: PathBuf,
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+}
+
+impl TestCerts {
+    #[cfg_attr(not(test), allow(dead_code))] // used by the TLS tests
+    pub(crate) async fn generate() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "ticketrail-certs-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).map_err(io("creating the certificate directory"))?;
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .map_err(io("writing the certificate extensions"))?;
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=ticketrail test CA",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        ];
+        for args in steps {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .await
+                .map_err(io("running openssl (apt-get install openssl)"))?;
+            if !out.status.success() {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "openssl {} failed: {}",
+                        args[0],
+                        String::from_utf8_lossy(&out.stderr)
+                    ),
+                ));
+            }
+        }
+        let _ = Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(&dir)
+            .status()
+            .await;
+        Ok(TestCerts {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+            dir,
+        })
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -311,6 +449,89 @@ impl Drop for NatsServer {
 mod tests {
     use super::*;
     use ticketrail_nats::{NatsBroker, NatsConfig};
+
+    /// `amqps://` works with the test CA trusted, and is refused with a clear
+    /// error without it.
+    #[tokio::test]
+    async fn rabbitmq_over_tls_and_an_untrusted_certificate() {
+        use ticketrail_core::{Broker, Message, QueueSpec, Topology};
+        use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
+        let certs = TestCerts::generate().await.unwrap();
+        let mut node = RabbitNode::start_with(Some(&certs)).await.unwrap();
+        let url = node.url();
+        assert!(url.starts_with("amqps://"));
+        let trusted = RabbitConfig::from_url(&url)
+            .unwrap()
+            .tls_ca_file(&certs.ca)
+            .unwrap();
+        let broker = RabbitBroker::connect(trusted)
+            .await
+            .expect("TLS with the CA trusted");
+        let topology = Topology::new("tls.events").queue(QueueSpec::new("tls.q").bind("#"));
+        broker.declare(&topology).await.unwrap();
+        broker
+            .publish("tls.events", Message::new("a.b", "over tls"))
+            .await
+            .unwrap();
+        let mut sub = broker.subscribe("tls.q", Default::default()).await.unwrap();
+        let mut delivery = sub.next().await.unwrap().unwrap();
+        assert_eq!(delivery.envelope().payload, "over tls");
+        delivery.ack().await.unwrap();
+        broker.close().await.unwrap();
+
+        let untrusted = RabbitConfig::from_url(&url)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5));
+        let err = RabbitBroker::connect(untrusted).await.unwrap_err();
+        assert!(err.to_string().contains("not trusted"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("127.0.0.1:{}", node.port)),
+            "{err}"
+        );
+        node.remove().await.unwrap();
+    }
+
+    /// `tls://` works with the test CA trusted, and is refused with a clear
+    /// error without it.
+    #[tokio::test]
+    async fn nats_over_tls_and_an_untrusted_certificate() {
+        use ticketrail_core::{Broker, Message, QueueSpec, Topology};
+        let certs = TestCerts::generate().await.unwrap();
+        let cert = certs.cert.display().to_string();
+        let key = certs.key.display().to_string();
+        let mut server = NatsServer::start_with(&["--tls", "--tlscert", &cert, "--tlskey", &key])
+            .await
+            .unwrap();
+        let url = format!("tls://127.0.0.1:{}", server.port);
+        let trusted = NatsConfig::from_url(&url).unwrap().tls_ca_file(&certs.ca);
+        let broker = NatsBroker::connect(trusted)
+            .await
+            .expect("TLS with the CA trusted");
+        let topology = Topology::new("tls.events").queue(QueueSpec::new("tls.q").bind("#"));
+        broker.declare(&topology).await.unwrap();
+        broker
+            .publish("tls.events", Message::new("a.b", "over tls"))
+            .await
+            .unwrap();
+        let mut sub = broker.subscribe("tls.q", Default::default()).await.unwrap();
+        let mut delivery = sub.next().await.unwrap().unwrap();
+        assert_eq!(delivery.envelope().payload, "over tls");
+        delivery.ack().await.unwrap();
+        broker.close().await.unwrap();
+
+        let untrusted = NatsConfig::from_url(&url)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5));
+        let err = NatsBroker::connect(untrusted).await.unwrap_err();
+        assert!(err.to_string().contains("not trusted"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("127.0.0.1:{}", server.port)),
+            "{err}"
+        );
+        server.remove().await.unwrap();
+    }
 
     /// Wrong credentials are an authentication error, at once, and the
     /// password appears nowhere in it.
