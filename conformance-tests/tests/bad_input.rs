@@ -300,3 +300,103 @@ fn no_secret_in_logs_errors_or_debug_output() {
     );
     assert!(!logs.contains(SECRET), "a secret in the logs:\n{logs}");
 }
+
+/// A plain AMQP client's headers of every odd type are converted to text or
+/// left out; the message is consumed, never a crash.
+#[tokio::test]
+async fn foreign_amqp_headers_of_odd_types_are_converted_or_left_out() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable};
+
+    let broker = RabbitBroker::connect(RabbitConfig::from_url(&amqp_url()).unwrap())
+        .await
+        .expect("RabbitMQ reachable (rabbitmq-server -detached)");
+    let space = unique("tr-odd");
+    let queue = format!("{space}.q");
+    let topology = Topology::new(format!("{space}.events")).queue(QueueSpec::new(&queue).bind("#"));
+    broker.declare(&topology).await.unwrap();
+
+    let connection =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("count".into(), AMQPValue::LongLongInt(-42));
+    headers.insert("small".into(), AMQPValue::ShortShortUInt(7));
+    headers.insert("flag".into(), AMQPValue::Boolean(false));
+    headers.insert("ratio".into(), AMQPValue::Float(1.5));
+    headers.insert(
+        "price".into(),
+        AMQPValue::DecimalValue(DecimalValue {
+            scale: 2,
+            value: 1999,
+        }),
+    );
+    headers.insert("when".into(), AMQPValue::Timestamp(1_700_000_000));
+    headers.insert(
+        "nested".into(),
+        AMQPValue::FieldTable(FieldTable::default()),
+    );
+    headers.insert(
+        "list".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true)])),
+    );
+    headers.insert(
+        "raw".into(),
+        AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])),
+    );
+    headers.insert("nothing".into(), AMQPValue::Void);
+    headers.insert(
+        "x-tr-attempt".into(),
+        AMQPValue::LongString("not a number".into()),
+    );
+    let properties = lapin::BasicProperties::default().with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            topology.topic_space.as_str().into(),
+            "legacy.odd".into(),
+            BasicPublishOptions::default(),
+            b"{}",
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = connection.close(200, "done".into()).await;
+
+    let mut sub = broker.subscribe(&queue, Default::default()).await.unwrap();
+    let mut delivery = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let env = delivery.envelope().clone();
+    delivery.ack().await.unwrap();
+    let text = |k: &str| env.headers.get(k).map(String::as_str);
+    assert_eq!(text("count"), Some("-42"));
+    assert_eq!(text("small"), Some("7"));
+    assert_eq!(text("flag"), Some("false"));
+    assert_eq!(text("ratio"), Some("1.5"));
+    assert_eq!(text("price"), Some("1999e-2"));
+    assert_eq!(text("when"), Some("1700000000"));
+    for gone in ["nested", "list", "raw", "nothing", "x-tr-attempt"] {
+        assert!(
+            !env.headers.contains_key(gone),
+            "`{gone}` should be left out: {:?}",
+            env.headers
+        );
+    }
+    assert_eq!(
+        env.attempt, 1,
+        "an unreadable attempt header counts as the first attempt"
+    );
+    broker.delete(&topology).await.unwrap();
+    broker.close().await.unwrap();
+}
