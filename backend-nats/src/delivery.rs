@@ -41,6 +41,8 @@ pub(crate) struct NatsSubscription {
     prefetch: usize,
     /// Woken when a delivery is settled and its slot freed.
     freed: Arc<Notify>,
+    /// The deliveries being handled, kept alive on the server.
+    in_hand: Arc<InHand>,
     /// The open pull requests, each ending with a note of how many it had
     /// asked for and not received.
     pulls: SelectAll<PullStream>,
@@ -51,6 +53,56 @@ pub(crate) struct NatsSubscription {
     /// Whether the consumer's filter is exactly the queue's one binding; if
     /// not, the subscription checks each routing key against the bindings.
     exact_filter: bool,
+}
+
+/// The deliveries of a subscription still being handled. The server would
+/// deliver one again after `ack_wait`, while its handler still runs; every
+/// half `ack_wait` each one gets a `+WPI` (work in progress) instead. This
+/// goes on while any delivery is in hand, also after the subscription is
+/// dropped (a graceful shutdown lets handlers finish).
+#[derive(Default)]
+pub(crate) struct InHand {
+    replies: std::sync::Mutex<std::collections::HashMap<u64, async_nats::Subject>>,
+}
+
+impl InHand {
+    fn keep_alive(self: &Arc<Self>, inner: &Arc<Inner>) {
+        let in_hand = Arc::downgrade(self);
+        let client = inner.client.clone();
+        let every = (inner.config.ack_wait / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(in_hand) = in_hand.upgrade() else {
+                    return;
+                };
+                let replies: Vec<async_nats::Subject> = in_hand
+                    .replies
+                    .lock()
+                    .expect("not poisoned")
+                    .values()
+                    .cloned()
+                    .collect();
+                drop(in_hand);
+                for reply in replies {
+                    let _ = client.publish(reply, AckKind::Progress.into()).await;
+                }
+            }
+        });
+    }
+
+    fn insert(&self, sequence: u64, reply: async_nats::Subject) {
+        self.replies
+            .lock()
+            .expect("not poisoned")
+            .insert(sequence, reply);
+    }
+
+    fn remove(&self, sequence: u64) {
+        self.replies.lock().expect("not poisoned").remove(&sequence);
+    }
 }
 
 /// An open pull request, as a stream.
@@ -77,7 +129,10 @@ impl NatsSubscription {
     ) -> Self {
         let exact_filter = matches!(info.bindings.as_slice(), [only] if !only.contains('#'));
         let prefetch = slots.available_permits();
+        let in_hand = Arc::new(InHand::default());
+        in_hand.keep_alive(&inner);
         NatsSubscription {
+            in_hand,
             inner,
             info,
             consumer,
@@ -185,7 +240,11 @@ impl NatsSubscription {
         } else {
             None
         };
+        if let Some(reply) = message.reply.clone() {
+            self.in_hand.insert(stream_sequence, reply);
+        }
         let settle = NatsSettle {
+            in_hand: Arc::clone(&self.in_hand),
             inner: Arc::clone(&self.inner),
             info: self.info.clone(),
             sequence: stream_sequence,
@@ -284,6 +343,7 @@ struct NatsSettle {
     message: Option<jetstream::Message>,
     slot: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
+    in_hand: Arc<InHand>,
 }
 
 impl NatsSettle {
@@ -323,6 +383,7 @@ impl NatsSettle {
 
 impl Drop for NatsSettle {
     fn drop(&mut self) {
+        self.in_hand.remove(self.sequence);
         // The slot first, then the wake-up, so the subscription sees it free.
         drop(self.slot.take());
         self.freed.notify_one();

@@ -533,6 +533,50 @@ mod tests {
         server.remove().await.unwrap();
     }
 
+    /// A handler that runs longer than `ack_wait` keeps its message: the
+    /// subscription sends work-in-progress acks, so the server does not hand
+    /// the message to another consumer meanwhile.
+    #[tokio::test]
+    async fn nats_handler_slower_than_ack_wait_is_not_redelivered() {
+        use crate::support::{job_message, Act, Scripted};
+        use ticketrail_core::{Consumer, QueueSpec, Topology};
+        let mut server = NatsServer::start().await.unwrap();
+        let config = || {
+            NatsConfig::from_url(&server.url())
+                .unwrap()
+                .ack_wait(Duration::from_secs(1))
+        };
+        let broker: ticketrail_core::SharedBroker =
+            std::sync::Arc::new(NatsBroker::connect(config()).await.unwrap());
+        let topology = Topology::new("slow.events").queue(QueueSpec::new("slow.q").bind("#"));
+        broker.declare(&topology).await.unwrap();
+        let handler = Scripted::new(|_, _, _| Act::Work(Duration::from_millis(3500)));
+        // Two consumers: a redelivery would go to the idle one at once.
+        let first = Consumer::new(broker.clone(), "slow.q", handler.clone()).spawn();
+        let other: ticketrail_core::SharedBroker =
+            std::sync::Arc::new(NatsBroker::connect(config()).await.unwrap());
+        let second = Consumer::new(other.clone(), "slow.q", handler.clone()).spawn();
+        broker
+            .publish("slow.events", job_message("a.b", "slow"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !handler.finished("slow") {
+            assert!(Instant::now() < deadline, "{}", handler.describe());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            handler.calls("slow").len(),
+            1,
+            "redelivered while handled: {}",
+            handler.describe()
+        );
+        first.shutdown().await.unwrap();
+        second.shutdown().await.unwrap();
+        server.remove().await.unwrap();
+    }
+
     /// Wrong credentials are an authentication error, at once, and the
     /// password appears nowhere in it.
     #[tokio::test]
