@@ -450,11 +450,35 @@ mod tests {
     use super::*;
     use ticketrail_nats::{NatsBroker, NatsConfig};
 
+    /// One message through a broker reached over TLS.
+    async fn round_trip_over_tls(broker: &dyn ticketrail_core::Broker) {
+        use ticketrail_core::{Message, QueueSpec, Topology};
+        let topology = Topology::new("tls.events").queue(QueueSpec::new("tls.q").bind("#"));
+        broker.declare(&topology).await.unwrap();
+        broker
+            .publish("tls.events", Message::new("a.b", "over tls"))
+            .await
+            .unwrap();
+        let mut sub = broker.subscribe("tls.q", Default::default()).await.unwrap();
+        let mut delivery = sub.next().await.unwrap().unwrap();
+        assert_eq!(delivery.envelope().payload, "over tls");
+        delivery.ack().await.unwrap();
+        broker.close().await.unwrap();
+    }
+
+    /// The error says the certificate is not trusted, and where.
+    fn refused_as_untrusted(err: &ticketrail_core::Error, port: u16) {
+        assert!(err.to_string().contains("not trusted"), "{err}");
+        assert!(
+            err.to_string().contains(&format!("127.0.0.1:{port}")),
+            "{err}"
+        );
+    }
+
     /// `amqps://` works with the test CA trusted, and is refused with a clear
     /// error without it.
     #[tokio::test]
     async fn rabbitmq_over_tls_and_an_untrusted_certificate() {
-        use ticketrail_core::{Broker, Message, QueueSpec, Topology};
         use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
         let certs = TestCerts::generate().await.unwrap();
         let mut node = RabbitNode::start_with(Some(&certs)).await.unwrap();
@@ -467,28 +491,13 @@ mod tests {
         let broker = RabbitBroker::connect(trusted)
             .await
             .expect("TLS with the CA trusted");
-        let topology = Topology::new("tls.events").queue(QueueSpec::new("tls.q").bind("#"));
-        broker.declare(&topology).await.unwrap();
-        broker
-            .publish("tls.events", Message::new("a.b", "over tls"))
-            .await
-            .unwrap();
-        let mut sub = broker.subscribe("tls.q", Default::default()).await.unwrap();
-        let mut delivery = sub.next().await.unwrap().unwrap();
-        assert_eq!(delivery.envelope().payload, "over tls");
-        delivery.ack().await.unwrap();
-        broker.close().await.unwrap();
+        round_trip_over_tls(&broker).await;
 
         let untrusted = RabbitConfig::from_url(&url)
             .unwrap()
             .connect_timeout(Duration::from_secs(5));
         let err = RabbitBroker::connect(untrusted).await.unwrap_err();
-        assert!(err.to_string().contains("not trusted"), "{err}");
-        assert!(
-            err.to_string()
-                .contains(&format!("127.0.0.1:{}", node.port)),
-            "{err}"
-        );
+        refused_as_untrusted(&err, node.port);
         node.remove().await.unwrap();
     }
 
@@ -496,7 +505,6 @@ mod tests {
     /// error without it.
     #[tokio::test]
     async fn nats_over_tls_and_an_untrusted_certificate() {
-        use ticketrail_core::{Broker, Message, QueueSpec, Topology};
         let certs = TestCerts::generate().await.unwrap();
         let cert = certs.cert.display().to_string();
         let key = certs.key.display().to_string();
@@ -508,28 +516,13 @@ mod tests {
         let broker = NatsBroker::connect(trusted)
             .await
             .expect("TLS with the CA trusted");
-        let topology = Topology::new("tls.events").queue(QueueSpec::new("tls.q").bind("#"));
-        broker.declare(&topology).await.unwrap();
-        broker
-            .publish("tls.events", Message::new("a.b", "over tls"))
-            .await
-            .unwrap();
-        let mut sub = broker.subscribe("tls.q", Default::default()).await.unwrap();
-        let mut delivery = sub.next().await.unwrap().unwrap();
-        assert_eq!(delivery.envelope().payload, "over tls");
-        delivery.ack().await.unwrap();
-        broker.close().await.unwrap();
+        round_trip_over_tls(&broker).await;
 
         let untrusted = NatsConfig::from_url(&url)
             .unwrap()
             .connect_timeout(Duration::from_secs(5));
         let err = NatsBroker::connect(untrusted).await.unwrap_err();
-        assert!(err.to_string().contains("not trusted"), "{err}");
-        assert!(
-            err.to_string()
-                .contains(&format!("127.0.0.1:{}", server.port)),
-            "{err}"
-        );
+        refused_as_untrusted(&err, server.port);
         server.remove().await.unwrap();
     }
 

@@ -170,18 +170,9 @@ async fn nats_refuses_bad_names_and_payloads_over_max_payload() {
     broker.close().await.unwrap();
 }
 
-#[tokio::test]
-async fn unreachable_brokers_fail_fast_naming_host_and_port() {
-    let port = closed_port();
-    let started = Instant::now();
-    let url = format!("amqp://guest:{SECRET}@127.0.0.1:{port}/%2f");
-    let err = RabbitBroker::connect(
-        RabbitConfig::from_url(&url)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(3)),
-    )
-    .await
-    .unwrap_err();
+/// An error of a failed connect: within the timeout, naming host and port,
+/// never the password.
+fn failed_fast(err: &ticketrail_core::Error, started: Instant, port: u16) {
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "took {:?}",
@@ -196,28 +187,31 @@ async fn unreachable_brokers_fail_fast_naming_host_and_port() {
         !format!("{err} {err:?}").contains(SECRET),
         "the password leaked: {err:?}"
     );
+}
+
+#[tokio::test]
+async fn unreachable_brokers_fail_fast_naming_host_and_port() {
+    let port = closed_port();
+    let timeout = Duration::from_secs(3);
+
+    let started = Instant::now();
+    let url = format!("amqp://guest:{SECRET}@127.0.0.1:{port}/%2f");
+    let config = RabbitConfig::from_url(&url)
+        .unwrap()
+        .connect_timeout(timeout);
+    failed_fast(
+        &RabbitBroker::connect(config).await.unwrap_err(),
+        started,
+        port,
+    );
 
     let started = Instant::now();
     let url = format!("nats://user:{SECRET}@127.0.0.1:{port}");
-    let err = NatsBroker::connect(
-        NatsConfig::from_url(&url)
-            .unwrap()
-            .connect_timeout(Duration::from_secs(3)),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert!(
-        err.to_string().contains(&format!("127.0.0.1:{port}")),
-        "host and port named: {err}"
-    );
-    assert!(
-        !format!("{err} {err:?}").contains(SECRET),
-        "the password leaked: {err:?}"
+    let config = NatsConfig::from_url(&url).unwrap().connect_timeout(timeout);
+    failed_fast(
+        &NatsBroker::connect(config).await.unwrap_err(),
+        started,
+        port,
     );
 }
 
