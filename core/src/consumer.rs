@@ -156,10 +156,17 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // owns the subscription while it runs and hands it back.
         let mut idle = Some(subscription);
         let mut next: Option<NextDelivery> = None;
+        // After a transient error the next `next()` waits a moment first,
+        // inside its own future, so running handlers are never paused.
+        let mut pause = Duration::ZERO;
         let ended = loop {
             if next.is_none() && running.len() < limit {
                 if let Some(mut subscription) = idle.take() {
+                    let wait = std::mem::take(&mut pause);
                     next = Some(Box::pin(async move {
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
                         let got = subscription.next().await;
                         (subscription, got)
                     }));
@@ -179,7 +186,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                         }
                         Some(Err(e)) if e.is_transient() => {
                             tracing::warn!(queue = %self.queue, error = %e, "subscription interrupted; waiting for it to resume");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            pause = Duration::from_millis(100);
                         }
                         Some(Err(e)) => break Err(e),
                         None => break Err(Error::closed(format!("subscription to `{}` ended", self.queue))),
