@@ -20,7 +20,7 @@ async fn take(channel: &Channel, dlq: &str) -> Result<Option<(lapin::Acker, Dead
         let delivery = message.delivery;
         let queue = dlq.strip_suffix(".dlq").unwrap_or(dlq);
         let incoming = headers::incoming(
-            &delivery.properties,
+            delivery.properties,
             delivery.routing_key.as_str(),
             delivery.data,
         );

@@ -97,7 +97,7 @@ impl Subscription for RabbitSubscription {
 impl RabbitSubscription {
     fn delivery(&self, delivery: lapin::message::Delivery, acks: Arc<Acks>) -> Delivery {
         let incoming = headers::incoming(
-            &delivery.properties,
+            delivery.properties,
             delivery.routing_key.as_str(),
             delivery.data,
         );

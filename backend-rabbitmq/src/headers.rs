@@ -198,13 +198,16 @@ fn number(value: &AMQPValue) -> Option<i64> {
 pub(crate) struct Incoming {
     pub(crate) envelope: Envelope,
     pub(crate) first_failed_at: Option<SystemTime>,
-    table: FieldTable,
+    /// The delivery's properties, moved here, not copied: the headers are
+    /// read in place.
+    props: BasicProperties,
 }
 
 /// Reads the envelope of a delivery: framework headers out, the
 /// application's headers in, foreign messages (C17) made whole.
-pub(crate) fn incoming(props: &BasicProperties, routing_key: &str, payload: Vec<u8>) -> Incoming {
-    let table = props.headers().clone().unwrap_or_default();
+pub(crate) fn incoming(props: BasicProperties, routing_key: &str, payload: Vec<u8>) -> Incoming {
+    let empty = FieldTable::default();
+    let table = props.headers().as_ref().unwrap_or(&empty);
     let mut headers = Headers::new();
     for (name, value) in table.inner() {
         let name = name.as_str();
@@ -249,7 +252,7 @@ pub(crate) fn incoming(props: &BasicProperties, routing_key: &str, payload: Vec<
     Incoming {
         envelope,
         first_failed_at,
-        table,
+        props,
     }
 }
 
@@ -258,7 +261,9 @@ impl Incoming {
     /// broker dead-lettered itself (its delivery limit, C13) has no record
     /// headers; its `x-death` entry says where it came from and why.
     pub(crate) fn into_dead_letter(self, dlq_of: &str) -> DeadLetter {
-        let get = |name: &str| self.table.inner().get(name);
+        let empty = FieldTable::default();
+        let table = self.props.headers().as_ref().unwrap_or(&empty);
+        let get = |name: &str| table.inner().get(name);
         let death = get("x-death").and_then(|v| match v {
             AMQPValue::FieldArray(a) => a.as_slice().first().and_then(|d| match d {
                 AMQPValue::FieldTable(t) => Some(t.clone()),
@@ -326,7 +331,7 @@ mod tests {
         table.insert("x-delivery-count".into(), AMQPValue::LongInt(2));
         table.insert(ATTEMPT.into(), AMQPValue::LongLongInt(3));
         let props = BasicProperties::default().with_headers(table);
-        let incoming = incoming(&props, "legacy.key", b"{}".to_vec());
+        let incoming = incoming(props, "legacy.key", b"{}".to_vec());
         let headers = &incoming.envelope.headers;
         assert_eq!(headers.get("count").map(String::as_str), Some("-7"));
         assert_eq!(headers.get("flag").map(String::as_str), Some("true"));
