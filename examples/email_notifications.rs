@@ -166,7 +166,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         sent: Mutex::default(),
         retried: AtomicUsize::new(0),
     });
-    let worker = Consumer::new(broker.clone(), QUEUE, SharedMailer(mailer.clone()))
+    let worker = Consumer::new(broker.clone(), QUEUE, Arc::clone(&mailer))
         .retry_policy(policy)
         .prefetch(5)
         .spawn();
@@ -237,17 +237,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into());
     }
     Ok(())
-}
-
-/// Lets the example keep a reference to the handler it hands the consumer.
-struct SharedMailer(Arc<Mailer>);
-
-impl Handler for SharedMailer {
-    type Message = EmailMessage;
-
-    async fn handle(&self, email: EmailMessage, ctx: &Context) -> Result<(), HandlerError> {
-        self.0.handle(email, ctx).await
-    }
 }
 
 /// `--broker <url>` (else `TICKETRAIL_BROKER`, else the in-process broker)

@@ -160,6 +160,20 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), HandlerError>> + Send;
 }
 
+/// A shared handler is a handler, so a program can keep an `Arc` to the
+/// state its handler builds up (counters, caches) while a consumer runs it.
+impl<H: Handler> Handler for Arc<H> {
+    type Message = H::Message;
+
+    fn handle(
+        &self,
+        message: Self::Message,
+        ctx: &Context,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        H::handle(self, message, ctx)
+    }
+}
+
 /// A [`Handler`] made from an async closure; see [`handler_fn`].
 pub struct HandlerFn<F, M> {
     f: F,
