@@ -74,3 +74,13 @@ pub trait Restartable: Send + Sync {
     /// Stops the server for good and removes its data.
     async fn remove(&mut self) -> Result<()>;
 }
+
+/// Adds to a failed connect how to start the broker, when the broker could
+/// not be reached at all (a missing broker is a loud failure, never a skip).
+pub(crate) fn with_start_hint(e: ticketrail_core::Error, hint: &str) -> ticketrail_core::Error {
+    if !e.is_transient() {
+        return e;
+    }
+    ticketrail_core::Error::new(e.kind(), format!("{} (is it running? {hint})", e.message()))
+        .with_source(e)
+}

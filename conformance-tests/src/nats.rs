@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_nats::{NatsBroker, NatsConfig};
 
-use crate::harness::{Harness, Restartable};
+use crate::harness::{with_start_hint, Harness, Restartable};
 use crate::servers::{NatsServer, Throwaway};
 
 /// The default NATS URL when `NATS_URL` is not set.
@@ -41,16 +41,8 @@ impl NatsHarness {
         let config = NatsConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .ack_wait(ACK_WAIT);
-        NatsBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker).map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!(
-                    "{} (is NATS running? start it with `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or set NATS_URL)",
-                    e.message()
-                ),
-            )
-            .with_source(e)
-        })
+        NatsBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker)
+            .map_err(|e| with_start_hint(e, "start it with `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or set NATS_URL"))
     }
 }
 

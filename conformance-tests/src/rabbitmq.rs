@@ -10,7 +10,7 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
 
-use crate::harness::{Harness, Restartable};
+use crate::harness::{with_start_hint, Harness, Restartable};
 use crate::servers::{RabbitNode, Throwaway};
 
 /// The default RabbitMQ URL when `AMQP_URL` is not set.
@@ -38,16 +38,15 @@ impl RabbitHarness {
         let config = RabbitConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1));
-        RabbitBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker).map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!(
-                    "{} (is RabbitMQ running? start it with `rabbitmq-server -detached`, or set AMQP_URL)",
-                    e.message()
-                ),
-            )
-            .with_source(e)
-        })
+        RabbitBroker::connect(config)
+            .await
+            .map(|b| Arc::new(b) as SharedBroker)
+            .map_err(|e| {
+                with_start_hint(
+                    e,
+                    "start it with `rabbitmq-server -detached`, or set AMQP_URL",
+                )
+            })
     }
 }
 
