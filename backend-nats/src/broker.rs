@@ -39,6 +39,8 @@ pub(crate) struct Inner {
     /// The server's `max_payload`, read once: `server_info()` copies the
     /// whole server description, too dear for every publish.
     max_payload: usize,
+    /// Whether subscriptions send `+WPI` for deliveries in hand.
+    pub(crate) progress_acks: bool,
     queues: Mutex<HashMap<String, QueueInfo>>,
     /// When a message (stream, sequence) first failed: NATS redelivers the
     /// stored message after a delayed nak, so this is kept on the side.
@@ -123,19 +125,30 @@ impl NatsBroker {
         let js = jetstream::ContextBuilder::new()
             .timeout(config.request_timeout)
             .build(client.clone());
-        let max_payload = client.server_info().max_payload;
+        let server = client.server_info();
+        let progress_acks = config
+            .progress_acks
+            .unwrap_or_else(|| !server_is_before(&server.version, (2, 10)));
         Ok(NatsBroker {
             inner: Arc::new(Inner {
                 config,
                 client,
                 js,
-                max_payload,
+                max_payload: server.max_payload,
+                progress_acks,
                 queues: Mutex::default(),
                 first_failures: Mutex::default(),
                 closed: AtomicBool::new(false),
             }),
         })
     }
+}
+
+/// Whether a server version (`2.9.10`) is older than `major.minor`.
+fn server_is_before(version: &str, (major, minor): (u64, u64)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found < (major, minor)
 }
 
 async fn wait_connected(

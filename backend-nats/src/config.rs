@@ -32,6 +32,7 @@ pub struct NatsConfig {
     pub(crate) retry_on_initial_connect: bool,
     pub(crate) tls_ca_file: Option<std::path::PathBuf>,
     pub(crate) require_tls: bool,
+    pub(crate) progress_acks: Option<bool>,
 }
 
 impl NatsConfig {
@@ -84,6 +85,7 @@ impl NatsConfig {
             retry_on_initial_connect: false,
             tls_ca_file: None,
             require_tls: scheme == "tls",
+            progress_acks: None,
         })
     }
 
@@ -127,6 +129,17 @@ impl NatsConfig {
     /// system's trust store (for `tls://` URLs and servers that require TLS).
     pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.tls_ca_file = Some(path.into());
+        self
+    }
+
+    /// Whether subscriptions send work-in-progress acks (`+WPI`) every half
+    /// `ack_wait` for deliveries still being handled, so a handler slower than
+    /// `ack_wait` keeps its message. Default: on for nats-server 2.10 and
+    /// newer, off for 2.9, where a `+WPI` resets the message's delivery count
+    /// to 1, so a message that crashes its consumer after one would never
+    /// reach the DLQ (C13). On 2.9, keep handlers shorter than `ack_wait`.
+    pub fn progress_acks(mut self, on: bool) -> Self {
+        self.progress_acks = Some(on);
         self
     }
 
@@ -177,6 +190,7 @@ impl fmt::Debug for NatsConfig {
             .field("retry_on_initial_connect", &self.retry_on_initial_connect)
             .field("tls_ca_file", &self.tls_ca_file)
             .field("require_tls", &self.require_tls)
+            .field("progress_acks", &self.progress_acks)
             .finish()
     }
 }

@@ -130,7 +130,9 @@ impl NatsSubscription {
         let exact_filter = matches!(info.bindings.as_slice(), [only] if !only.contains('#'));
         let prefetch = slots.available_permits();
         let in_hand = Arc::new(InHand::default());
-        in_hand.keep_alive(&inner);
+        if inner.progress_acks {
+            in_hand.keep_alive(&inner);
+        }
         NatsSubscription {
             in_hand,
             inner,
@@ -160,11 +162,16 @@ impl NatsSubscription {
         if !worth_it {
             return Ok(());
         }
+        // Pulls end before `ack_wait` does, so a message released by a dead
+        // consumer never meets that consumer's pull requests on the server.
+        let expires = PULL_EXPIRES
+            .min(self.inner.config.ack_wait / 2)
+            .max(Duration::from_millis(100));
         let batch = self
             .consumer
             .batch()
             .max_messages(free)
-            .expires(PULL_EXPIRES)
+            .expires(expires)
             .messages()
             .await
             .map_err(|e| {
@@ -240,7 +247,7 @@ impl NatsSubscription {
         } else {
             None
         };
-        if let Some(reply) = message.reply.clone() {
+        if let Some(reply) = message.reply.clone().filter(|_| self.inner.progress_acks) {
             self.in_hand.insert(stream_sequence, reply);
         }
         let settle = NatsSettle {
@@ -387,13 +394,13 @@ impl Drop for NatsSettle {
         // The slot first, then the wake-up, so the subscription sees it free.
         drop(self.slot.take());
         self.freed.notify_one();
-        if let (Some(message), Ok(runtime)) =
-            (self.message.take(), tokio::runtime::Handle::try_current())
-        {
-            runtime.spawn(async move {
-                let _ = message.ack_with(AckKind::Nak(Some(IMMEDIATE))).await;
-            });
-        }
+        // Dropped unsettled, the message is not nacked: the server delivers
+        // it again after `ack_wait`. A nak here would send it straight back
+        // while pull requests of this (dying) connection may still wait on
+        // the server; nats-server 2.9 takes a delivery to such a request back
+        // and lowers the message's delivery count, so a message that kills
+        // its consumer every time would never reach the DLQ (C13).
+        drop(self.message.take());
     }
 }
 

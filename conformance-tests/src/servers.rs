@@ -538,6 +538,8 @@ mod tests {
             NatsConfig::from_url(&server.url())
                 .unwrap()
                 .ack_wait(Duration::from_secs(1))
+                // Off by default on 2.9 (see `progress_acks`): asked for here.
+                .progress_acks(true)
         };
         let broker: ticketrail_core::SharedBroker =
             std::sync::Arc::new(NatsBroker::connect(config()).await.unwrap());
