@@ -11,8 +11,8 @@ use async_nats::HeaderMap;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use ticketrail_core::{
-    validate_name, Broker, Capabilities, DeadLetter, Error, ErrorKind, Message, Replay, Result,
-    SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, Confirmation, DeadLetter, Error, ErrorKind, Message,
+    Replay, Result, SubscribeOptions, Subscription, Topology,
 };
 use tokio::sync::Semaphore;
 
@@ -200,32 +200,41 @@ impl Inner {
         headers: HeaderMap,
         payload: bytes::Bytes,
     ) -> Result<()> {
+        self.send(subject, headers, payload).await?.await
+    }
+
+    /// Sends a message; the future it returns awaits the stream's ack.
+    pub(crate) async fn send(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: bytes::Bytes,
+    ) -> Result<impl std::future::Future<Output = Result<()>> + Send + 'static> {
         // A `Subject` is shared bytes: keeping it for error messages is free.
         let subject = async_nats::Subject::from(subject);
-        let describe = |kind: &PublishErrorKind| match kind {
-            PublishErrorKind::StreamNotFound => ErrorKind::Unroutable,
-            PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
-            PublishErrorKind::TimedOut => ErrorKind::Timeout,
-            PublishErrorKind::BrokenPipe => ErrorKind::Connection,
-            _ => ErrorKind::Broker,
-        };
         let ack = self
             .js
             .publish_with_headers(subject.clone(), headers, payload)
             .await
             .map_err(|e| {
-                Error::new(describe(&e.kind()), format!("publishing to `{subject}`")).with_source(e)
+                Error::new(
+                    publish_error_kind(&e.kind()),
+                    format!("publishing to `{subject}`"),
+                )
+                .with_source(e)
             })?;
-        ack.await.map_err(|e| {
-            let kind = describe(&e.kind());
-            let doing = if kind == ErrorKind::Unroutable {
-                format!("no queue is bound for `{subject}`")
-            } else {
-                format!("publishing to `{subject}`")
-            };
-            Error::new(kind, doing).with_source(e)
-        })?;
-        Ok(())
+        Ok(async move {
+            ack.await.map_err(|e| {
+                let kind = publish_error_kind(&e.kind());
+                let doing = if kind == ErrorKind::Unroutable {
+                    format!("no queue is bound for `{subject}`")
+                } else {
+                    format!("publishing to `{subject}`")
+                };
+                Error::new(kind, doing).with_source(e)
+            })?;
+            Ok(())
+        })
     }
 
     /// Finds a queue: declared here, or by its consumer on the server.
@@ -458,6 +467,10 @@ impl Broker for NatsBroker {
     }
 
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
+        self.send(topic_space, message).await?.await
+    }
+
+    async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         let limit = match self.inner.max_payload {
             0 => usize::MAX,
             limit => limit,
@@ -465,7 +478,8 @@ impl Broker for NatsBroker {
         message.check(topic_space, limit, "the NATS server (max_payload)")?;
         let headers = headers::outgoing(&message)?;
         let subject = topology::subject(topic_space, &message.routing_key);
-        self.inner.publish(subject, headers, message.payload).await
+        let confirm = self.inner.send(subject, headers, message.payload).await?;
+        Ok(Confirmation::new(message.id, confirm))
     }
 
     async fn subscribe(
@@ -521,5 +535,15 @@ impl Broker for NatsBroker {
             .drain()
             .await
             .map_err(|e| map_any("closing the NATS connection", e))
+    }
+}
+
+fn publish_error_kind(kind: &PublishErrorKind) -> ErrorKind {
+    match kind {
+        PublishErrorKind::StreamNotFound => ErrorKind::Unroutable,
+        PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+        _ => ErrorKind::Broker,
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ticketrail_core::{
-    validate_name, Broker, Capabilities, DeadLetter, Error, Message, Replay, Result,
+    validate_name, Broker, Capabilities, Confirmation, DeadLetter, Error, Message, Replay, Result,
     SubscribeOptions, Subscription, Topology,
 };
 
@@ -90,16 +90,22 @@ impl Broker for RabbitBroker {
     }
 
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
+        self.send(topic_space, message).await?.await
+    }
+
+    async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         message.check(topic_space, self.link.config.max_payload, "RabbitMQ")?;
         let properties = headers::properties(&message)?;
-        self.link
-            .publish(
+        let confirm = self
+            .link
+            .send(
                 topic_space,
                 &message.routing_key,
                 &message.payload,
                 properties,
             )
-            .await
+            .await?;
+        Ok(Confirmation::new(message.id, confirm))
     }
 
     async fn subscribe(

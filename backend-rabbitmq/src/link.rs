@@ -1,6 +1,7 @@
 //! The connection to RabbitMQ, re-established after it breaks (C15).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
@@ -116,13 +117,25 @@ impl Link {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<()> {
+        self.send(exchange, routing_key, payload, properties)
+            .await?
+            .await
+    }
+
+    /// Publishes with `mandatory`; the future it returns awaits the
+    /// broker's confirm (C1).
+    pub(crate) async fn send(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
         let session = self.session().await?;
-        let where_to = || {
-            if exchange.is_empty() {
-                format!("queue `{routing_key}`")
-            } else {
-                format!("`{exchange}` with routing key `{routing_key}`")
-            }
+        let where_to = if exchange.is_empty() {
+            Target::Queue(routing_key.into())
+        } else {
+            Target::Exchange(exchange.into(), routing_key.into())
         };
         let confirm = session
             .publish
@@ -137,35 +150,36 @@ impl Link {
                 properties,
             )
             .await
-            .map_err(|e| map(&format!("publishing to {}", where_to()), e))?
-            .await
-            .map_err(|e| {
-                let mapped = map(&format!("publishing to {}", where_to()), e);
+            .map_err(|e| map(&format!("publishing to {where_to}"), e))?;
+        Ok(async move {
+            let confirm = confirm.await.map_err(|e| {
+                let mapped = map(&format!("publishing to {where_to}"), e);
                 if mapped.kind() == ErrorKind::NotFound {
                     Error::new(
                         ErrorKind::Unroutable,
-                        format!("{}: it does not exist", where_to()),
+                        format!("{where_to}: it does not exist"),
                     )
                     .with_source(mapped)
                 } else {
                     mapped
                 }
             })?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::new(
-                ErrorKind::Unroutable,
-                format!("no queue is bound for {}", where_to()),
-            )),
-            Confirmation::Nack(None) => Err(Error::new(
-                ErrorKind::Broker,
-                format!("RabbitMQ refused the message for {} (nack)", where_to()),
-            )),
-            Confirmation::NotRequested => Err(Error::new(
-                ErrorKind::Broker,
-                "the publishing channel is not in confirm mode",
-            )),
-        }
+            match confirm {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Err(Error::new(
+                    ErrorKind::Unroutable,
+                    format!("no queue is bound for {where_to}"),
+                )),
+                Confirmation::Nack(None) => Err(Error::new(
+                    ErrorKind::Broker,
+                    format!("RabbitMQ refused the message for {where_to} (nack)"),
+                )),
+                Confirmation::NotRequested => Err(Error::new(
+                    ErrorKind::Broker,
+                    "the publishing channel is not in confirm mode",
+                )),
+            }
+        })
     }
 
     /// Makes sure the wait queue of `queue` for `tier` exists and will not
@@ -292,4 +306,21 @@ async fn confirm_channel(connection: &Connection, config: &RabbitConfig) -> Resu
         .await
         .map_err(|e| map("enabling publisher confirms", e))?;
     Ok(channel)
+}
+
+/// Where a publish went, for error messages; built only when one is needed.
+enum Target {
+    Queue(ShortString),
+    Exchange(ShortString, ShortString),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Queue(queue) => write!(f, "queue `{queue}`"),
+            Target::Exchange(exchange, key) => {
+                write!(f, "`{exchange}` with routing key `{key}`")
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
+use crate::confirmation::Confirmation;
 use crate::dead_letter::{DeadLetter, Replay};
 use crate::delivery::Delivery;
 use crate::envelope::Message;
@@ -69,6 +70,24 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// [`ErrorKind::Unroutable`](crate::ErrorKind::Unroutable). C2: payload,
     /// content type, headers, id and routing key arrive unchanged.
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()>;
+
+    /// Hands a message to the broker and returns before the broker has
+    /// confirmed it; the [`Confirmation`] resolves as
+    /// [`publish`](Broker::publish) would have.
+    ///
+    /// # Behavior
+    /// C1 holds for the confirmation: it is `Ok` only once the broker has
+    /// durably accepted the message. Errors found before the message leaves
+    /// (an invalid routing key, a payload over the limit, a closed
+    /// connection) come back from `send` itself. Many sends can be in flight
+    /// at once; a backend whose client bounds unconfirmed publishes waits
+    /// here for room. By default this publishes and returns a confirmation
+    /// that is already resolved.
+    async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
+        let id = message.id.clone();
+        self.publish(topic_space, message).await?;
+        Ok(Confirmation::confirmed(id))
+    }
 
     /// Opens a subscription on a work queue.
     ///

@@ -14,6 +14,7 @@
 mod broker;
 mod capabilities;
 mod codec;
+mod confirmation;
 mod consumer;
 mod dead_letter;
 mod delivery;
@@ -29,6 +30,7 @@ mod topology;
 pub use broker::{Broker, SharedBroker, SubscribeOptions, Subscription};
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
+pub use confirmation::Confirmation;
 pub use consumer::{Consumer, RunningConsumer};
 pub use dead_letter::{bound_error_text, DeadLetter, DeadLetterReason, Replay, MAX_ERROR_LEN};
 pub use delivery::{Delivery, RetryRequest, Settle};

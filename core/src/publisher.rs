@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::broker::SharedBroker;
 use crate::codec::{Codec, Json};
+use crate::confirmation::Confirmation;
 use crate::envelope::Message;
 use crate::error::Result;
 
@@ -84,5 +85,46 @@ impl<C: Codec> Publisher<C> {
         self.broker.publish(&self.topic_space, message).await?;
         self.published.increment(1);
         Ok(())
+    }
+
+    /// Encodes `message` and hands it to the broker with a fresh id; returns
+    /// without waiting for the broker's confirm. The message is published
+    /// once the returned [`Confirmation`] resolves to `Ok` (C1).
+    ///
+    /// For publishing many messages fast: keep a window of confirmations
+    /// and await the oldest, as one would with the raw clients.
+    ///
+    /// ```no_run
+    /// # async fn demo(publisher: ticketrail_core::Publisher) -> ticketrail_core::Result<()> {
+    /// use std::collections::VecDeque;
+    ///
+    /// let mut in_flight = VecDeque::new();
+    /// for n in 0..10_000 {
+    ///     if in_flight.len() == 256 {
+    ///         let oldest: ticketrail_core::Confirmation = in_flight.pop_front().unwrap();
+    ///         oldest.await?;
+    ///     }
+    ///     in_flight.push_back(publisher.send("user.welcome", &serde_json::json!({ "n": n })).await?);
+    /// }
+    /// for confirmation in in_flight {
+    ///     confirmation.await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        routing_key: &str,
+        message: &T,
+    ) -> Result<Confirmation> {
+        let payload = self.codec.encode(message)?;
+        let message = Message::new(routing_key, payload).content_type(self.codec.content_type());
+        self.send_message(message).await
+    }
+
+    /// Hands a prepared message to the broker; see [`Publisher::send`].
+    pub async fn send_message(&self, message: Message) -> Result<Confirmation> {
+        let confirmation = self.broker.send(&self.topic_space, message).await?;
+        let published = self.published.clone();
+        Ok(confirmation.then_on_confirm(move || published.increment(1)))
     }
 }

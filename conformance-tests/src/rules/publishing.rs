@@ -7,10 +7,12 @@ use ticketrail_core::{ErrorKind, Message, QueueSpec, SubscribeOptions};
 
 use super::{checked, Skip};
 use crate::harness::Harness;
-use crate::support::{ensure, expect_nothing, receive, Doing, Scenario};
+use crate::support::{ensure, expect_nothing, job_message, receive, Doing, Scenario};
 
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(500);
+/// Sends in flight at once in C1.
+const PIPELINED: usize = 50;
 
 pub(crate) async fn c01_confirmed_publish(h: &dyn Harness) -> Result<(), Skip> {
     let queues = vec![QueueSpec::new("orders").bind("orders.*")];
@@ -33,9 +35,50 @@ pub(crate) async fn c01_confirmed_publish(h: &dyn Harness) -> Result<(), Skip> {
 
             let err = sc.publish_job("audit.login", "nobody-listens").await;
             match err {
-                Ok(_) => Err("a message no queue is bound for was reported published".to_owned()),
-                Err(e) if e.contains(&ErrorKind::Unroutable.to_string()) => Ok(()),
-                Err(e) => Err(format!("expected an unroutable error, got: {e}")),
+                Ok(_) => {
+                    return Err("a message no queue is bound for was reported published".to_owned())
+                }
+                Err(e) if e.contains(&ErrorKind::Unroutable.to_string()) => {}
+                Err(e) => return Err(format!("expected an unroutable error, got: {e}")),
+            }
+
+            // Pipelined: many sends in flight, confirmations awaited in order.
+            let mut sent = std::collections::BTreeSet::new();
+            let mut confirmations = Vec::new();
+            for n in 0..PIPELINED {
+                let message = job_message("orders.created", &format!("pipelined-{n}"));
+                let confirmation = sc.broker.send(sc.space(), message).await.doing("sending")?;
+                sent.insert(confirmation.id().to_owned());
+                confirmations.push(confirmation);
+            }
+            for confirmation in confirmations {
+                confirmation.await.doing("awaiting a confirmation")?;
+            }
+            let mut received = std::collections::BTreeSet::new();
+            while received.len() < sent.len() {
+                let mut d = receive(&mut sub, WAIT).await?;
+                received.insert(d.envelope().id.clone());
+                d.ack().await.doing("acking")?;
+            }
+            ensure!(
+                received == sent,
+                "confirmed {} sends but received other ids",
+                sent.len()
+            );
+            let unroutable = match sc
+                .broker
+                .send(sc.space(), job_message("audit.login", "x"))
+                .await
+            {
+                Ok(confirmation) => confirmation.await,
+                Err(e) => Err(e),
+            };
+            match unroutable {
+                Ok(()) => Err("a send no queue is bound for was confirmed".to_owned()),
+                Err(e) if e.kind() == ErrorKind::Unroutable => Ok(()),
+                Err(e) => Err(format!(
+                    "expected an unroutable error from a send, got: {e}"
+                )),
             }
         })
         .await,

@@ -1,0 +1,74 @@
+//! A publish handed to the broker, whose confirm is still to come.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+
+use crate::error::Result;
+
+/// The broker's confirm of one message handed over by
+/// [`Broker::send`](crate::Broker::send) or [`Publisher::send`](crate::Publisher::send).
+///
+/// Awaiting it gives what [`Broker::publish`](crate::Broker::publish) would
+/// have returned: `Ok` once the broker has durably accepted the message
+/// (C1), or the error that says why not. Sends confirm in the order they
+/// were made on one connection, so a window of them can be awaited oldest
+/// first, as with the raw clients.
+///
+/// Dropping a `Confirmation` does not take the message back: it may still
+/// be delivered, only nobody learns whether it was.
+#[must_use = "a message is published only once its confirmation resolves to Ok"]
+pub struct Confirmation {
+    id: String,
+    confirm: BoxFuture<'static, Result<()>>,
+}
+
+impl Confirmation {
+    /// The confirmation of message `id`, which `confirm` awaits.
+    pub fn new(id: String, confirm: impl Future<Output = Result<()>> + Send + 'static) -> Self {
+        Confirmation {
+            id,
+            confirm: Box::pin(confirm),
+        }
+    }
+
+    /// The confirmation of message `id`, already confirmed: for brokers
+    /// that accept a message before `send` returns.
+    pub fn confirmed(id: String) -> Self {
+        Confirmation::new(id, std::future::ready(Ok(())))
+    }
+
+    /// The id of the message.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The same confirmation, running `then` once the broker has confirmed.
+    pub(crate) fn then_on_confirm(self, then: impl FnOnce() + Send + 'static) -> Self {
+        let confirm = self.confirm;
+        Confirmation::new(self.id, async move {
+            confirm.await?;
+            then();
+            Ok(())
+        })
+    }
+}
+
+impl Future for Confirmation {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.confirm.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Confirmation")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
