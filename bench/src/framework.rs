@@ -1,15 +1,15 @@
 //! ticketrail's side: its publisher and its consumer loop with a typed JSON
 //! handler, the same code on every broker.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use ticketrail::{
-    handler_fn, Consumer, Context, Fixed, HandlerError, Publisher, QueueSpec, SharedBroker,
-    Topology,
+    handler_fn, Confirmation, Consumer, Context, Fixed, HandlerError, Publisher, QueueSpec,
+    SharedBroker, Topology,
 };
 use tokio::sync::Notify;
 
@@ -104,14 +104,18 @@ impl Side for Framework {
             }
             return Ok(started.elapsed());
         }
-        let mut sends = futures::stream::iter(0..count)
-            .map(|i| {
-                let publisher = self.publisher.clone();
-                async move { publisher.publish(ROUTING_KEY, &email(i)).await }
-            })
-            .buffer_unordered(window);
-        while let Some(sent) = sends.next().await {
-            sent?;
+        // Confirmations come back in order: a queue of them is the window,
+        // as on the raw side.
+        let mut in_flight = VecDeque::with_capacity(window);
+        for i in 0..count {
+            if in_flight.len() >= window {
+                let oldest: Confirmation = in_flight.pop_front().expect("not empty");
+                oldest.await?;
+            }
+            in_flight.push_back(self.publisher.send(ROUTING_KEY, &email(i)).await?);
+        }
+        for confirmation in in_flight {
+            confirmation.await?;
         }
         Ok(started.elapsed())
     }

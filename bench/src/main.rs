@@ -10,6 +10,7 @@
 //! latency at a fixed rate, healthy throughput while 10% of messages fail
 //! and retry after 1 s, and the peak memory of a consumer draining a backlog.
 
+mod cpu;
 mod framework;
 mod raw_memory;
 mod raw_nats;
@@ -19,6 +20,7 @@ mod workload;
 
 use std::process::ExitCode;
 
+use cpu::{CpuClock, Spent};
 use side::{BenchResult, Side};
 use ticketrail::SharedBroker;
 
@@ -49,9 +51,17 @@ struct Figure {
     ticketrail: f64,
     raw: f64,
     baseline: &'static str,
+    /// CPU microseconds per message, ticketrail's and the baseline's: this
+    /// process's and the broker's.
+    cpu: Option<[(f64, Option<f64>); 2]>,
 }
 
 impl Figure {
+    fn with_cpu(mut self, cpu: Option<[(f64, Option<f64>); 2]>) -> Self {
+        self.cpu = cpu;
+        self
+    }
+
     fn ratio(&self) -> f64 {
         self.ticketrail / self.raw
     }
@@ -68,6 +78,16 @@ impl Figure {
                 "ratio": (self.ratio() * 1000.0).round() / 1000.0,
                 "baseline": self.baseline,
             });
+            let mut line = line;
+            if let Some([ours, theirs]) = self.cpu {
+                line["client_cpu_us_per_msg"] = serde_json::json!({
+                    "ticketrail": round(ours.0), "raw": round(theirs.0),
+                });
+                if let (Some(a), Some(b)) = (ours.1, theirs.1) {
+                    line["broker_cpu_us_per_msg"] =
+                        serde_json::json!({ "ticketrail": round(a), "raw": round(b) });
+                }
+            }
             println!("{line}");
         } else {
             println!(
@@ -85,6 +105,19 @@ impl Figure {
                 },
                 self.baseline
             );
+            if let Some([ours, theirs]) = self.cpu {
+                let broker = match (ours.1, theirs.1) {
+                    (Some(a), Some(b)) => format!(", broker {a:.1} vs {b:.1} ({:.2})", a / b),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<9}   cpu us/msg: client {:.1} vs {:.1} ({:.2}){broker}",
+                    "",
+                    ours.0,
+                    theirs.0,
+                    ours.0 / theirs.0
+                );
+            }
         }
     }
 }
@@ -175,14 +208,22 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH).await?;
     }
+    let clock = CpuClock::new(broker);
     let mut publish = [Vec::new(), Vec::new()];
     let mut consume = [Vec::new(), Vec::new()];
+    let mut publish_cpu = [Spent::default(); 2];
+    let mut consume_cpu = [Spent::default(); 2];
     for _ in 0..options.repeats {
         for (k, (_, side)) in sides.iter().enumerate() {
+            let before = clock.read();
             publish[k].push(n as f64 / side.publish(n, window).await?.as_secs_f64());
+            let between = clock.read();
+            publish_cpu[k] += between.since(before);
             consume[k].push(n as f64 / side.consume(n, PREFETCH).await?.as_secs_f64());
+            consume_cpu[k] += clock.read().since(between);
         }
     }
+    let total = n * options.repeats;
     let mut latency = Vec::new();
     for (_, side) in sides {
         latency.push(workload::percentiles(
@@ -194,8 +235,12 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     let healthy = n - n.div_ceil(10);
     let mut with_failures = Vec::new();
     let mut without = Vec::new();
+    // Index 0 is the baseline, as for `sides`: the run with no failures.
+    // With failures, the CPU time includes the retries coming back.
+    let mut healthy_cpu = [Spent::default(); 2];
     for _ in 0..options.repeats {
         framework.publish(n, WINDOW).await?;
+        let before = clock.read();
         without.push(
             healthy as f64
                 / framework
@@ -203,7 +248,9 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
                     .await?
                     .as_secs_f64(),
         );
+        healthy_cpu[0] += clock.read().since(before);
         framework.publish(n, WINDOW).await?;
+        let before = clock.read();
         with_failures.push(
             healthy as f64
                 / framework
@@ -211,6 +258,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
                     .await?
                     .as_secs_f64(),
         );
+        healthy_cpu[1] += clock.read().since(before);
     }
 
     let rss = if broker == "memory" {
@@ -240,6 +288,13 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         ticketrail,
         raw,
         baseline,
+        cpu: None,
+    };
+    let per_message = |spent: [Spent; 2], messages: usize| {
+        Some([
+            spent[1].per_message(messages),
+            spent[0].per_message(messages),
+        ])
     };
     let mut figures = vec![
         figure(
@@ -249,7 +304,8 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(publish[1].clone()),
             workload::median(publish[0].clone()),
             "raw client",
-        ),
+        )
+        .with_cpu(per_message(publish_cpu, total)),
         figure(
             "consume throughput",
             "msg/s",
@@ -257,7 +313,8 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(consume[1].clone()),
             workload::median(consume[0].clone()),
             "raw client",
-        ),
+        )
+        .with_cpu(per_message(consume_cpu, total)),
         figure(
             "latency p50",
             "us",
@@ -281,7 +338,8 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(with_failures),
             workload::median(without),
             "ticketrail with no failures",
-        ),
+        )
+        .with_cpu(per_message(healthy_cpu, total)),
     ];
     if let Some(peaks) = rss {
         figures.push(figure(

@@ -1,0 +1,107 @@
+//! CPU time of this process and of the broker's, so a figure can say who
+//! spent the time: on two cores shared by the broker and the benchmark,
+//! throughput swings by 10 to 20 % from run to run, while CPU time per
+//! message holds still.
+//!
+//! Both come from `/proc/<pid>/stat` (user + system time of all threads, in
+//! clock ticks of 10 ms), summed over every run of a figure.
+
+use std::time::Duration;
+
+/// Linux reports process times in units of `USER_HZ`, which is 100.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Reads the CPU time of this process and of the broker's, if it runs here.
+pub(crate) struct CpuClock {
+    broker: Option<u32>,
+}
+
+/// CPU time so far.
+#[derive(Clone, Copy)]
+pub(crate) struct Reading {
+    own: Duration,
+    broker: Option<Duration>,
+}
+
+/// CPU time spent between two readings.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Spent {
+    pub(crate) own: Duration,
+    pub(crate) broker: Option<Duration>,
+}
+
+impl CpuClock {
+    /// A clock for `broker` ("rabbitmq", "nats" or "memory"). The broker's
+    /// process is found by name; `TR_BENCH_BROKER_PID` names it instead.
+    pub(crate) fn new(broker: &str) -> Self {
+        let from_env = std::env::var("TR_BENCH_BROKER_PID")
+            .ok()
+            .and_then(|pid| pid.parse().ok());
+        let name = match broker {
+            "rabbitmq" => Some("beam.smp"),
+            "nats" => Some("nats-server"),
+            _ => None,
+        };
+        CpuClock {
+            broker: from_env.or_else(|| name.and_then(find_process)),
+        }
+    }
+
+    pub(crate) fn read(&self) -> Reading {
+        Reading {
+            own: cpu_time("self").unwrap_or_default(),
+            broker: self.broker.and_then(|pid| cpu_time(&pid.to_string())),
+        }
+    }
+}
+
+impl Reading {
+    pub(crate) fn since(self, earlier: Reading) -> Spent {
+        Spent {
+            own: self.own.saturating_sub(earlier.own),
+            broker: match (self.broker, earlier.broker) {
+                (Some(now), Some(then)) => Some(now.saturating_sub(then)),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl std::ops::AddAssign for Spent {
+    fn add_assign(&mut self, other: Spent) {
+        self.own += other.own;
+        if let Some(broker) = other.broker {
+            self.broker = Some(self.broker.unwrap_or_default() + broker);
+        }
+    }
+}
+
+impl Spent {
+    /// Microseconds of CPU per message: this process's, and the broker's.
+    pub(crate) fn per_message(&self, messages: usize) -> (f64, Option<f64>) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / messages.max(1) as f64;
+        (per(self.own), self.broker.map(per))
+    }
+}
+
+/// User + system time of process `pid` ("self" for this one).
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u32 = fields.get(11)?.parse().ok()?;
+    let stime: u32 = fields.get(12)?.parse().ok()?;
+    Some(TICK * (utime + stime))
+}
+
+/// The process whose command name is `name`; the busiest if several are.
+fn find_process(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == name)
+        })
+        .max_by_key(|pid| cpu_time(&pid.to_string()).unwrap_or_default())
+}
