@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -124,18 +123,19 @@ impl RawRabbit {
 impl Side for RawRabbit {
     async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration> {
         let started = Instant::now();
-        let mut in_flight = FuturesUnordered::new();
+        // Confirms come back in order: a queue of them is the window.
+        let mut in_flight = std::collections::VecDeque::with_capacity(window);
         for i in 0..count {
             if in_flight.len() >= window {
-                let confirm: lapin::Confirmation = in_flight.next().await.expect("not empty")?;
-                if !confirm.is_ack() {
+                let oldest: lapin::PublisherConfirm = in_flight.pop_front().expect("not empty");
+                if !oldest.await?.is_ack() {
                     return Err("a publish was not confirmed".into());
                 }
             }
-            in_flight.push(Self::publish_one(&self.channel, &self.exchange, i).await?);
+            in_flight.push_back(Self::publish_one(&self.channel, &self.exchange, i).await?);
         }
-        while let Some(confirm) = in_flight.next().await {
-            if !confirm?.is_ack() {
+        for confirm in in_flight {
+            if !confirm.await?.is_ack() {
                 return Err("a publish was not confirmed".into());
             }
         }
