@@ -76,11 +76,17 @@ impl std::ops::AddAssign for Spent {
     }
 }
 
+/// Less CPU time than this is not reported: at 10 ms a tick, it would be
+/// off by more than 5 %.
+const MEASURABLE: Duration = Duration::from_millis(200);
+
 impl Spent {
-    /// Microseconds of CPU per message: this process's, and the broker's.
-    pub(crate) fn per_message(&self, messages: usize) -> (f64, Option<f64>) {
+    /// Microseconds of CPU per message: this process's, and the broker's;
+    /// `None` where the run was too short to measure.
+    pub(crate) fn per_message(&self, messages: usize) -> Option<(f64, Option<f64>)> {
         let per = |d: Duration| d.as_secs_f64() * 1e6 / messages.max(1) as f64;
-        (per(self.own), self.broker.map(per))
+        let broker = self.broker.filter(|d| *d >= MEASURABLE).map(per);
+        (self.own >= MEASURABLE).then(|| (per(self.own), broker))
     }
 }
 
