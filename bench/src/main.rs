@@ -291,7 +291,10 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         cpu: None,
     };
     let per_message = |spent: [Spent; 2], messages: usize| {
-        Some([spent[1].per_message(messages)?, spent[0].per_message(messages)?])
+        Some([
+            spent[1].per_message(messages)?,
+            spent[0].per_message(messages)?,
+        ])
     };
     let mut figures = vec![
         figure(
