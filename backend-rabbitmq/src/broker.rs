@@ -41,8 +41,8 @@ impl fmt::Debug for RabbitBroker {
 impl RabbitBroker {
     /// Connects. An unreachable broker fails within the connect timeout,
     /// naming the host and port; wrong credentials fail with
-    /// [`ErrorKind::Auth`](ticketrail_core::ErrorKind::Auth). Later breaks of the connection are repaired by
-    /// reconnecting (C15).
+    /// [`ErrorKind::Auth`](ticketrail_core::ErrorKind::Auth). Later breaks
+    /// of the connection are repaired by reconnecting (C15).
     pub async fn connect(config: RabbitConfig) -> Result<Self> {
         Ok(RabbitBroker {
             link: Link::connect(config).await?,

@@ -308,7 +308,8 @@ async fn confirm_channel(connection: &Connection, config: &RabbitConfig) -> Resu
     Ok(channel)
 }
 
-/// Where a publish went, for error messages; built only when one is needed.
+/// Where a publish went, for error messages; owned, as the confirm future
+/// that may report it outlives the call.
 enum Target {
     Queue(ShortString),
     Exchange(ShortString, ShortString),

@@ -14,9 +14,8 @@ use crate::error::Result;
 ///
 /// Awaiting it gives what [`Broker::publish`](crate::Broker::publish) would
 /// have returned: `Ok` once the broker has durably accepted the message
-/// (C1), or the error that says why not. Sends confirm in the order they
-/// were made on one connection, so a window of them can be awaited oldest
-/// first, as with the raw clients.
+/// (C1), or the error that says why not. Many can be pending at once: keep a
+/// window of them and await the oldest, as with the raw clients.
 ///
 /// Dropping a `Confirmation` does not take the message back: it may still
 /// be delivered, only nobody learns whether it was.

@@ -73,8 +73,7 @@ impl<C: Codec> Publisher<C> {
         routing_key: &str,
         message: &T,
     ) -> Result<String> {
-        let payload = self.codec.encode(message)?;
-        let message = Message::new(routing_key, payload).content_type(self.codec.content_type());
+        let message = self.encode(routing_key, message)?;
         let id = message.id.clone();
         self.publish_message(message).await?;
         Ok(id)
@@ -116,9 +115,14 @@ impl<C: Codec> Publisher<C> {
         routing_key: &str,
         message: &T,
     ) -> Result<Confirmation> {
-        let payload = self.codec.encode(message)?;
-        let message = Message::new(routing_key, payload).content_type(self.codec.content_type());
+        let message = self.encode(routing_key, message)?;
         self.send_message(message).await
+    }
+
+    /// `message` encoded, with a fresh id and the codec's content type.
+    fn encode<T: Serialize + ?Sized>(&self, routing_key: &str, message: &T) -> Result<Message> {
+        let payload = self.codec.encode(message)?;
+        Ok(Message::new(routing_key, payload).content_type(self.codec.content_type()))
     }
 
     /// Hands a prepared message to the broker; see [`Publisher::send`].
