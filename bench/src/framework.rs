@@ -104,8 +104,8 @@ impl Side for Framework {
             }
             return Ok(started.elapsed());
         }
-        // Confirmations come back in order: a queue of them is the window,
-        // as on the raw side.
+        // A queue of confirmations is the window; the oldest is awaited
+        // first, as on the raw side.
         let mut in_flight = VecDeque::with_capacity(window);
         for i in 0..count {
             if in_flight.len() >= window {

@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
+use metrics::Counter;
 
 use crate::error::Result;
 
@@ -23,6 +24,8 @@ use crate::error::Result;
 pub struct Confirmation {
     id: String,
     confirm: BoxFuture<'static, Result<()>>,
+    /// Counts the message once confirmed.
+    published: Option<Counter>,
 }
 
 impl Confirmation {
@@ -31,6 +34,7 @@ impl Confirmation {
         Confirmation {
             id,
             confirm: Box::pin(confirm),
+            published: None,
         }
     }
 
@@ -45,22 +49,25 @@ impl Confirmation {
         &self.id
     }
 
-    /// The same confirmation, running `then` once the broker has confirmed.
-    pub(crate) fn then_on_confirm(self, then: impl FnOnce() + Send + 'static) -> Self {
-        let confirm = self.confirm;
-        Confirmation::new(self.id, async move {
-            confirm.await?;
-            then();
-            Ok(())
-        })
+    /// The same confirmation, incrementing `published` once confirmed.
+    pub(crate) fn counted(mut self, published: Counter) -> Self {
+        self.published = Some(published);
+        self
     }
 }
 
 impl Future for Confirmation {
     type Output = Result<()>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        self.confirm.as_mut().poll(cx)
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = self.get_mut();
+        let confirmed = this.confirm.as_mut().poll(cx);
+        if let Poll::Ready(Ok(())) = confirmed {
+            if let Some(published) = this.published.take() {
+                published.increment(1);
+            }
+        }
+        confirmed
     }
 }
 

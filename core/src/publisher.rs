@@ -128,7 +128,6 @@ impl<C: Codec> Publisher<C> {
     /// Hands a prepared message to the broker; see [`Publisher::send`].
     pub async fn send_message(&self, message: Message) -> Result<Confirmation> {
         let confirmation = self.broker.send(&self.topic_space, message).await?;
-        let published = self.published.clone();
-        Ok(confirmation.then_on_confirm(move || published.increment(1)))
+        Ok(confirmation.counted(self.published.clone()))
     }
 }
