@@ -15,7 +15,7 @@ use ticketrail_core::{
 
 use crate::config::MemoryConfig;
 use crate::delivery::MemorySubscription;
-use crate::topology::{Binding, Queue, Registry, Stored};
+use crate::topology::{Binding, Queue, Registry};
 
 /// An in-process broker. Clones share one connection; [`connect`](MemoryBroker::connect)
 /// opens another connection to the same broker, which can be closed on its own.
@@ -203,30 +203,21 @@ impl Broker for MemoryBroker {
             self.shared.config.max_payload,
             "the memory broker",
         )?;
-        let targets = self.registry().route(topic_space, &message.routing_key);
-        let targets = match targets {
-            None => {
-                return Err(Error::new(
-                    ErrorKind::Unroutable,
-                    format!("topic space `{topic_space}` is not declared"),
-                ))
-            }
-            Some(targets) if targets.is_empty() => {
-                return Err(Error::new(
-                    ErrorKind::Unroutable,
-                    format!(
-                        "no queue of `{topic_space}` is bound to a pattern matching `{}`",
-                        message.routing_key
-                    ),
-                ))
-            }
-            Some(targets) => targets,
-        };
         let envelope = Arc::new(message.into_envelope(SystemTime::now()));
-        for queue in targets {
-            queue.push(Stored::fresh(Arc::clone(&envelope)));
+        match self.registry().route(topic_space, &envelope) {
+            Some(0) => Err(Error::new(
+                ErrorKind::Unroutable,
+                format!(
+                    "no queue of `{topic_space}` is bound to a pattern matching `{}`",
+                    envelope.routing_key
+                ),
+            )),
+            Some(_) => Ok(()),
+            None => Err(Error::new(
+                ErrorKind::Unroutable,
+                format!("topic space `{topic_space}` is not declared"),
+            )),
         }
-        Ok(())
     }
 
     async fn subscribe(

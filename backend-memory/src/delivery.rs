@@ -22,35 +22,20 @@ pub(crate) struct MemorySubscription {
 #[async_trait]
 impl Subscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        // Most calls find a message waiting: take it without registering
+        // for wake-ups (each registration takes the notifier's lock).
+        if let Some(delivery) = self.take() {
+            return delivery;
+        }
         loop {
-            // Register for wake-ups before looking, so none is missed.
+            // Register for wake-ups before looking again, so none is missed.
             let changed = self.queue.changed.notified();
             let closed = self.connection.closed.notified();
             tokio::pin!(changed, closed);
             changed.as_mut().enable();
             closed.as_mut().enable();
-
-            if self.connection.is_closed() || self.queue.is_deleted() {
-                return None;
-            }
-            if self.unsettled.load(Ordering::Acquire) < self.prefetch {
-                if let Some(stored) = self.queue.pop() {
-                    self.unsettled.fetch_add(1, Ordering::AcqRel);
-                    let first_failed_at = stored.first_failed_at;
-                    let envelope = Arc::clone(&stored.envelope);
-                    let settle = MemorySettle {
-                        queue: Arc::clone(&self.queue),
-                        connection: Arc::clone(&self.connection),
-                        unsettled: Arc::clone(&self.unsettled),
-                        stored: Some(stored),
-                    };
-                    return Some(Ok(Delivery::new(
-                        Arc::clone(&self.queue.name),
-                        envelope,
-                        first_failed_at,
-                        Box::new(settle),
-                    )));
-                }
+            if let Some(delivery) = self.take() {
+                return delivery;
             }
             tokio::select! {
                 () = changed => {}
@@ -60,11 +45,44 @@ impl Subscription for MemorySubscription {
     }
 }
 
+impl MemorySubscription {
+    /// What `next` returns now, if it need not wait: the end of the
+    /// subscription or a delivery. `None` while the queue is empty or the
+    /// prefetch window full.
+    fn take(&self) -> Option<Option<Result<Delivery>>> {
+        if self.connection.is_closed() || self.queue.is_deleted() {
+            return Some(None);
+        }
+        if self.unsettled.load(Ordering::Acquire) >= self.prefetch {
+            return None;
+        }
+        let stored = self.queue.pop()?;
+        self.unsettled.fetch_add(1, Ordering::AcqRel);
+        let first_failed_at = stored.first_failed_at;
+        let envelope = Arc::clone(&stored.envelope);
+        let settle = MemorySettle {
+            queue: Arc::clone(&self.queue),
+            connection: Arc::clone(&self.connection),
+            unsettled: Arc::clone(&self.unsettled),
+            prefetch: self.prefetch,
+            stored: Some(stored),
+        };
+        Some(Some(Ok(Delivery::new(
+            Arc::clone(&self.queue.name),
+            envelope,
+            first_failed_at,
+            Box::new(settle),
+        ))))
+    }
+}
+
 /// Settles one delivery; dropped unsettled, it puts the message back (C4).
 struct MemorySettle {
     queue: Arc<Queue>,
     connection: Arc<Connection>,
     unsettled: Arc<AtomicUsize>,
+    /// The subscription's window: freeing a slot of a full window wakes it.
+    prefetch: usize,
     stored: Option<Stored>,
 }
 
@@ -83,8 +101,10 @@ impl MemorySettle {
             .stored
             .take()
             .expect("settled once: Delivery guarantees it");
-        self.unsettled.fetch_sub(1, Ordering::AcqRel);
-        self.queue.changed.notify_waiters();
+        // Only a subscription whose window was full waits for a free slot.
+        if self.unsettled.fetch_sub(1, Ordering::AcqRel) >= self.prefetch {
+            self.queue.changed.notify_waiters();
+        }
         Ok(stored)
     }
 }
@@ -116,14 +136,10 @@ impl Settle for MemorySettle {
         again.attempt = request.next_attempt;
         let mut next = Stored::fresh(again);
         next.first_failed_at = Some(request.first_failed_at);
-        let queue = Arc::clone(&self.queue);
-        tracing::debug!(queue = %queue.name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
-        // The wait lives in the broker, not in the consumer (C12): a task of
-        // the broker's own, on tokio's clock.
-        tokio::spawn(async move {
-            tokio::time::sleep(request.after).await;
-            queue.push(next);
-        });
+        tracing::debug!(queue = %self.queue.name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
+        // The wait lives in the broker, not in the consumer (C12), on
+        // tokio's clock.
+        self.queue.push_after(next, request.after);
         Ok(())
     }
 

@@ -1,10 +1,13 @@
 //! Queues and bindings of the in-process broker.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use ticketrail_core::{topic_matches, DeadLetter, DeadLetterReason, Envelope};
 
@@ -37,6 +40,50 @@ pub(crate) struct Queue {
     /// Woken when a message becomes ready, a delivery is settled, or the
     /// queue is deleted.
     pub(crate) changed: Notify,
+    /// `QueueState::deleted`, readable without the lock.
+    deleted: AtomicBool,
+    /// Messages waiting out a retry delay (C7, C12), earliest first.
+    waiting: Mutex<Waiting>,
+    /// Woken when a message is due earlier than the timer is waiting for,
+    /// or the queue is deleted.
+    waiting_changed: Notify,
+}
+
+/// The queue's timer: one task per queue, started when a retry arrives and
+/// ending when none is left, so a retry costs a heap push, not a task.
+#[derive(Debug, Default)]
+struct Waiting {
+    due: BinaryHeap<Reverse<Due>>,
+    /// Keeps messages due at the same instant in the order they came.
+    next_seq: u64,
+    timer_running: bool,
+}
+
+#[derive(Debug)]
+struct Due {
+    at: Instant,
+    seq: u64,
+    stored: Stored,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Due {}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.at, self.seq).cmp(&(other.at, other.seq))
+    }
 }
 
 #[derive(Debug)]
@@ -58,6 +105,9 @@ impl Queue {
                 deleted: false,
             }),
             changed: Notify::new(),
+            deleted: AtomicBool::new(false),
+            waiting: Mutex::new(Waiting::default()),
+            waiting_changed: Notify::new(),
         }
     }
 
@@ -72,14 +122,85 @@ impl Queue {
     }
 
     pub(crate) fn is_deleted(&self) -> bool {
-        self.state().deleted
+        self.deleted.load(AtomicOrdering::Acquire)
     }
 
     pub(crate) fn delete(&self) {
         let mut state = self.state();
         state.deleted = true;
+        self.deleted.store(true, AtomicOrdering::Release);
         state.ready.clear();
         state.dead.clear();
+        drop(state);
+        self.waiting().due.clear();
+        self.changed.notify_waiters();
+        self.waiting_changed.notify_one();
+    }
+
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+        // Every change is one push or pop: a poisoned lock is still sound.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends a message once `after` has passed, on tokio's clock. The wait
+    /// is the broker's, not the consumer's (C12).
+    pub(crate) fn push_after(self: &Arc<Self>, stored: Stored, after: Duration) {
+        let at = Instant::now() + after;
+        let mut waiting = self.waiting();
+        let earliest = waiting.due.peek().map(|Reverse(due)| due.at);
+        let seq = waiting.next_seq;
+        waiting.next_seq += 1;
+        waiting.due.push(Reverse(Due { at, seq, stored }));
+        if !waiting.timer_running {
+            waiting.timer_running = true;
+            drop(waiting);
+            tokio::spawn(Arc::clone(self).run_timer());
+        } else if earliest.is_none_or(|earliest| at < earliest) {
+            drop(waiting);
+            self.waiting_changed.notify_one();
+        }
+    }
+
+    /// Moves due messages to the ready queue until none is waiting.
+    async fn run_timer(self: Arc<Self>) {
+        loop {
+            let (ready, next) = self.take_due();
+            if !ready.is_empty() {
+                self.push_all(ready);
+            }
+            let Some(next) = next else { return };
+            // `notify_one` keeps a permit when nobody waits, so a message
+            // pushed between `take_due` and this wait is not missed.
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = self.waiting_changed.notified() => {}
+            }
+        }
+    }
+
+    /// The messages due now, and when the next one is due; with none left,
+    /// the timer stops.
+    fn take_due(&self) -> (Vec<Stored>, Option<Instant>) {
+        let mut waiting = self.waiting();
+        let now = Instant::now();
+        let mut ready = Vec::new();
+        while waiting.due.peek().is_some_and(|Reverse(due)| due.at <= now) {
+            let Reverse(due) = waiting.due.pop().expect("peeked");
+            ready.push(due.stored);
+        }
+        let next = waiting.due.peek().map(|Reverse(due)| due.at);
+        if next.is_none() {
+            waiting.timer_running = false;
+        }
+        (ready, next)
+    }
+
+    fn push_all(&self, stored: Vec<Stored>) {
+        let mut state = self.state();
+        if state.deleted {
+            return;
+        }
+        state.ready.extend(stored);
         drop(state);
         self.changed.notify_waiters();
     }
@@ -186,17 +307,25 @@ pub(crate) struct Binding {
 }
 
 impl Registry {
-    /// The queues of `space` whose bindings match `routing_key`, each once.
-    pub(crate) fn route(&self, space: &str, routing_key: &str) -> Option<Vec<Arc<Queue>>> {
+    /// Puts `envelope` on every queue of `space` with a binding that
+    /// matches its routing key, once per queue, and says on how many;
+    /// `None` if the space is not declared. Nothing is allocated.
+    pub(crate) fn route(&self, space: &str, envelope: &Arc<Envelope>) -> Option<usize> {
         let bindings = self.spaces.get(space)?;
-        let mut targets: Vec<Arc<Queue>> = Vec::new();
-        for binding in bindings {
-            if topic_matches(&binding.pattern, routing_key)
-                && !targets.iter().any(|q| Arc::ptr_eq(q, &binding.queue))
-            {
-                targets.push(Arc::clone(&binding.queue));
+        let key = envelope.routing_key.as_str();
+        let mut routed = 0;
+        for (i, binding) in bindings.iter().enumerate() {
+            let copied_already = || {
+                bindings[..i].iter().any(|earlier| {
+                    Arc::ptr_eq(&earlier.queue, &binding.queue)
+                        && topic_matches(&earlier.pattern, key)
+                })
+            };
+            if topic_matches(&binding.pattern, key) && !copied_already() {
+                binding.queue.push(Stored::fresh(Arc::clone(envelope)));
+                routed += 1;
             }
         }
-        Some(targets)
+        Some(routed)
     }
 }
