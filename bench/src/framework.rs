@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ticketrail::{
-    handler_fn, Confirmation, Consumer, Context, Fixed, HandlerError, Publisher, QueueSpec,
-    SharedBroker, Topology,
+    handler_fn, Confirmation, Consumer, Context, Fixed, Handler, HandlerError, Publisher,
+    QueueSpec, SharedBroker, Topology,
 };
 use tokio::sync::Notify;
 
@@ -55,35 +55,18 @@ impl Framework {
             Some(every) => count - count.div_ceil(every),
             None => count,
         };
-        let healthy = Arc::new(AtomicUsize::new(0));
-        let done = Arc::new(Notify::new());
-        let handler = {
-            let (healthy, done) = (healthy.clone(), done.clone());
-            handler_fn(move |email: EmailMessage, ctx: Context| {
-                let (healthy, done) = (healthy.clone(), done.clone());
-                async move {
-                    let number: usize = email
-                        .user_id
-                        .trim_start_matches("user-")
-                        .parse()
-                        .unwrap_or(1);
-                    let flaky = fail_every.is_some_and(|every| number.is_multiple_of(every));
-                    if flaky && ctx.attempt() == 1 {
-                        return Err(HandlerError::retryable("flaky on its first attempt"));
-                    }
-                    if !flaky && healthy.fetch_add(1, Ordering::Relaxed) + 1 == healthy_total {
-                        done.notify_one();
-                    }
-                    Ok(())
-                }
-            })
-        };
+        let handler = Arc::new(Counting {
+            fail_every,
+            healthy_total,
+            healthy: AtomicUsize::new(0),
+            done: Notify::new(),
+        });
         let started = Instant::now();
-        let consumer = Consumer::new(self.broker.clone(), self.queue.clone(), handler)
+        let consumer = Consumer::new(self.broker.clone(), self.queue.clone(), handler.clone())
             .retry_policy(Fixed::new(Duration::from_secs(1), 3)?)
             .prefetch(prefetch)
             .spawn();
-        done.notified().await;
+        handler.done.notified().await;
         let took = started.elapsed();
         if fail_every.is_some() {
             // Let the flaky ones come back and finish, so the queue is empty.
@@ -91,6 +74,41 @@ impl Framework {
         }
         consumer.shutdown().await?;
         Ok(took)
+    }
+}
+
+/// The benchmark's handler, written as an application would write a handler
+/// with state: it counts the healthy messages and says when all are in. With
+/// `fail_every`, the messages of every `fail_every`-th user fail their first
+/// attempt.
+struct Counting {
+    fail_every: Option<usize>,
+    healthy_total: usize,
+    healthy: AtomicUsize,
+    done: Notify,
+}
+
+impl Handler for Counting {
+    type Message = EmailMessage;
+
+    async fn handle(&self, email: EmailMessage, ctx: &Context) -> Result<(), HandlerError> {
+        if let Some(every) = self.fail_every {
+            let number: usize = email
+                .user_id
+                .trim_start_matches("user-")
+                .parse()
+                .unwrap_or(1);
+            if number.is_multiple_of(every) {
+                return match ctx.attempt() {
+                    1 => Err(HandlerError::retryable("flaky on its first attempt")),
+                    _ => Ok(()),
+                };
+            }
+        }
+        if self.healthy.fetch_add(1, Ordering::Relaxed) + 1 == self.healthy_total {
+            self.done.notify_one();
+        }
+        Ok(())
     }
 }
 

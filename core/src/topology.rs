@@ -106,6 +106,9 @@ impl QueueSpec {
 /// Checks a queue or topic-space name: not empty, at most 255 bytes, no
 /// whitespace or control characters, no wildcards (`*`, `#`, `>`).
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if is_plain_dotted(name) {
+        return Ok(());
+    }
     if name.is_empty() {
         return Err(Error::invalid_name(format!("{what} name is empty")));
     }
@@ -134,7 +137,26 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 
 /// Checks a routing key: words split by `.`, none empty, no wildcards.
 pub fn validate_routing_key(key: &str) -> Result<()> {
+    if is_plain_dotted(key) {
+        return Ok(());
+    }
     check_words("routing key", key, false)
+}
+
+/// The common case, checked in one pass over the bytes on every publish: a
+/// valid name or routing key made only of printable ASCII other than the
+/// wildcards, with no empty word. Anything else takes the slow path, which
+/// also names what is wrong.
+fn is_plain_dotted(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_NAME_LEN
+        && bytes[0] != b'.'
+        && bytes[bytes.len() - 1] != b'.'
+        && bytes.windows(2).all(|pair| pair != b"..")
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'*' | b'#' | b'>'))
 }
 
 /// Checks a binding pattern: words split by `.`, none empty; `*` and `#` only
@@ -264,6 +286,55 @@ mod tests {
         assert!(validate_name("queue", "q.*").is_err());
         assert!(validate_name("queue", &"x".repeat(256)).is_err());
         assert!(validate_name("queue", "email.notifications").is_ok());
+    }
+
+    #[test]
+    fn the_fast_path_accepts_only_what_the_full_check_accepts() {
+        let mut samples: Vec<String> = [
+            "",
+            ".",
+            "..",
+            "a",
+            "a.b",
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a\tb",
+            "a*",
+            "a.#",
+            "a>b",
+            "ü.x",
+            "a\u{7f}",
+            "user.welcome",
+            "x.y.z-1_2",
+            "\u{a0}",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        samples.push("x".repeat(255));
+        samples.push("x".repeat(256));
+        for text in &samples {
+            // With or without the fast path, the answer is the full rule's.
+            let full_name = {
+                let name = text.as_str();
+                !name.is_empty()
+                    && name.len() <= MAX_NAME_LEN
+                    && !name.chars().any(|c| {
+                        c.is_whitespace() || c.is_control() || matches!(c, '*' | '#' | '>')
+                    })
+                    && !name.starts_with('.')
+                    && !name.ends_with('.')
+                    && !name.contains("..")
+            };
+            assert_eq!(validate_name("queue", text).is_ok(), full_name, "{text:?}");
+            assert_eq!(
+                validate_routing_key(text).is_ok(),
+                check_words("routing key", text, false).is_ok(),
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
