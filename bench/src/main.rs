@@ -184,7 +184,7 @@ async fn connect(broker: &str) -> BenchResult<SharedBroker> {
 async fn raw_side(broker: &str, name: &str, capacity: usize) -> BenchResult<Box<dyn Side>> {
     Ok(match broker {
         "rabbitmq" => Box::new(raw_rabbitmq::RawRabbit::new(&amqp_url(), name).await?),
-        "nats" => Box::new(raw_nats::RawNats::new(&nats_url(), name).await?),
+        "nats" => Box::new(raw_nats::RawNats::new(&nats_url(), name, false).await?),
         _ => Box::new(raw_memory::RawMemory::new(capacity.max(1))),
     })
 }
@@ -200,19 +200,30 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     .await?;
     let framework =
         framework::Framework::new(connect(broker).await?, &format!("bench-{id}-tr")).await?;
-    let sides: [(&str, &dyn Side); 2] = [("raw", raw.as_ref()), ("ticketrail", &framework)];
+    // On NATS a second baseline: the raw client carrying the same id and
+    // content type headers as ticketrail, which the strict baseline omits.
+    let raw_headers = match broker {
+        "nats" => {
+            Some(raw_nats::RawNats::new(&nats_url(), &format!("bench-{id}-rawh"), true).await?)
+        }
+        _ => None,
+    };
+    let mut sides: Vec<(&str, &dyn Side)> = vec![("raw", raw.as_ref()), ("ticketrail", &framework)];
+    if let Some(side) = &raw_headers {
+        sides.push(("raw, same headers", side));
+    }
     let window = if broker == "memory" { 1 } else { WINDOW };
 
     // Warm up connections, queues and code paths.
-    for (_, side) in sides {
+    for &(_, side) in &sides {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH).await?;
     }
     let clock = CpuClock::new(broker);
-    let mut publish = [Vec::new(), Vec::new()];
-    let mut consume = [Vec::new(), Vec::new()];
-    let mut publish_cpu = [Spent::default(); 2];
-    let mut consume_cpu = [Spent::default(); 2];
+    let mut publish = vec![Vec::new(); sides.len()];
+    let mut consume = vec![Vec::new(); sides.len()];
+    let mut publish_cpu = vec![Spent::default(); sides.len()];
+    let mut consume_cpu = vec![Spent::default(); sides.len()];
     for _ in 0..options.repeats {
         for (k, (_, side)) in sides.iter().enumerate() {
             let before = clock.read();
@@ -225,7 +236,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     }
     let total = n * options.repeats;
     let mut latency = Vec::new();
-    for (_, side) in sides {
+    for &(_, side) in &sides[..2] {
         latency.push(workload::percentiles(
             side.latency(LATENCY_COUNT, LATENCY_RATE, PREFETCH).await?,
         ));
@@ -265,7 +276,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         None // the in-process broker keeps the backlog in the consumer's own process
     } else {
         let mut peaks = Vec::new();
-        for (label, side) in sides {
+        for &(label, side) in &sides[..2] {
             side.publish(options.backlog, WINDOW).await?;
             let queue = match label {
                 "raw" => format!("bench-{id}-raw"),
@@ -277,6 +288,9 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     };
 
     raw.teardown().await?;
+    if let Some(side) = &raw_headers {
+        side.teardown().await?;
+    }
     framework.teardown().await?;
 
     let b = broker.to_owned();
@@ -290,10 +304,11 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         baseline,
         cpu: None,
     };
-    let per_message = |spent: [Spent; 2], messages: usize| {
+    // ticketrail's CPU per message against side `base`'s.
+    let per_message = |spent: &[Spent], base: usize, messages: usize| {
         Some([
             spent[1].per_message(messages)?,
-            spent[0].per_message(messages)?,
+            spent[base].per_message(messages)?,
         ])
     };
     let mut figures = vec![
@@ -305,7 +320,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(publish[0].clone()),
             "raw client",
         )
-        .with_cpu(per_message(publish_cpu, total)),
+        .with_cpu(per_message(&publish_cpu, 0, total)),
         figure(
             "consume throughput",
             "msg/s",
@@ -314,7 +329,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(consume[0].clone()),
             "raw client",
         )
-        .with_cpu(per_message(consume_cpu, total)),
+        .with_cpu(per_message(&consume_cpu, 0, total)),
         figure(
             "latency p50",
             "us",
@@ -339,8 +354,32 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             workload::median(without),
             "ticketrail with no failures",
         )
-        .with_cpu(per_message(healthy_cpu, total)),
+        .with_cpu(per_message(&healthy_cpu, 0, total)),
     ];
+    if sides.len() > 2 {
+        figures.push(
+            figure(
+                "publish throughput, same headers",
+                "msg/s",
+                true,
+                workload::median(publish[1].clone()),
+                workload::median(publish[2].clone()),
+                "raw client with ticketrail's 2 headers",
+            )
+            .with_cpu(per_message(&publish_cpu, 2, total)),
+        );
+        figures.push(
+            figure(
+                "consume throughput, same headers",
+                "msg/s",
+                true,
+                workload::median(consume[1].clone()),
+                workload::median(consume[2].clone()),
+                "raw client with ticketrail's 2 headers",
+            )
+            .with_cpu(per_message(&consume_cpu, 2, total)),
+        );
+    }
     if let Some(peaks) = rss {
         figures.push(figure(
             "consumer peak RSS, backlog",

@@ -15,10 +15,28 @@ pub(crate) struct RawNats {
     js: jetstream::Context,
     stream: String,
     subject: String,
+    /// Whether each message carries the metadata ticketrail's do (a message
+    /// id and a content type, as two headers), for a second baseline that
+    /// separates the cost of a header block from the framework's own.
+    with_headers: bool,
+}
+
+/// The metadata of message `i` as a raw client would add it: the same two
+/// headers, of the same size, as ticketrail's.
+fn headers(i: usize) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        "Ticketrail-Id",
+        format!("00000000-0000-4000-8000-{i:012}").as_str(),
+    );
+    headers.insert("Content-Type", "application/json");
+    headers
 }
 
 impl RawNats {
-    pub(crate) async fn new(url: &str, name: &str) -> BenchResult<Self> {
+    /// A raw side of its own stream `name`; with `with_headers`, its
+    /// messages carry an id and a content type in two headers.
+    pub(crate) async fn new(url: &str, name: &str, with_headers: bool) -> BenchResult<Self> {
         let client = async_nats::connect(url).await?;
         let js = jetstream::new(client);
         let stream = name.replace('.', "_");
@@ -44,6 +62,7 @@ impl RawNats {
             js,
             stream,
             subject: format!("{space}.{ROUTING_KEY}"),
+            with_headers,
         })
     }
 
@@ -74,11 +93,15 @@ impl Side for RawNats {
                     in_flight.pop_front().expect("not empty");
                 ack.await?;
             }
-            in_flight.push_back(
+            let subject = self.subject.clone();
+            let ack = if self.with_headers {
                 self.js
-                    .publish(self.subject.clone(), payload(i).into())
-                    .await?,
-            );
+                    .publish_with_headers(subject, headers(i), payload(i).into())
+                    .await?
+            } else {
+                self.js.publish(subject, payload(i).into()).await?
+            };
+            in_flight.push_back(ack);
         }
         while let Some(ack) = in_flight.pop_front() {
             ack.await?;
