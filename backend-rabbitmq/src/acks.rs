@@ -3,7 +3,8 @@
 //!
 //! A `multiple` ack settles every unacked delivery up to its tag, so it is
 //! sent only up to the lowest delivery still in hand (being handled, being
-//! copied to a wait queue or DLQ, or being nacked). No ack waits for another:
+//! copied to a wait queue or DLQ, or being nacked); the settled deliveries
+//! above it are acked one by one, all in one go. No ack waits for another:
 //! acks that arrive while the previous batch is on the wire form the next
 //! batch.
 
@@ -89,26 +90,41 @@ async fn send_acks(
             .copied()
             .unwrap_or(u64::MAX);
         let run_end = batch.iter().take_while(|(tag, _)| *tag < blocker).count();
+        // All of the batch's frames are queued at once and their sending
+        // awaited together: awaiting each ack before queueing the next cost
+        // two thread hand-offs with lapin's I/O loop per ack, which made
+        // every delivery above a retrying one slow to settle.
+        let multiple = async {
+            match run_end {
+                0 => None,
+                n => Some(
+                    channel
+                        .basic_ack(batch[n - 1].0, BasicAckOptions { multiple: true })
+                        .await,
+                ),
+            }
+        };
+        let singles = futures::future::join_all(
+            batch[run_end..]
+                .iter()
+                .map(|(tag, _)| channel.basic_ack(*tag, BasicAckOptions { multiple: false })),
+        );
+        let (multiple, singles) = futures::join!(multiple, singles);
         let mut results: Vec<Result<()>> = Vec::with_capacity(batch.len());
-        if run_end > 0 {
-            let last = batch[run_end - 1].0;
-            let sent = channel
-                .basic_ack(last, BasicAckOptions { multiple: true })
-                .await;
+        if let Some(sent) = multiple {
             for _ in 0..run_end {
                 results.push(
                     sent.as_ref()
-                        .map(drop)
+                        .map(|_| ())
                         .map_err(|e| map("acking", e.clone())),
                 );
             }
         }
-        for (tag, _) in &batch[run_end..] {
-            let sent = channel
-                .basic_ack(*tag, BasicAckOptions { multiple: false })
-                .await;
-            results.push(sent.map_err(|e| map("acking", e)));
-        }
+        results.extend(
+            singles
+                .into_iter()
+                .map(|sent| sent.map_err(|e| map("acking", e))),
+        );
         {
             let mut in_hand = in_hand.lock().expect("not poisoned");
             for tag in &acking {
