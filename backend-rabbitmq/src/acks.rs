@@ -4,9 +4,10 @@
 //! A `multiple` ack settles every unacked delivery up to its tag, so it is
 //! sent only up to the lowest delivery still in hand (being handled, being
 //! copied to a wait queue or DLQ, or being nacked); the settled deliveries
-//! above it are acked one by one, all in one go. No ack waits for another:
-//! acks that arrive while the previous batch is on the wire form the next
-//! batch.
+//! above it are acked one by one, all in one go. An ack waits at most 1 ms
+//! for others to share its frame, and not at all once half the prefetch
+//! window is waiting; acks that arrive while a batch is on the wire form the
+//! next one.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -29,10 +30,17 @@ pub(crate) struct Acks {
 }
 
 impl Acks {
-    pub(crate) fn new(channel: Channel) -> Arc<Self> {
+    /// The ack pipeline of `channel`, whose prefetch limit is `prefetch`.
+    pub(crate) fn new(channel: Channel, prefetch: u16) -> Arc<Self> {
         let (requests, incoming) = mpsc::unbounded_channel();
         let in_hand = Arc::new(Mutex::new(BTreeSet::new()));
-        tokio::spawn(send_acks(channel.clone(), Arc::clone(&in_hand), incoming));
+        let enough = usize::from(prefetch / 2).max(1);
+        tokio::spawn(send_acks(
+            channel.clone(),
+            enough,
+            Arc::clone(&in_hand),
+            incoming,
+        ));
         Arc::new(Acks {
             channel,
             in_hand,
@@ -69,13 +77,28 @@ impl Acks {
     }
 }
 
+/// How long an ack may wait for others to share its frame.
+const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
+
 async fn send_acks(
     channel: Channel,
+    enough: usize,
     in_hand: Arc<Mutex<BTreeSet<u64>>>,
     mut incoming: mpsc::UnboundedReceiver<(u64, Reply)>,
 ) {
     while let Some(first) = incoming.recv().await {
         let mut batch = vec![first];
+        // Wait a moment for a fuller batch: one ack frame per handful of
+        // deliveries cost the broker a quarter more CPU per message than one
+        // per half window. Never longer than ACK_DELAY, never past half the
+        // prefetch window, so the broker keeps delivering.
+        let deadline = tokio::time::Instant::now() + ACK_DELAY;
+        while batch.len() < enough {
+            match tokio::time::timeout_at(deadline, incoming.recv()).await {
+                Ok(Some(more)) => batch.push(more),
+                Ok(None) | Err(_) => break,
+            }
+        }
         while let Ok(more) = incoming.try_recv() {
             batch.push(more);
         }

@@ -46,7 +46,7 @@ impl RabbitSubscription {
             .await
             .map_err(|e| map(&format!("consuming from queue `{}`", self.queue), e))?;
         self.consumer = Some(consumer);
-        self.acks = Some(Acks::new(channel));
+        self.acks = Some(Acks::new(channel, self.prefetch));
         Ok(())
     }
 }
