@@ -35,7 +35,9 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// subscriptions share the queue's durable consumer (C6).
 pub(crate) struct NatsSubscription {
     inner: Arc<Inner>,
-    info: QueueInfo,
+    /// Shared with every delivery's settlement: one reference count per
+    /// message, not a copy of the names and bindings.
+    info: Arc<QueueInfo>,
     consumer: PullConsumer,
     slots: Arc<Semaphore>,
     prefetch: usize,
@@ -136,7 +138,7 @@ impl NatsSubscription {
         NatsSubscription {
             in_hand,
             inner,
-            info,
+            info: Arc::new(info),
             consumer,
             slots,
             prefetch,
@@ -253,7 +255,7 @@ impl NatsSubscription {
         let settle = NatsSettle {
             in_hand: Arc::clone(&self.in_hand),
             inner: Arc::clone(&self.inner),
-            info: self.info.clone(),
+            info: Arc::clone(&self.info),
             sequence: stream_sequence,
             redelivered: delivered > 1,
             message: Some(message),
@@ -343,7 +345,7 @@ impl Subscription for NatsSubscription {
 /// immediate redelivery; its prefetch slot is freed either way.
 struct NatsSettle {
     inner: Arc<Inner>,
-    info: QueueInfo,
+    info: Arc<QueueInfo>,
     sequence: u64,
     /// Whether this is a redelivery, which may have a first failure on record.
     redelivered: bool,
@@ -390,7 +392,9 @@ impl NatsSettle {
 
 impl Drop for NatsSettle {
     fn drop(&mut self) {
-        self.in_hand.remove(self.sequence);
+        if self.inner.progress_acks {
+            self.in_hand.remove(self.sequence);
+        }
         // The slot first, then the wake-up, so the subscription sees it free.
         drop(self.slot.take());
         self.freed.notify_one();
