@@ -40,7 +40,8 @@ pub(crate) struct Queue {
     /// Woken when a message becomes ready, a delivery is settled, or the
     /// queue is deleted.
     pub(crate) changed: Notify,
-    /// `QueueState::deleted`, readable without the lock.
+    /// Set once, before the state is cleared under its lock: whatever takes
+    /// the lock afterwards sees it.
     deleted: AtomicBool,
     /// Messages waiting out a retry delay (C7, C12), earliest first.
     waiting: Mutex<Waiting>,
@@ -49,8 +50,9 @@ pub(crate) struct Queue {
     waiting_changed: Notify,
 }
 
-/// The queue's timer: one task per queue, started when a retry arrives and
-/// ending when none is left, so a retry costs a heap push, not a task.
+/// Retries waiting out their delay, served by one timer task per queue,
+/// started when a retry arrives and ending when none is left: a retry costs
+/// a heap push, not a task.
 #[derive(Debug, Default)]
 struct Waiting {
     due: BinaryHeap<Reverse<Due>>,
@@ -91,7 +93,6 @@ struct QueueState {
     ready: VecDeque<Stored>,
     dead: Vec<DeadLetter>,
     delivery_limit: u32,
-    deleted: bool,
 }
 
 impl Queue {
@@ -102,7 +103,6 @@ impl Queue {
                 ready: VecDeque::new(),
                 dead: Vec::new(),
                 delivery_limit,
-                deleted: false,
             }),
             changed: Notify::new(),
             deleted: AtomicBool::new(false),
@@ -126,9 +126,8 @@ impl Queue {
     }
 
     pub(crate) fn delete(&self) {
-        let mut state = self.state();
-        state.deleted = true;
         self.deleted.store(true, AtomicOrdering::Release);
+        let mut state = self.state();
         state.ready.clear();
         state.dead.clear();
         drop(state);
@@ -197,7 +196,7 @@ impl Queue {
 
     fn push_all(&self, stored: Vec<Stored>) {
         let mut state = self.state();
-        if state.deleted {
+        if self.is_deleted() {
             return;
         }
         state.ready.extend(stored);
@@ -208,7 +207,7 @@ impl Queue {
     /// Appends a message; false if the queue was deleted meanwhile.
     pub(crate) fn push(&self, stored: Stored) -> bool {
         let mut state = self.state();
-        if state.deleted {
+        if self.is_deleted() {
             return false;
         }
         state.ready.push_back(stored);
@@ -228,7 +227,7 @@ impl Queue {
     /// dead-letters it once it has been delivered more than the limit allows.
     pub(crate) fn release(&self, stored: Stored) {
         let mut state = self.state();
-        if state.deleted {
+        if self.is_deleted() {
             return;
         }
         if stored.deliveries > state.delivery_limit {
@@ -257,7 +256,7 @@ impl Queue {
 
     pub(crate) fn add_dead_letter(&self, record: DeadLetter) {
         let mut state = self.state();
-        if !state.deleted {
+        if !self.is_deleted() {
             state.dead.push(record);
         }
     }
