@@ -150,9 +150,10 @@ impl NatsSubscription {
         }
     }
 
-    /// Opens another pull request when enough slots are free: the first
-    /// one as soon as any slot is, a second one once half of them are.
-    async fn top_up(&mut self) -> Result<()> {
+    /// How many messages another pull request should ask for, if one is
+    /// worth opening: the first one as soon as any slot is free, a second
+    /// one once half of them are.
+    fn pull_wanted(&self) -> Option<usize> {
         let free = self
             .slots
             .available_permits()
@@ -161,9 +162,11 @@ impl NatsSubscription {
             0 => free > 0,
             n => n < MAX_OPEN_PULLS && free * 2 >= self.prefetch,
         };
-        if !worth_it {
-            return Ok(());
-        }
+        worth_it.then_some(free)
+    }
+
+    /// Opens a pull request for `free` messages.
+    async fn open_pull(&mut self, free: usize) -> Result<()> {
         // Pulls end before `ack_wait` does, so a message released by a dead
         // consumer never meets that consumer's pull requests on the server.
         let expires = PULL_EXPIRES
@@ -199,14 +202,11 @@ impl NatsSubscription {
         Ok(())
     }
 
-    /// Turns a pulled message into a delivery, or settles it here when it is
-    /// not this queue's to handle (another queue's replay, a subject outside
-    /// the bindings) or has reached the server's delivery limit.
-    async fn accept(
-        &self,
-        message: jetstream::Message,
-        slot: OwnedSemaphorePermit,
-    ) -> Option<Delivery> {
+    /// Turns a pulled message into a delivery, or says why it is settled
+    /// here instead: it is not this queue's to handle (another queue's
+    /// replay, a subject outside the bindings), or it has reached the
+    /// server's delivery limit.
+    fn accept(&self, message: jetstream::Message, slot: OwnedSemaphorePermit) -> Accepted {
         let (stream_sequence, delivered, stored_at) = match message.info() {
             Ok(info) => (
                 info.stream_sequence,
@@ -215,7 +215,7 @@ impl NatsSubscription {
             ),
             Err(e) => {
                 tracing::warn!(queue = %self.info.name, error = %e, "message without JetStream metadata; skipped");
-                return None;
+                return Accepted::Skipped;
             }
         };
         let routing_key = message
@@ -231,10 +231,7 @@ impl NatsSubscription {
             .is_some_and(|q| q.as_str() != &*self.info.name);
         let unbound = !self.exact_filter && !topology::bound(&self.info.bindings, &routing_key);
         if addressed_elsewhere || unbound {
-            if let Err(e) = message.ack().await {
-                tracing::warn!(queue = %self.info.name, error = %e, "could not pass over a message for another queue");
-            }
-            return None;
+            return Accepted::NotOurs(Box::new(message));
         }
         let attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
         let envelope = headers::incoming(
@@ -262,33 +259,63 @@ impl NatsSubscription {
             slot: Some(slot),
             freed: Arc::clone(&self.freed),
         };
-        let max_deliver = self.consumer.cached_info().config.max_deliver;
-        if max_deliver > 0 && delivered >= max_deliver {
-            // The server delivers this message no more after this: dead-letter
-            // it here rather than let it sit unseen (C13).
-            let mut delivery = Delivery::new(
-                Arc::clone(&self.info.name),
-                envelope,
-                first_failed_at,
-                Box::new(settle),
-            );
-            let why =
-                format!("delivered {delivered} times, the most the server allows for this queue");
-            if let Err(e) = delivery
-                .dead_letter(DeadLetterReason::DeliveryLimit, &why)
-                .await
-            {
-                tracing::error!(queue = %self.info.name, error = %e, "dead-lettering at the delivery limit failed");
-            }
-            return None;
-        }
-        Some(Delivery::new(
+        let delivery = Delivery::new(
             Arc::clone(&self.info.name),
             envelope,
             first_failed_at,
             Box::new(settle),
-        ))
+        );
+        let max_deliver = self.consumer.cached_info().config.max_deliver;
+        if max_deliver > 0 && delivered >= max_deliver {
+            return Accepted::AtLimit(delivery, delivered);
+        }
+        Accepted::Deliver(delivery)
     }
+
+    /// `accept` once a prefetch slot is free; `None` if the subscription's
+    /// slots are gone.
+    async fn accept_when_free(&self, message: jetstream::Message) -> Option<Accepted> {
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
+        Some(self.accept(message, slot))
+    }
+
+    /// Settles here what `accept` did not hand out.
+    async fn settle_here(&self, accepted: Accepted) {
+        match accepted {
+            Accepted::NotOurs(message) => {
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(queue = %self.info.name, error = %e, "could not pass over a message for another queue");
+                }
+            }
+            Accepted::AtLimit(mut delivery, delivered) => {
+                // The server delivers this message no more after this:
+                // dead-letter it here rather than let it sit unseen (C13).
+                let why = format!(
+                    "delivered {delivered} times, the most the server allows for this queue"
+                );
+                if let Err(e) = delivery
+                    .dead_letter(DeadLetterReason::DeliveryLimit, &why)
+                    .await
+                {
+                    tracing::error!(queue = %self.info.name, error = %e, "dead-lettering at the delivery limit failed");
+                }
+            }
+            Accepted::Deliver(_) | Accepted::Skipped => {}
+        }
+    }
+}
+
+/// What becomes of a pulled message.
+enum Accepted {
+    /// Handed to the consumer.
+    Deliver(Delivery),
+    /// Another queue's (a replay addressed elsewhere, or a subject outside
+    /// the bindings): acked and passed over.
+    NotOurs(Box<jetstream::Message>),
+    /// At the server's delivery limit, with its delivery count: dead-lettered.
+    AtLimit(Delivery, i64),
+    /// Without JetStream metadata: left alone.
+    Skipped,
 }
 
 #[async_trait]
@@ -299,9 +326,16 @@ impl Subscription for NatsSubscription {
             if self.inner.is_closed() {
                 return None;
             }
-            if let Err(e) = self.top_up().await {
+            // Opening a pull is rare (about once per half window) and its
+            // future is large: boxed, it keeps this one small, which is
+            // allocated for every delivery.
+            let opened = match self.pull_wanted() {
+                Some(free) => Box::pin(self.open_pull(free)).await,
+                None => Ok(()),
+            };
+            if let Err(e) = opened {
                 tracing::warn!(queue = %self.info.name, error = %e, retry_in = ?backoff, "cannot pull; retrying");
-                tokio::time::sleep(backoff).await;
+                Box::pin(tokio::time::sleep(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
             }
@@ -318,12 +352,17 @@ impl Subscription for NatsSubscription {
             match pulled {
                 Some(Pulled::Message(Ok(message))) => {
                     self.requested = self.requested.saturating_sub(1);
-                    let slot = match Arc::clone(&self.slots).try_acquire_owned() {
-                        Ok(slot) => slot,
-                        Err(_) => Arc::clone(&self.slots).acquire_owned().await.ok()?,
+                    // Waiting for a slot and settling here are rare, and
+                    // their futures large: boxed, with the message moved
+                    // in, they keep this future (one per delivery) small.
+                    let accepted = match Arc::clone(&self.slots).try_acquire_owned() {
+                        Ok(slot) => self.accept(message, slot),
+                        Err(_) => Box::pin(self.accept_when_free(message)).await?,
                     };
-                    if let Some(delivery) = self.accept(message, slot).await {
-                        return Some(Ok(delivery));
+                    match accepted {
+                        Accepted::Deliver(delivery) => return Some(Ok(delivery)),
+                        Accepted::Skipped => {}
+                        other => Box::pin(self.settle_here(other)).await,
                     }
                 }
                 Some(Pulled::Message(Err(e))) => {

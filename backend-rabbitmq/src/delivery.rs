@@ -60,7 +60,9 @@ impl Subscription for RabbitSubscription {
                 return None;
             }
             let Some(consumer) = self.consumer.as_mut() else {
-                match self.open().await {
+                // Boxed: opening is rare and its future large, and this
+                // future is allocated for every delivery.
+                match Box::pin(self.open()).await {
                     Ok(()) => continue,
                     Err(e) if e.is_transient() => {
                         tracing::warn!(queue = %self.queue, error = %e, retry_in = ?backoff, "cannot consume; retrying");
