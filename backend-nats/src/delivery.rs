@@ -231,7 +231,7 @@ impl NatsSubscription {
             .is_some_and(|q| q.as_str() != &*self.info.name);
         let unbound = !self.exact_filter && !topology::bound(&self.info.bindings, &routing_key);
         if addressed_elsewhere || unbound {
-            return Accepted::NotOurs(Box::new(message));
+            return Accepted::SettleHere(Rare::NotOurs(Box::new(message)));
         }
         let attempt = u32::try_from(delivered).unwrap_or(u32::MAX).max(1);
         let envelope = headers::incoming(
@@ -267,7 +267,7 @@ impl NatsSubscription {
         );
         let max_deliver = self.consumer.cached_info().config.max_deliver;
         if max_deliver > 0 && delivered >= max_deliver {
-            return Accepted::AtLimit(delivery, delivered);
+            return Accepted::SettleHere(Rare::AtLimit(delivery, delivered));
         }
         Accepted::Deliver(delivery)
     }
@@ -280,14 +280,14 @@ impl NatsSubscription {
     }
 
     /// Settles here what `accept` did not hand out.
-    async fn settle_here(&self, accepted: Accepted) {
-        match accepted {
-            Accepted::NotOurs(message) => {
+    async fn settle_here(&self, rare: Rare) {
+        match rare {
+            Rare::NotOurs(message) => {
                 if let Err(e) = message.ack().await {
                     tracing::warn!(queue = %self.info.name, error = %e, "could not pass over a message for another queue");
                 }
             }
-            Accepted::AtLimit(mut delivery, delivered) => {
+            Rare::AtLimit(mut delivery, delivered) => {
                 // The server delivers this message no more after this:
                 // dead-letter it here rather than let it sit unseen (C13).
                 let why = format!(
@@ -300,7 +300,6 @@ impl NatsSubscription {
                     tracing::error!(queue = %self.info.name, error = %e, "dead-lettering at the delivery limit failed");
                 }
             }
-            Accepted::Deliver(_) | Accepted::Skipped => {}
         }
     }
 }
@@ -309,13 +308,19 @@ impl NatsSubscription {
 enum Accepted {
     /// Handed to the consumer.
     Deliver(Delivery),
+    /// Settled by the subscription itself.
+    SettleHere(Rare),
+    /// Without JetStream metadata: left alone.
+    Skipped,
+}
+
+/// A pulled message the subscription settles itself.
+enum Rare {
     /// Another queue's (a replay addressed elsewhere, or a subject outside
     /// the bindings): acked and passed over.
     NotOurs(Box<jetstream::Message>),
     /// At the server's delivery limit, with its delivery count: dead-lettered.
     AtLimit(Delivery, i64),
-    /// Without JetStream metadata: left alone.
-    Skipped,
 }
 
 #[async_trait]
@@ -361,8 +366,8 @@ impl Subscription for NatsSubscription {
                     };
                     match accepted {
                         Accepted::Deliver(delivery) => return Some(Ok(delivery)),
+                        Accepted::SettleHere(rare) => Box::pin(self.settle_here(rare)).await,
                         Accepted::Skipped => {}
-                        other => Box::pin(self.settle_here(other)).await,
                     }
                 }
                 Some(Pulled::Message(Err(e))) => {
