@@ -1,16 +1,17 @@
 //! The broker contract every backend implements.
 
 use std::fmt;
+use std::num::NonZeroU16;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::capabilities::Capabilities;
 use crate::confirmation::Confirmation;
-use crate::dead_letter::{DeadLetter, Replay};
+use crate::dead_letter::{DeadLetter, DeadLetterCursor, Replay};
 use crate::delivery::Delivery;
 use crate::envelope::Message;
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 use crate::topology::Topology;
 
 /// A shared, dynamically chosen broker: what a program holds when it picks
@@ -23,19 +24,49 @@ pub type SharedBroker = Arc<dyn Broker>;
 pub struct SubscribeOptions {
     /// At most this many deliveries are unsettled at once in this
     /// subscription (C5). Default 10.
-    pub prefetch: u16,
+    pub prefetch: NonZeroU16,
 }
 
 impl Default for SubscribeOptions {
     fn default() -> Self {
-        SubscribeOptions { prefetch: 10 }
+        SubscribeOptions {
+            prefetch: NonZeroU16::new(10).expect("10 is not zero"),
+        }
     }
 }
 
 impl SubscribeOptions {
     /// Options with the given prefetch limit.
-    pub fn prefetch(prefetch: u16) -> Self {
+    pub fn prefetch(prefetch: NonZeroU16) -> Self {
         SubscribeOptions { prefetch }
+    }
+}
+
+/// What a broker can tell about one work queue; `None` where it cannot tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueStats {
+    /// The work queue.
+    pub queue: String,
+    /// Messages waiting to be delivered.
+    pub ready: Option<u64>,
+    /// Messages delivered and not yet settled.
+    pub in_flight: Option<u64>,
+    /// Messages waiting out a retry delay in the broker.
+    pub waiting_retries: Option<u64>,
+    /// Records in the queue's DLQ.
+    pub dead_letters: Option<u64>,
+    /// Subscriptions consuming from the queue.
+    pub consumers: Option<u64>,
+}
+
+impl QueueStats {
+    /// Stats of `queue` with nothing known yet.
+    pub fn new(queue: impl Into<String>) -> Self {
+        QueueStats {
+            queue: queue.into(),
+            ..QueueStats::default()
+        }
     }
 }
 
@@ -55,38 +86,34 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     ///
     /// # Behavior
     /// Idempotent. Bindings follow C16. Invalid names fail with
-    /// [`ErrorKind::InvalidName`](crate::ErrorKind::InvalidName) naming the culprit.
+    /// [`ErrorKind::InvalidName`] naming the culprit.
     async fn declare(&self, topology: &Topology) -> Result<()>;
 
     /// Deletes the queues of `topology`, their dead letters and, when no
     /// queue is left bound to it, the topic space. For tests and teardown.
     async fn delete(&self, topology: &Topology) -> Result<()>;
 
-    /// Publishes a message to a topic space.
-    ///
-    /// # Behavior
-    /// C1: returns `Ok` only after the broker has durably accepted the
-    /// message; a message no queue would receive fails with
-    /// [`ErrorKind::Unroutable`](crate::ErrorKind::Unroutable). C2: payload,
-    /// content type, headers, id and routing key arrive unchanged.
-    async fn publish(&self, topic_space: &str, message: Message) -> Result<()>;
-
     /// Hands a message to the broker and returns before the broker has
-    /// confirmed it; the [`Confirmation`] resolves as
-    /// [`publish`](Broker::publish) would have.
+    /// confirmed it; the [`Confirmation`] resolves once it has.
     ///
     /// # Behavior
-    /// C1 holds for the confirmation: it is `Ok` only once the broker has
-    /// durably accepted the message. Errors found before the message leaves
-    /// (an invalid routing key, a payload over the limit, a closed
+    /// C1: the confirmation is `Ok` only once the broker has durably
+    /// accepted the message; a message no queue would receive fails with
+    /// [`ErrorKind::Unroutable`]. C2: payload, content type, headers, id and
+    /// routing key arrive unchanged. Errors found before the message leaves
+    /// (an invalid routing key or id, a payload over the limit, a closed
     /// connection) come back from `send` itself. Many sends can be in flight
     /// at once; a backend whose client bounds unconfirmed publishes waits
-    /// here for room. By default this publishes and returns a confirmation
-    /// that is already resolved.
-    async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
-        let id = message.id.clone();
-        self.publish(topic_space, message).await?;
-        Ok(Confirmation::confirmed(id))
+    /// here for room.
+    async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation>;
+
+    /// Publishes a message and returns once the broker has confirmed it.
+    ///
+    /// # Behavior
+    /// C1 and C2, as [`send`](Broker::send) followed by awaiting its
+    /// confirmation.
+    async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
+        self.send(topic_space, message).await?.await
     }
 
     /// Opens a subscription on a work queue.
@@ -101,16 +128,84 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>>;
 
-    /// Lists up to `limit` dead letters of a work queue without removing them (C11).
-    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>>;
+    /// Walks the DLQ of a work queue from its oldest record (C10, C11).
+    ///
+    /// # Behavior
+    /// Records met and neither replayed nor removed stay in the DLQ. A
+    /// record the client cannot parse is returned with reason
+    /// [`Unreadable`](crate::DeadLetterReason::Unreadable); the walk never
+    /// hangs on one.
+    async fn dead_letter_cursor(&self, queue: &str) -> Result<Box<dyn DeadLetterCursor>>;
+
+    /// Lists up to `limit` dead letters of a work queue, oldest first,
+    /// without removing them (C11).
+    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut cursor = self.dead_letter_cursor(queue).await?;
+        let mut records = Vec::new();
+        while records.len() < limit {
+            match cursor.next().await {
+                Some(entry) => records.push(entry?.into_record()),
+                None => break,
+            }
+        }
+        Ok(records)
+    }
 
     /// Replays dead letters back to their work queue with the same id and
     /// attempt 1; each is removed from the DLQ only after its republish is
-    /// confirmed (C11). Returns how many were replayed.
-    async fn replay(&self, queue: &str, which: Replay) -> Result<usize>;
+    /// confirmed (C11). Returns how many were replayed; replaying an id that
+    /// is not in the DLQ is [`ErrorKind::NotFound`].
+    async fn replay(&self, queue: &str, which: Replay) -> Result<usize> {
+        let mut cursor = self.dead_letter_cursor(queue).await?;
+        let mut replayed = 0;
+        while let Some(entry) = cursor.next().await {
+            let entry = entry?;
+            if !which.selects(&entry.record().envelope.id) {
+                continue;
+            }
+            entry.replay().await?;
+            replayed += 1;
+            if matches!(which, Replay::Id(_)) {
+                break;
+            }
+        }
+        match (replayed, which) {
+            (0, Replay::Id(id)) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("no dead letter with id `{id}` in the DLQ of `{queue}`"),
+            )),
+            (n, _) => Ok(n),
+        }
+    }
 
     /// Removes every dead letter of a work queue (C11). Returns how many.
-    async fn purge_dead_letters(&self, queue: &str) -> Result<usize>;
+    async fn purge_dead_letters(&self, queue: &str) -> Result<usize> {
+        let mut cursor = self.dead_letter_cursor(queue).await?;
+        let mut purged = 0;
+        while let Some(entry) = cursor.next().await {
+            entry?.remove().await?;
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
+    /// What the broker can tell about a work queue: ready, in flight,
+    /// waiting retries, dead letters, consumers.
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot report statistics of `{queue}`",
+                self.backend()
+            ),
+        ))
+    }
+
+    /// A line saying which broker this is connected to, for logs and
+    /// reports (`RabbitMQ 3.10.8 at 127.0.0.1:5672`).
+    fn describe(&self) -> String {
+        self.backend().to_owned()
+    }
 
     /// Closes the connection. Unsettled deliveries are released for
     /// redelivery (C4).
@@ -121,7 +216,11 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
 #[async_trait]
 pub trait Subscription: Send {
     /// The next delivery; `None` once the subscription or the broker is
-    /// closed. A transient error (a reconnect in progress) may be followed by
-    /// more deliveries.
+    /// closed.
+    ///
+    /// An error says the subscription was interrupted. A transient one
+    /// ([`Error::is_transient`]) means it resumes by itself on the next
+    /// call (the connection is being repaired); any other means it cannot
+    /// go on, and the caller should open a new one.
     async fn next(&mut self) -> Option<Result<Delivery>>;
 }

@@ -1,8 +1,11 @@
-//! Dead-letter records (C10) and the replay selection (C11).
+//! Dead-letter records (C10), walking a DLQ one record at a time, and the
+//! replay selection (C11).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::SystemTime;
+
+use async_trait::async_trait;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
@@ -11,7 +14,8 @@ use crate::error::{Error, Result};
 pub const MAX_ERROR_LEN: usize = 4096;
 
 /// Why a message was dead-lettered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum DeadLetterReason {
     /// The retry policy gave up after its maximum number of attempts (C8).
     Exhausted,
@@ -22,16 +26,31 @@ pub enum DeadLetterReason {
     /// The broker's delivery limit was reached: the message kept killing its
     /// consumer before it could be settled (C13).
     DeliveryLimit,
+    /// The broker client could not read the message at all (malformed
+    /// headers or properties that a plain or raw client wrote); the record
+    /// says what was wrong with it.
+    Unreadable,
 }
 
 impl DeadLetterReason {
-    /// The wire form: `exhausted`, `permanent`, `undecodable`, `delivery-limit`.
+    /// Every reason, in wire-form order.
+    pub const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::Exhausted,
+        DeadLetterReason::Permanent,
+        DeadLetterReason::Undecodable,
+        DeadLetterReason::DeliveryLimit,
+        DeadLetterReason::Unreadable,
+    ];
+
+    /// The wire form: `exhausted`, `permanent`, `undecodable`,
+    /// `delivery-limit`, `unreadable`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Exhausted => "exhausted",
             DeadLetterReason::Permanent => "permanent",
             DeadLetterReason::Undecodable => "undecodable",
             DeadLetterReason::DeliveryLimit => "delivery-limit",
+            DeadLetterReason::Unreadable => "unreadable",
         }
     }
 }
@@ -46,15 +65,15 @@ impl FromStr for DeadLetterReason {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "exhausted" => Ok(DeadLetterReason::Exhausted),
-            "permanent" => Ok(DeadLetterReason::Permanent),
-            "undecodable" => Ok(DeadLetterReason::Undecodable),
-            "delivery-limit" => Ok(DeadLetterReason::DeliveryLimit),
-            other => Err(Error::config(format!(
-                "unknown dead-letter reason `{other}`"
-            ))),
-        }
+        DeadLetterReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                Error::config(format!(
+                    "unknown dead-letter reason `{s}` (one of exhausted, permanent, \
+                     undecodable, delivery-limit, unreadable)"
+                ))
+            })
     }
 }
 
@@ -76,6 +95,18 @@ pub struct DeadLetter {
     pub first_failed_at: SystemTime,
     /// When the last attempt failed.
     pub last_failed_at: SystemTime,
+    /// What was odd about the message: values its publisher set that were
+    /// set aside or bounded when it was read. Empty for a well-formed one.
+    pub notes: Vec<String>,
+}
+
+impl DeadLetter {
+    /// The envelope a replay publishes: the same message, attempt 1 (C11).
+    pub fn replay_envelope(&self) -> Envelope {
+        let mut envelope = self.envelope.clone();
+        envelope.attempt = 1;
+        envelope
+    }
 }
 
 /// Which dead letters to replay (C11).
@@ -100,14 +131,90 @@ impl Replay {
 /// Cuts `text` to at most [`MAX_ERROR_LEN`] bytes on a character boundary,
 /// marking the cut with `…`.
 pub fn bound_error_text(text: &str) -> String {
-    if text.len() <= MAX_ERROR_LEN {
+    bound_text(text, MAX_ERROR_LEN)
+}
+
+/// Cuts `text` to at most `max` bytes (at least 4) on a character boundary,
+/// marking the cut with `…`.
+pub fn bound_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
         return text.to_owned();
     }
-    let mut end = MAX_ERROR_LEN - '…'.len_utf8();
+    let mut end = max.saturating_sub('…'.len_utf8());
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+/// One record of a DLQ met by a [`DeadLetterCursor`], and what can be done
+/// with it: replayed, removed, or kept (dropped).
+pub struct DeadLetterEntry {
+    record: DeadLetter,
+    handle: Box<dyn DeadLetterHandle>,
+}
+
+impl fmt::Debug for DeadLetterEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeadLetterEntry")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadLetterEntry {
+    /// For backends: a record and how to act on it.
+    pub fn new(record: DeadLetter, handle: Box<dyn DeadLetterHandle>) -> Self {
+        DeadLetterEntry { record, handle }
+    }
+
+    /// The record (C10).
+    pub fn record(&self) -> &DeadLetter {
+        &self.record
+    }
+
+    /// Takes the record out of the entry, keeping the message in the DLQ.
+    pub fn into_record(self) -> DeadLetter {
+        self.record
+    }
+
+    /// Publishes the message back to its work queue with the same id and
+    /// attempt 1; the record leaves the DLQ only once the broker has
+    /// confirmed the republish (C11). On an error the record stays.
+    pub async fn replay(self) -> Result<()> {
+        let envelope = self.record.replay_envelope();
+        self.handle.replay(&self.record.queue, envelope).await
+    }
+
+    /// Removes the record from the DLQ for good.
+    pub async fn remove(self) -> Result<()> {
+        self.handle.remove().await
+    }
+}
+
+/// The backend half of a [`DeadLetterEntry`]. Dropped without a call, the
+/// record stays in the DLQ.
+#[async_trait]
+pub trait DeadLetterHandle: Send {
+    /// Publishes `envelope` to work queue `queue` (only that queue, whatever
+    /// the bindings), waits for the broker's confirm, then removes the
+    /// record from the DLQ.
+    async fn replay(self: Box<Self>, queue: &str, envelope: Envelope) -> Result<()>;
+
+    /// Removes the record from the DLQ.
+    async fn remove(self: Box<Self>) -> Result<()>;
+}
+
+/// Walks the records of one DLQ from the oldest, one at a time, holding
+/// none of them in memory beyond the one in hand, so a DLQ of any size can
+/// be listed, exported or replayed in part. Records met and kept stay in
+/// the DLQ, in their order, once the cursor is dropped.
+#[async_trait]
+pub trait DeadLetterCursor: Send {
+    /// The next record, `None` at the end of the DLQ. An error names what
+    /// blocks the walk (a record the client cannot read is returned as a
+    /// record with reason [`DeadLetterReason::Unreadable`], not an error).
+    async fn next(&mut self) -> Option<Result<DeadLetterEntry>>;
 }
 
 #[cfg(test)]
@@ -116,12 +223,7 @@ mod tests {
 
     #[test]
     fn reasons_round_trip_through_their_wire_form() {
-        for reason in [
-            DeadLetterReason::Exhausted,
-            DeadLetterReason::Permanent,
-            DeadLetterReason::Undecodable,
-            DeadLetterReason::DeliveryLimit,
-        ] {
+        for reason in DeadLetterReason::ALL {
             assert_eq!(reason.as_str().parse::<DeadLetterReason>().unwrap(), reason);
         }
         assert!("nope".parse::<DeadLetterReason>().is_err());
@@ -134,5 +236,6 @@ mod tests {
         assert!(bounded.len() <= MAX_ERROR_LEN);
         assert!(bounded.ends_with('…'));
         assert_eq!(bound_error_text("short"), "short");
+        assert_eq!(bound_text("abcdef", 5).len(), 5);
     }
 }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::dead_letter::{bound_error_text, DeadLetter, DeadLetterReason};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
+use crate::wire::Decoded;
 
 /// How a delivery is redelivered after a delay (C7): the next attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,12 +31,14 @@ pub struct RetryRequest {
 #[async_trait]
 pub trait Settle: Send + Sync {
     /// Acknowledges: the message is done and never delivered again (C3).
-    async fn ack(self: Box<Self>, envelope: &Envelope) -> Result<()>;
+    async fn ack(self: Box<Self>) -> Result<()>;
 
     /// Releases the message for immediate redelivery.
-    async fn nack(self: Box<Self>, envelope: &Envelope) -> Result<()>;
+    async fn nack(self: Box<Self>) -> Result<()>;
 
     /// Schedules the message again after a delay, in the broker (C7, C12).
+    /// `envelope` is the message as delivered, for brokers that retry by
+    /// publishing a copy.
     async fn retry(self: Box<Self>, envelope: &Envelope, request: RetryRequest) -> Result<()>;
 
     /// Moves the message to its queue's DLQ with this record (C10).
@@ -51,6 +54,8 @@ pub struct Delivery {
     envelope: Arc<Envelope>,
     queue: Arc<str>,
     first_failed_at: Option<SystemTime>,
+    attempt_counted: bool,
+    notes: Vec<String>,
     settle: Option<Box<dyn Settle>>,
 }
 
@@ -66,21 +71,48 @@ impl fmt::Debug for Delivery {
 }
 
 impl Delivery {
-    /// For backends: a delivery from `queue` settled through `settle`.
-    /// `first_failed_at` is when an earlier attempt of this message first
-    /// failed, if one did.
+    /// For backends: a delivery of `envelope` from `queue`, settled through
+    /// `settle`; its attempt was not counted by the broker and nothing
+    /// earlier is known about it (set that with the builder methods).
     pub fn new(
         queue: Arc<str>,
         envelope: impl Into<Arc<Envelope>>,
-        first_failed_at: Option<SystemTime>,
         settle: Box<dyn Settle>,
     ) -> Self {
         Delivery {
             envelope: envelope.into(),
             queue,
-            first_failed_at,
+            first_failed_at: None,
+            attempt_counted: false,
+            notes: Vec::new(),
             settle: Some(settle),
         }
+    }
+
+    /// For backends: a delivery of a message read with
+    /// [`Incoming::decode`](crate::wire::Incoming::decode).
+    pub fn decoded(queue: Arc<str>, decoded: Decoded, settle: Box<dyn Settle>) -> Self {
+        Delivery {
+            envelope: Arc::new(decoded.envelope),
+            queue,
+            first_failed_at: decoded.first_failed_at,
+            attempt_counted: decoded.attempt_counted,
+            notes: decoded.notes,
+            settle: Some(settle),
+        }
+    }
+
+    /// Sets when an earlier attempt of this message first failed.
+    pub fn with_first_failed_at(mut self, at: Option<SystemTime>) -> Self {
+        self.first_failed_at = at;
+        self
+    }
+
+    /// Adds notes on what was odd about the message; they go into its
+    /// dead-letter record if it gets one.
+    pub fn with_notes(mut self, notes: Vec<String>) -> Self {
+        self.notes.extend(notes);
+        self
     }
 
     /// The message.
@@ -103,6 +135,19 @@ impl Delivery {
         self.first_failed_at
     }
 
+    /// Whether the attempt number was counted by the broker itself (so a
+    /// message delivered more often than its policy allows is one that
+    /// crashed its consumer, C13), rather than carried in the message.
+    pub fn attempt_counted(&self) -> bool {
+        self.attempt_counted
+    }
+
+    /// What was odd about the message when it was read (values set aside or
+    /// bounded); empty for a well-formed message.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
     /// Whether it has been settled.
     pub fn is_settled(&self) -> bool {
         self.settle.is_none()
@@ -122,12 +167,12 @@ impl Delivery {
 
     /// Acknowledges: the message is done (C3).
     pub async fn ack(&mut self) -> Result<()> {
-        self.take()?.ack(&self.envelope).await
+        self.take()?.ack().await
     }
 
     /// Releases the message for immediate redelivery, same attempt.
     pub async fn nack(&mut self) -> Result<()> {
-        self.take()?.nack(&self.envelope).await
+        self.take()?.nack().await
     }
 
     /// Redelivers the message after `after` with attempt + 1; the wait lives
@@ -143,19 +188,24 @@ impl Delivery {
         settle.retry(&self.envelope, request).await
     }
 
-    /// Moves the message to the DLQ with `reason` and the last `error` (C10).
-    pub async fn dead_letter(&mut self, reason: DeadLetterReason, error: &str) -> Result<()> {
-        let settle = self.take()?;
+    /// The record this delivery would go to the DLQ with (C10).
+    pub fn record(&self, reason: DeadLetterReason, error: &str) -> DeadLetter {
         let now = SystemTime::now();
-        let record = DeadLetter {
+        DeadLetter {
             envelope: Envelope::clone(&self.envelope),
             queue: self.queue.to_string(),
             reason,
             last_error: bound_error_text(error),
             attempts: self.envelope.attempt,
-            first_failed_at: self.first_failed_at.unwrap_or(now),
+            first_failed_at: self.first_failed_at.unwrap_or(now).min(now),
             last_failed_at: now,
-        };
-        settle.dead_letter(record).await
+            notes: self.notes.clone(),
+        }
+    }
+
+    /// Moves the message to the DLQ with `reason` and the last `error` (C10).
+    pub async fn dead_letter(&mut self, reason: DeadLetterReason, error: &str) -> Result<()> {
+        let record = self.record(reason, error);
+        self.take()?.dead_letter(record).await
     }
 }

@@ -88,11 +88,13 @@ impl Message {
     }
 
     /// Checks what every broker checks before publishing: the topic space
-    /// and routing key are valid (C16), and the payload is at most `limit`
-    /// bytes, the limit of `broker` (named in the error).
+    /// and routing key are valid (C16), the id is 1 to 255 bytes without
+    /// control characters, and the payload is at most `limit` bytes, the
+    /// limit of `broker` (named in the error).
     pub fn check(&self, topic_space: &str, limit: usize, broker: &str) -> crate::Result<()> {
         crate::topology::validate_name("topic space", topic_space)?;
         crate::topology::validate_routing_key(&self.routing_key)?;
+        crate::wire::validate_id(&self.id)?;
         if self.payload.len() > limit {
             return Err(crate::Error::new(
                 crate::ErrorKind::PayloadTooLarge,

@@ -7,7 +7,7 @@
 //! [`Error`] type.
 //!
 //! Applications normally use the `ticketrail` facade crate, which re-exports
-//! all of this together with the backends. The rules C1..C17 named in the
+//! all of this together with the backends. The rules C1..C18 named in the
 //! docs are those of DESIGN.md; the `ticketrail-conformance` suite proves
 //! each one on each backend.
 
@@ -26,13 +26,17 @@ mod publisher;
 mod redact;
 mod retry;
 mod topology;
+pub mod wire;
 
-pub use broker::{Broker, SharedBroker, SubscribeOptions, Subscription};
+pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscription};
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
 pub use confirmation::Confirmation;
-pub use consumer::{Consumer, RunningConsumer};
-pub use dead_letter::{bound_error_text, DeadLetter, DeadLetterReason, Replay, MAX_ERROR_LEN};
+pub use consumer::{Consumer, ConsumerState, Health, RunningConsumer};
+pub use dead_letter::{
+    bound_error_text, bound_text, DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle,
+    DeadLetterReason, Replay, MAX_ERROR_LEN,
+};
 pub use delivery::{Delivery, RetryRequest, Settle};
 pub use envelope::{from_unix_millis, to_unix_millis, Envelope, Headers, Message};
 pub use error::{BoxError, Error, ErrorKind, Result};

@@ -1,0 +1,450 @@
+//! The generic consumer loop: a subscription, a handler and a retry policy,
+//! with a prefetch limit, panic catching, an optional handler timeout,
+//! graceful shutdown, and a subscription that is resumed, never given up.
+
+mod decision;
+mod health;
+mod worker;
+
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::num::NonZeroU16;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::broker::{SharedBroker, SubscribeOptions, Subscription};
+use crate::codec::{Codec, Json};
+use crate::delivery::Delivery;
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::Handler;
+use crate::retry::{Exponential, RetryPolicy};
+
+use health::{Backoff, HealthState};
+pub use health::{ConsumerState, Health};
+use worker::{Worker, WorkerMetrics};
+
+/// The longest wait between attempts to resume a subscription that the
+/// broker interrupted (a reconnect in progress).
+const RESUME_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The longest wait between attempts to open a new subscription after one
+/// failed for good (the queue deleted, the broker refusing).
+const RESUBSCRIBE_BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// Runs a [`Handler`] over the deliveries of one queue.
+///
+/// For each delivery: decode (undecodable: DLQ), run the handler with panics
+/// caught and an optional timeout, then ack, retry after the policy's delay,
+/// or dead-letter. At most `prefetch` handlers run at once. If the
+/// subscription is interrupted, the consumer logs it, reports it in its
+/// [`Health`], and resumes with backoff; it ends only when shut down or when
+/// its broker connection is closed.
+///
+/// ```no_run
+/// # async fn demo(broker: ticketrail_core::SharedBroker) -> ticketrail_core::Result<()> {
+/// use std::time::Duration;
+/// use ticketrail_core::{handler_fn, Consumer, Context, HandlerError};
+///
+/// let consumer = Consumer::new(broker, "email.notifications", handler_fn(
+///     |to: String, _ctx: Context| async move {
+///         println!("sending to {to}");
+///         Ok::<(), HandlerError>(())
+///     },
+/// ))
+/// .prefetch(5)
+/// .handler_timeout(Duration::from_secs(30));
+/// let running = consumer.spawn();
+/// // ... later, on SIGTERM:
+/// running.shutdown().await?;
+/// # Ok(()) }
+/// ```
+pub struct Consumer<H: Handler, C: Codec = Json> {
+    broker: SharedBroker,
+    queue: Arc<str>,
+    handler: Arc<H>,
+    codec: C,
+    policy: Arc<dyn RetryPolicy>,
+    prefetch: u16,
+    handler_timeout: Option<Duration>,
+    shutdown_timeout: Duration,
+    parallel: bool,
+}
+
+impl<H: Handler> Consumer<H, Json> {
+    /// A consumer of `queue` with the JSON codec, the seed's retry policy
+    /// (1 s, ×2, 4 attempts), prefetch 10, no handler timeout and a 30 s
+    /// shutdown deadline.
+    pub fn new(broker: SharedBroker, queue: impl Into<String>, handler: H) -> Self {
+        Consumer {
+            broker,
+            queue: Arc::from(queue.into()),
+            handler: Arc::new(handler),
+            codec: Json,
+            policy: Arc::new(Exponential::default()),
+            prefetch: 10,
+            handler_timeout: None,
+            shutdown_timeout: Duration::from_secs(30),
+            parallel: false,
+        }
+    }
+}
+
+impl<H: Handler, C: Codec> Consumer<H, C> {
+    /// Uses another codec.
+    pub fn codec<C2: Codec>(self, codec: C2) -> Consumer<H, C2> {
+        Consumer {
+            broker: self.broker,
+            queue: self.queue,
+            handler: self.handler,
+            codec,
+            policy: self.policy,
+            prefetch: self.prefetch,
+            handler_timeout: self.handler_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            parallel: self.parallel,
+        }
+    }
+
+    /// Uses this retry policy.
+    pub fn retry_policy(mut self, policy: impl RetryPolicy) -> Self {
+        self.policy = Arc::new(policy);
+        self
+    }
+
+    /// At most this many deliveries unsettled (and handlers running) at
+    /// once (C5). Must be at least 1: running with 0 fails with a
+    /// [`ErrorKind::Config`] error.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// A handler still running after `timeout` is cancelled and its message
+    /// retried as a retryable failure.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// How long a shutdown waits for running handlers before releasing their
+    /// messages for redelivery (C14).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Runs each handler on a task of its own, so CPU-heavy handlers use
+    /// every core. By default the handlers of one consumer run concurrently
+    /// on the consumer's own task, which spares a task and a cross-thread
+    /// wake-up per message: right for handlers that mostly wait on I/O.
+    pub fn parallel(mut self, parallel: bool) -> Self {
+        self.parallel = parallel;
+        self
+    }
+
+    /// Runs until `signal` completes, then shuts down gracefully (C14):
+    /// takes no new deliveries, lets running handlers finish until the
+    /// shutdown deadline, and releases the rest for redelivery.
+    ///
+    /// Returns an error if the first subscription cannot be opened, or if
+    /// the broker connection is closed under it. Any later interruption is
+    /// logged, reported in [`Health`] and resumed with backoff.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<()> {
+        let health = HealthState::new(Arc::clone(&self.queue));
+        self.run_reporting(signal, health).await
+    }
+
+    async fn run_reporting(
+        self,
+        signal: impl Future<Output = ()>,
+        health: Arc<HealthState>,
+    ) -> Result<()> {
+        let result = self.run_loop(signal, &health).await;
+        if let Err(e) = &result {
+            health.record_error(e);
+        }
+        health.set_state(ConsumerState::Stopped);
+        result
+    }
+
+    async fn run_loop(
+        self,
+        signal: impl Future<Output = ()>,
+        health: &Arc<HealthState>,
+    ) -> Result<()> {
+        let prefetch = NonZeroU16::new(self.prefetch).ok_or_else(|| {
+            Error::config(format!(
+                "consumer of `{}`: prefetch must be at least 1",
+                self.queue
+            ))
+        })?;
+        let options = SubscribeOptions::prefetch(prefetch);
+        let subscription = self.broker.subscribe(&self.queue, options).await?;
+        health.resumed();
+        let worker = Arc::new(Worker {
+            queue: Arc::clone(&self.queue),
+            handler: Arc::clone(&self.handler),
+            codec: self.codec.clone(),
+            policy: Arc::clone(&self.policy),
+            handler_timeout: self.handler_timeout,
+            health: Arc::clone(health),
+            metrics: WorkerMetrics::new(&self.queue),
+        });
+        let mut running = Running::new(self.parallel);
+        let limit = usize::from(prefetch.get());
+        tokio::pin!(signal);
+        // The pending `next()` is kept across turns of the loop, never
+        // dropped half-way: a subscription need not be cancellation-safe. It
+        // owns the subscription while it runs and hands it back (`None`:
+        // a new one is to be opened).
+        let mut idle: Option<Option<Box<dyn Subscription>>> = Some(Some(subscription));
+        let mut next: Option<NextDelivery> = None;
+        // After an interruption the next `next()` waits first, inside its
+        // own future, so running handlers are never paused.
+        let mut pause = Duration::ZERO;
+        let mut resume = Backoff::new(RESUME_BACKOFF_CAP);
+        let mut resubscribe = Backoff::new(RESUBSCRIBE_BACKOFF_CAP);
+        let ended = loop {
+            if next.is_none() && running.len() < limit {
+                if let Some(subscription) = idle.take() {
+                    next = Some(Box::pin(next_delivery(
+                        self.broker.clone(),
+                        Arc::clone(&self.queue),
+                        options,
+                        subscription,
+                        std::mem::take(&mut pause),
+                    )));
+                }
+            }
+            tokio::select! {
+                biased;
+                () = &mut signal => break Ok(()),
+                () = running.next(), if !running.is_empty() => {
+                    health.set_in_flight(running.len());
+                }
+                (subscription, got) = async { next.as_mut().expect("checked").await }, if next.is_some() => {
+                    next = None;
+                    idle = Some(subscription);
+                    match got {
+                        Got::Delivery(delivery) => {
+                            resume.reset();
+                            resubscribe.reset();
+                            health.delivered();
+                            let worker = Arc::clone(&worker);
+                            running.push(async move { worker.process(delivery).await });
+                            health.set_in_flight(running.len());
+                        }
+                        Got::Interrupted(e) => {
+                            let failures = health.failed(&e);
+                            pause = resume.next_wait();
+                            tracing::warn!(queue = %self.queue, error = %e, failures, retry_in = ?pause, "subscription interrupted; resuming");
+                        }
+                        Got::Broken(e) => {
+                            let failures = health.failed(&e);
+                            pause = resubscribe.next_wait();
+                            tracing::error!(queue = %self.queue, error = %e, failures, retry_in = ?pause, "subscription failed; opening a new one");
+                        }
+                        Got::Ended => {
+                            break Err(Error::closed(format!(
+                                "the broker connection of the consumer of `{}` was closed",
+                                self.queue
+                            )))
+                        }
+                    }
+                }
+            }
+        };
+
+        // Take no new deliveries; let running handlers finish until the deadline.
+        health.set_state(ConsumerState::Stopping);
+        drop(next);
+        drop(idle);
+        if tokio::time::timeout(self.shutdown_timeout, running.drain())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                queue = %self.queue,
+                unfinished = running.len(),
+                "shutdown deadline passed; releasing unfinished deliveries for redelivery"
+            );
+            running.abandon().await;
+        }
+        health.set_in_flight(0);
+        ended
+    }
+
+    /// Runs on a tokio task; the handle reports its [`Health`] and shuts it
+    /// down.
+    pub fn spawn(self) -> RunningConsumer {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let health = HealthState::new(Arc::clone(&self.queue));
+        let task = tokio::spawn(self.run_reporting(
+            async move {
+                let _ = stopped.await;
+            },
+            Arc::clone(&health),
+        ));
+        RunningConsumer {
+            stop: Some(stop),
+            task,
+            health,
+        }
+    }
+}
+
+/// What the pending `next()` came to.
+enum Got {
+    Delivery(Delivery),
+    /// The subscription was interrupted and resumes by itself.
+    Interrupted(Error),
+    /// The subscription (or opening a new one) failed; a new one is to be
+    /// opened.
+    Broken(Error),
+    /// The broker connection was closed.
+    Ended,
+}
+
+/// A subscription's pending `next()`, which owns the subscription meanwhile.
+type NextDelivery = Pin<Box<dyn Future<Output = (Option<Box<dyn Subscription>>, Got)> + Send>>;
+
+/// Waits `pause`, opens a subscription if there is none, and takes its next
+/// delivery.
+async fn next_delivery(
+    broker: SharedBroker,
+    queue: Arc<str>,
+    options: SubscribeOptions,
+    subscription: Option<Box<dyn Subscription>>,
+    pause: Duration,
+) -> (Option<Box<dyn Subscription>>, Got) {
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+    let mut subscription = match subscription {
+        Some(subscription) => subscription,
+        None => match broker.subscribe(&queue, options).await {
+            Ok(subscription) => subscription,
+            Err(e) if e.kind() == ErrorKind::Closed => return (None, Got::Ended),
+            Err(e) => return (None, Got::Broken(e)),
+        },
+    };
+    match subscription.next().await {
+        Some(Ok(delivery)) => (Some(subscription), Got::Delivery(delivery)),
+        Some(Err(e)) if e.is_transient() => (Some(subscription), Got::Interrupted(e)),
+        Some(Err(e)) => (None, Got::Broken(e)),
+        None => (None, Got::Ended),
+    }
+}
+
+/// A consumer running on its own task.
+#[derive(Debug)]
+pub struct RunningConsumer {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<()>>,
+    health: Arc<HealthState>,
+}
+
+impl RunningConsumer {
+    /// Graceful shutdown (C14); returns when it is complete.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.join().await
+    }
+
+    /// Waits for the consumer to end by itself.
+    pub async fn join(&mut self) -> Result<()> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(Error::closed("consumer task was cancelled or panicked").with_source(e)),
+        }
+    }
+
+    /// Stops at once, like a crash: running handlers are dropped mid-way and
+    /// their deliveries released unsettled.
+    pub fn abort(&self) {
+        self.task.abort();
+        self.health.set_state(ConsumerState::Stopped);
+    }
+
+    /// Whether the consumer has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// The consumer's health now: state, handlers in flight, time since the
+    /// last delivery, failures in a row and the last error, and how many
+    /// deliveries it handled, retried and dead-lettered.
+    pub fn health(&self) -> Health {
+        let mut health = self.health.snapshot();
+        if self.task.is_finished() {
+            health.state = ConsumerState::Stopped;
+        }
+        health
+    }
+}
+
+/// The deliveries being handled: on the consumer's own task, or each on a
+/// task of its own ([`Consumer::parallel`]).
+enum Running {
+    Inline(FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>),
+    Spawned(JoinSet<()>),
+}
+
+impl Running {
+    fn new(parallel: bool) -> Self {
+        if parallel {
+            Running::Spawned(JoinSet::new())
+        } else {
+            Running::Inline(FuturesUnordered::new())
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Running::Inline(set) => set.len(),
+            Running::Spawned(set) => set.len(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, handling: impl Future<Output = ()> + Send + 'static) {
+        match self {
+            Running::Inline(set) => set.push(Box::pin(handling)),
+            Running::Spawned(set) => drop(set.spawn(handling)),
+        }
+    }
+
+    /// Waits for one handling to finish.
+    async fn next(&mut self) {
+        match self {
+            Running::Inline(set) => drop(set.next().await),
+            Running::Spawned(set) => drop(set.join_next().await),
+        }
+    }
+
+    /// Waits for every handling to finish.
+    async fn drain(&mut self) {
+        while !self.is_empty() {
+            self.next().await;
+        }
+    }
+
+    /// Drops every unfinished handling: its delivery is released unsettled.
+    async fn abandon(&mut self) {
+        match self {
+            Running::Inline(set) => set.clear(),
+            Running::Spawned(set) => set.shutdown().await,
+        }
+    }
+}
