@@ -5,6 +5,10 @@
 //! tests can run with time paused. Every rule of DESIGN.md holds except C15
 //! (there is no broker process to restart).
 //!
+//! The crate has the file skeleton of every backend (see ADDING_A_BACKEND.md);
+//! `store.rs` is the broker itself, which the other backends reach over the
+//! network.
+//!
 //! ```
 //! use ticketrail_core::{Broker, Message, QueueSpec, SubscribeOptions, Topology};
 //! use ticketrail_memory::MemoryBroker;
@@ -25,8 +29,15 @@
 
 mod broker;
 mod config;
-mod delivery;
+mod connection;
+mod dead_letters;
+mod error;
+mod headers;
+mod publish;
+mod store;
+mod subscription;
 mod topology;
 
 pub use broker::MemoryBroker;
 pub use config::MemoryConfig;
+pub use headers::RawMessage;

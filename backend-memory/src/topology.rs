@@ -1,330 +1,73 @@
-//! Queues and bindings of the in-process broker.
+//! Declaring and deleting topic spaces and queues in the store.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
 
-use tokio::sync::Notify;
-use tokio::time::Instant;
+use ticketrail_core::{Result, Topology};
 
-use ticketrail_core::{topic_matches, DeadLetter, DeadLetterReason, Envelope};
+use crate::connection::Connection;
+use crate::store::{Binding, Queue};
 
-/// A message waiting in a queue, with the broker's bookkeeping.
-#[derive(Debug)]
-pub(crate) struct Stored {
-    /// Shared with the deliveries of it, and with the other queues a
-    /// publish fanned out to: never copied on the way through.
-    pub(crate) envelope: Arc<Envelope>,
-    pub(crate) first_failed_at: Option<SystemTime>,
-    /// Deliveries since the message last entered the queue (C13).
-    pub(crate) deliveries: u32,
-}
-
-impl Stored {
-    pub(crate) fn fresh(envelope: impl Into<Arc<Envelope>>) -> Self {
-        Stored {
-            envelope: envelope.into(),
-            first_failed_at: None,
-            deliveries: 0,
-        }
-    }
-}
-
-/// One work queue with its dead letters.
-#[derive(Debug)]
-pub(crate) struct Queue {
-    pub(crate) name: Arc<str>,
-    state: Mutex<QueueState>,
-    /// Woken when a message becomes ready, a delivery is settled, or the
-    /// queue is deleted.
-    pub(crate) changed: Notify,
-    /// Set once, before the state is cleared under its lock: whatever takes
-    /// the lock afterwards sees it.
-    deleted: AtomicBool,
-    /// Messages waiting out a retry delay (C7, C12), earliest first.
-    waiting: Mutex<Waiting>,
-    /// Woken when a message is due earlier than the timer is waiting for,
-    /// or the queue is deleted.
-    waiting_changed: Notify,
-}
-
-/// Retries waiting out their delay, served by one timer task per queue,
-/// started when a retry arrives and ending when none is left: a retry costs
-/// a heap push, not a task.
-#[derive(Debug, Default)]
-struct Waiting {
-    due: BinaryHeap<Reverse<Due>>,
-    /// Keeps messages due at the same instant in the order they came.
-    next_seq: u64,
-    timer_running: bool,
-}
-
-#[derive(Debug)]
-struct Due {
-    at: Instant,
-    seq: u64,
-    stored: Stored,
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Due {}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
-#[derive(Debug)]
-struct QueueState {
-    ready: VecDeque<Stored>,
-    dead: Vec<DeadLetter>,
-    delivery_limit: u32,
-}
-
-impl Queue {
-    pub(crate) fn new(name: &str, delivery_limit: u32) -> Self {
-        Queue {
-            name: Arc::from(name),
-            state: Mutex::new(QueueState {
-                ready: VecDeque::new(),
-                dead: Vec::new(),
-                delivery_limit,
-            }),
-            changed: Notify::new(),
-            deleted: AtomicBool::new(false),
-            waiting: Mutex::new(Waiting::default()),
-            waiting_changed: Notify::new(),
-        }
-    }
-
-    fn state(&self) -> MutexGuard<'_, QueueState> {
-        // A panic while holding this lock cannot leave the state half-changed
-        // (every change is one push or pop), so a poisoned lock is still sound.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn set_delivery_limit(&self, limit: u32) {
-        self.state().delivery_limit = limit;
-    }
-
-    pub(crate) fn is_deleted(&self) -> bool {
-        self.deleted.load(AtomicOrdering::Acquire)
-    }
-
-    pub(crate) fn delete(&self) {
-        self.deleted.store(true, AtomicOrdering::Release);
-        let mut state = self.state();
-        state.ready.clear();
-        state.dead.clear();
-        drop(state);
-        self.waiting().due.clear();
-        self.changed.notify_waiters();
-        self.waiting_changed.notify_one();
-    }
-
-    fn waiting(&self) -> MutexGuard<'_, Waiting> {
-        // Every change is one push or pop: a poisoned lock is still sound.
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Appends a message once `after` has passed, on tokio's clock. The wait
-    /// is the broker's, not the consumer's (C12).
-    pub(crate) fn push_after(self: &Arc<Self>, stored: Stored, after: Duration) {
-        let at = Instant::now() + after;
-        let mut waiting = self.waiting();
-        let earliest = waiting.due.peek().map(|Reverse(due)| due.at);
-        let seq = waiting.next_seq;
-        waiting.next_seq += 1;
-        waiting.due.push(Reverse(Due { at, seq, stored }));
-        if !waiting.timer_running {
-            waiting.timer_running = true;
-            drop(waiting);
-            tokio::spawn(Arc::clone(self).run_timer());
-        } else if earliest.is_none_or(|earliest| at < earliest) {
-            drop(waiting);
-            self.waiting_changed.notify_one();
-        }
-    }
-
-    /// Moves due messages to the ready queue until none is waiting.
-    async fn run_timer(self: Arc<Self>) {
-        loop {
-            let (ready, next) = self.take_due();
-            if !ready.is_empty() {
-                self.push_all(ready);
+/// Declares the queues of `topology` and binds them (C16); idempotent.
+pub(crate) fn declare(connection: &Connection, topology: &Topology) -> Result<()> {
+    connection.ensure_open()?;
+    topology.validate()?;
+    let mut registry = connection.registry();
+    let mut bindings = registry
+        .spaces
+        .get(&topology.topic_space)
+        .cloned()
+        .unwrap_or_default();
+    for spec in &topology.queues {
+        let queue = match registry.queues.get(&spec.name) {
+            Some(queue) => {
+                queue.set_delivery_limit(spec.delivery_limit);
+                Arc::clone(queue)
             }
-            let Some(next) = next else { return };
-            // `notify_one` keeps a permit when nobody waits, so a message
-            // pushed between `take_due` and this wait is not missed.
-            tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
-                () = self.waiting_changed.notified() => {}
+            None => {
+                let queue = Arc::new(Queue::new(&spec.name, spec.delivery_limit));
+                registry
+                    .queues
+                    .insert(spec.name.clone(), Arc::clone(&queue));
+                queue
+            }
+        };
+        for pattern in &spec.bindings {
+            let bound = bindings
+                .iter()
+                .any(|b| &b.pattern == pattern && Arc::ptr_eq(&b.queue, &queue));
+            if !bound {
+                bindings.push(Binding {
+                    pattern: pattern.clone(),
+                    queue: Arc::clone(&queue),
+                });
             }
         }
     }
+    registry
+        .spaces
+        .insert(topology.topic_space.clone(), bindings);
+    Ok(())
+}
 
-    /// The messages due now, and when the next one is due; with none left,
-    /// the timer stops.
-    fn take_due(&self) -> (Vec<Stored>, Option<Instant>) {
-        let mut waiting = self.waiting();
-        let now = Instant::now();
-        let mut ready = Vec::new();
-        while waiting.due.peek().is_some_and(|Reverse(due)| due.at <= now) {
-            let Reverse(due) = waiting.due.pop().expect("peeked");
-            ready.push(due.stored);
-        }
-        let next = waiting.due.peek().map(|Reverse(due)| due.at);
-        if next.is_none() {
-            waiting.timer_running = false;
-        }
-        (ready, next)
-    }
-
-    fn push_all(&self, stored: Vec<Stored>) {
-        let mut state = self.state();
-        if self.is_deleted() {
-            return;
-        }
-        state.ready.extend(stored);
-        drop(state);
-        self.changed.notify_waiters();
-    }
-
-    /// Appends a message; false if the queue was deleted meanwhile.
-    pub(crate) fn push(&self, stored: Stored) -> bool {
-        let mut state = self.state();
-        if self.is_deleted() {
-            return false;
-        }
-        state.ready.push_back(stored);
-        drop(state);
-        self.changed.notify_waiters();
-        true
-    }
-
-    /// Takes the next ready message for delivery, counting the delivery.
-    pub(crate) fn pop(&self) -> Option<Stored> {
-        let mut stored = self.state().ready.pop_front()?;
-        stored.deliveries += 1;
-        Some(stored)
-    }
-
-    /// Puts a message that came back unsettled at the head of the queue, or
-    /// dead-letters it once it has been delivered more than the limit allows.
-    pub(crate) fn release(&self, stored: Stored) {
-        let mut state = self.state();
-        if self.is_deleted() {
-            return;
-        }
-        if stored.deliveries > state.delivery_limit {
-            let now = SystemTime::now();
-            let record = DeadLetter {
-                last_error: format!(
-                    "delivered {} times without being settled (delivery limit {}); \
-                     its consumer died or released it each time",
-                    stored.deliveries, state.delivery_limit
-                ),
-                attempts: stored.envelope.attempt,
-                first_failed_at: stored.first_failed_at.unwrap_or(now),
-                last_failed_at: now,
-                queue: self.name.to_string(),
-                reason: DeadLetterReason::DeliveryLimit,
-                envelope: Arc::unwrap_or_clone(stored.envelope),
-            };
-            tracing::warn!(queue = %self.name, id = %record.envelope.id, "delivery limit reached; dead-lettered");
-            state.dead.push(record);
-        } else {
-            state.ready.push_front(stored);
-        }
-        drop(state);
-        self.changed.notify_waiters();
-    }
-
-    pub(crate) fn add_dead_letter(&self, record: DeadLetter) {
-        let mut state = self.state();
-        if !self.is_deleted() {
-            state.dead.push(record);
-        }
-    }
-
-    pub(crate) fn dead_letters(&self, limit: usize) -> Vec<DeadLetter> {
-        self.state().dead.iter().take(limit).cloned().collect()
-    }
-
-    /// Moves the selected dead letters back to the ready queue, attempt 1.
-    pub(crate) fn replay(&self, selects: impl Fn(&DeadLetter) -> bool) -> usize {
-        let mut state = self.state();
-        let dead = std::mem::take(&mut state.dead);
-        let mut replayed = 0;
-        for record in dead {
-            if selects(&record) {
-                let mut envelope = record.envelope;
-                envelope.attempt = 1;
-                state.ready.push_back(Stored::fresh(envelope));
-                replayed += 1;
-            } else {
-                state.dead.push(record);
+/// Deletes the queues of `topology` with their dead letters, and the topic
+/// space once no queue is bound to it.
+pub(crate) fn delete(connection: &Connection, topology: &Topology) -> Result<()> {
+    connection.ensure_open()?;
+    let mut registry = connection.registry();
+    for spec in &topology.queues {
+        if let Some(queue) = registry.queues.remove(&spec.name) {
+            queue.delete();
+            for bindings in registry.spaces.values_mut() {
+                bindings.retain(|b| !Arc::ptr_eq(&b.queue, &queue));
             }
         }
-        drop(state);
-        if replayed > 0 {
-            self.changed.notify_waiters();
-        }
-        replayed
     }
-
-    pub(crate) fn purge_dead_letters(&self) -> usize {
-        std::mem::take(&mut self.state().dead).len()
+    if registry
+        .spaces
+        .get(&topology.topic_space)
+        .is_some_and(Vec::is_empty)
+    {
+        registry.spaces.remove(&topology.topic_space);
     }
-}
-
-/// Topic spaces, their bindings, and the queues.
-#[derive(Debug, Default)]
-pub(crate) struct Registry {
-    pub(crate) spaces: HashMap<String, Vec<Binding>>,
-    pub(crate) queues: HashMap<String, Arc<Queue>>,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct Binding {
-    pub(crate) pattern: String,
-    pub(crate) queue: Arc<Queue>,
-}
-
-impl Registry {
-    /// Puts `envelope` on every queue of `space` with a binding that
-    /// matches its routing key, once per queue, and says on how many;
-    /// `None` if the space is not declared. Nothing is allocated.
-    pub(crate) fn route(&self, space: &str, envelope: &Arc<Envelope>) -> Option<usize> {
-        let bindings = self.spaces.get(space)?;
-        let key = envelope.routing_key.as_str();
-        let mut routed = 0;
-        for (i, binding) in bindings.iter().enumerate() {
-            let copied_already = || {
-                bindings[..i].iter().any(|earlier| {
-                    Arc::ptr_eq(&earlier.queue, &binding.queue)
-                        && topic_matches(&earlier.pattern, key)
-                })
-            };
-            if topic_matches(&binding.pattern, key) && !copied_already() {
-                binding.queue.push(Stored::fresh(Arc::clone(envelope)));
-                routed += 1;
-            }
-        }
-        Some(routed)
-    }
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! The broker's retry timer: one task per queue serves every waiting retry,
 //! earliest first, on tokio's clock.
 
+use std::num::NonZeroU16;
 use std::time::Duration;
 
 use ticketrail_core::{Broker, Message, QueueSpec, SubscribeOptions, Topology};
@@ -23,7 +24,10 @@ async fn a_short_retry_scheduled_after_a_long_one_comes_back_first() {
         .await
         .unwrap();
     let mut sub = broker
-        .subscribe("work", SubscribeOptions::prefetch(2))
+        .subscribe(
+            "work",
+            SubscribeOptions::prefetch(NonZeroU16::new(2).unwrap()),
+        )
         .await
         .unwrap();
     let started = Instant::now();
@@ -71,7 +75,10 @@ async fn retries_due_at_once_come_back_in_the_order_they_were_made() {
             .unwrap();
     }
     let mut sub = broker
-        .subscribe("work", SubscribeOptions::prefetch(20))
+        .subscribe(
+            "work",
+            SubscribeOptions::prefetch(NonZeroU16::new(20).unwrap()),
+        )
         .await
         .unwrap();
     for _ in 0..20 {

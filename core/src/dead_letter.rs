@@ -183,7 +183,7 @@ impl DeadLetterEntry {
     /// confirmed the republish (C11). On an error the record stays.
     pub async fn replay(self) -> Result<()> {
         let envelope = self.record.replay_envelope();
-        self.handle.replay(&self.record.queue, envelope).await
+        self.handle.replay(envelope).await
     }
 
     /// Removes the record from the DLQ for good.
@@ -196,10 +196,10 @@ impl DeadLetterEntry {
 /// record stays in the DLQ.
 #[async_trait]
 pub trait DeadLetterHandle: Send {
-    /// Publishes `envelope` to work queue `queue` (only that queue, whatever
-    /// the bindings), waits for the broker's confirm, then removes the
-    /// record from the DLQ.
-    async fn replay(self: Box<Self>, queue: &str, envelope: Envelope) -> Result<()>;
+    /// Publishes `envelope` to the work queue this DLQ belongs to (only that
+    /// queue, whatever the bindings), waits for the broker's confirm, then
+    /// removes the record from the DLQ.
+    async fn replay(self: Box<Self>, envelope: Envelope) -> Result<()>;
 
     /// Removes the record from the DLQ.
     async fn remove(self: Box<Self>) -> Result<()>;
@@ -209,6 +209,10 @@ pub trait DeadLetterHandle: Send {
 /// none of them in memory beyond the one in hand, so a DLQ of any size can
 /// be listed, exported or replayed in part. Records met and kept stay in
 /// the DLQ, in their order, once the cursor is dropped.
+///
+/// A cursor walks the records that were in the DLQ when it was opened: a
+/// record that arrives later (a replayed message that failed again) is not
+/// met, so replaying everything ends even while a consumer keeps failing.
 #[async_trait]
 pub trait DeadLetterCursor: Send {
     /// The next record, `None` at the end of the DLQ. An error names what

@@ -51,6 +51,11 @@ pub const NOTES: &str = "Ticketrail-Notes";
 /// together do not fit in one message.
 pub const PAYLOAD_REF: &str = "Ticketrail-Payload-Ref";
 
+/// [`PAYLOAD_REF`] of a copy whose body holds the original headers and
+/// payload together ([`wrap`]), because its headers would not fit in the
+/// broker's header frame next to the bookkeeping.
+pub const PAYLOAD_IN_BODY: &str = "body";
+
 /// The longest message id, in bytes (an AMQP short string).
 pub const MAX_ID_LEN: usize = 255;
 /// How far ahead of this machine's clock a publisher's time may be before it
@@ -140,6 +145,43 @@ pub fn quote(text: &str) -> String {
         end -= 1;
     }
     escape(&text[..end])
+}
+
+/// The first bytes of a wrapped body.
+const WRAP_MAGIC: &[u8] = b"TRWRAP1\n";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Wrapped {
+    headers: Headers,
+    content_type: Option<String>,
+}
+
+/// A body carrying a message's application headers, content type and
+/// payload together, for a copy whose headers leave no room for ticketrail's
+/// bookkeeping in the broker's header frame. Marked with
+/// [`PAYLOAD_REF`]` = `[`PAYLOAD_IN_BODY`]; read back by [`Incoming::decode`].
+pub fn wrap(envelope: &Envelope) -> Bytes {
+    let meta = serde_json::to_vec(&Wrapped {
+        headers: envelope.headers.clone(),
+        content_type: envelope.content_type.clone(),
+    })
+    .expect("a map of strings always encodes");
+    let mut body = Vec::with_capacity(WRAP_MAGIC.len() + 4 + meta.len() + envelope.payload.len());
+    body.extend_from_slice(WRAP_MAGIC);
+    body.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    body.extend_from_slice(&meta);
+    body.extend_from_slice(&envelope.payload);
+    body.into()
+}
+
+/// The headers, content type and payload of a body made by [`wrap`].
+fn unwrap(body: &Bytes) -> Option<(Headers, Option<String>, Bytes)> {
+    let rest = body.strip_prefix(WRAP_MAGIC)?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    let meta = rest.get(4..4 + len)?;
+    let wrapped: Wrapped = serde_json::from_slice(meta).ok()?;
+    let start = WRAP_MAGIC.len() + 4 + len;
+    Some((wrapped.headers, wrapped.content_type, body.slice(start..)))
 }
 
 /// Bookkeeping headers to write: a name of this module and its text value.
@@ -266,11 +308,31 @@ impl Incoming {
     /// [`decode`](Incoming::decode) with `now` as the time.
     pub fn decode_at(self, now: SystemTime) -> Decoded {
         let mut notes = Vec::new();
-        let (bookkeeping, headers): (Headers, Headers) = self
+        let (bookkeeping, mut headers): (Headers, Headers) = self
             .headers
             .into_iter()
             .partition(|(name, _)| is_bookkeeping(name));
         let get = |name: &str| bookkeeping.get(name).map(String::as_str);
+        let (mut payload, mut content_type) = (self.payload, self.content_type);
+        if get(PAYLOAD_REF) == Some(PAYLOAD_IN_BODY) {
+            // Only ticketrail's own copies (retried, dead-lettered) are wrapped.
+            if matches!(self.attempt, Attempt::Retried | Attempt::Recorded) {
+                match unwrap(&payload) {
+                    Some((inner, inner_type, inner_payload)) => {
+                        headers.extend(inner);
+                        content_type = inner_type;
+                        payload = inner_payload;
+                    }
+                    None => notes.push(format!(
+                        "{PAYLOAD_REF} says the body is wrapped, but it is not; kept as it is"
+                    )),
+                }
+            } else {
+                notes.push(format!(
+                    "{PAYLOAD_REF} ignored: the message came straight from a publisher"
+                ));
+            }
+        }
 
         let id = choose_id(get(ID), self.broker_id.as_deref(), &mut notes);
 
@@ -369,8 +431,8 @@ impl Incoming {
             envelope: Envelope {
                 id,
                 routing_key,
-                payload: self.payload,
-                content_type: self.content_type,
+                payload,
+                content_type,
                 headers,
                 published_at,
                 attempt,
@@ -515,11 +577,14 @@ impl crate::DeadLetter {
             FIRST_FAILED_AT,
             &mut notes,
         );
-        let attempts = match get(ATTEMPTS).map(|t| (t, t.trim().parse::<u32>())) {
+        // A record says how many attempts were made; a message the broker
+        // dead-lettered itself may still carry the attempt it was on.
+        let claimed = get(ATTEMPTS).or_else(|| get(ATTEMPT));
+        let attempts = match claimed.map(|t| (t, t.trim().parse::<u32>())) {
             Some((_, Ok(n))) if n >= 1 => n,
             Some((text, _)) => {
                 notes.push(format!(
-                    "{ATTEMPTS} `{}` is not a number of attempts; taken as {}",
+                    "the attempts `{}` are not a number; taken as {}",
                     quote(text),
                     envelope.attempt
                 ));
@@ -528,9 +593,16 @@ impl crate::DeadLetter {
             None => envelope.attempt,
         };
         envelope.attempt = attempts;
-        let queue = get(SOURCE_QUEUE)
-            .filter(|q| crate::validate_name("queue", q).is_ok())
-            .map_or(fallback.queue, str::to_owned);
+        // A DLQ belongs to one work queue: a record claiming another was
+        // put there by hand.
+        if let Some(claimed) = get(SOURCE_QUEUE).filter(|q| *q != fallback.queue) {
+            notes.push(format!(
+                "{SOURCE_QUEUE} `{}` ignored: the record is in the DLQ of `{}`",
+                quote(claimed),
+                fallback.queue
+            ));
+        }
+        let queue = fallback.queue;
         crate::DeadLetter {
             envelope,
             queue,
@@ -548,7 +620,8 @@ impl crate::DeadLetter {
 /// ticketrail's: one its broker dead-lettered itself (a delivery limit).
 #[derive(Debug, Clone)]
 pub struct RecordFallback {
-    /// The work queue the DLQ belongs to.
+    /// The work queue the DLQ belongs to: the record's queue, whatever its
+    /// headers claim.
     pub queue: String,
     /// Why, as far as the broker says.
     pub reason: crate::DeadLetterReason,
@@ -744,9 +817,37 @@ mod tests {
         for (name, value) in original.wire_headers() {
             msg.headers.insert(name.to_owned(), value);
         }
-        let fallback = RecordFallback::delivery_limit("other", "x");
+        let fallback = RecordFallback::delivery_limit("email.notifications", "x");
         let back = DeadLetter::from_wire_at(msg.decode_at(at(NOW)), fallback, at(NOW));
         assert_eq!(back, original);
+    }
+
+    #[test]
+    fn a_wrapped_copy_is_unwrapped_only_when_ticketrail_made_it() {
+        let original = record();
+        let body = wrap(&original.envelope);
+        let read = |attempt| {
+            let mut msg = Incoming::new("q", body.clone());
+            msg.headers = [(PAYLOAD_REF.to_owned(), PAYLOAD_IN_BODY.to_owned())].into();
+            msg.attempt = attempt;
+            msg.decode_at(at(NOW))
+        };
+        let decoded = read(Attempt::Recorded);
+        assert_eq!(decoded.envelope.payload, original.envelope.payload);
+        assert_eq!(decoded.envelope.headers, original.envelope.headers);
+        assert_eq!(
+            decoded.envelope.content_type,
+            original.envelope.content_type
+        );
+        let decoded = read(Attempt::Fresh);
+        assert_eq!(decoded.envelope.payload, body);
+        assert_eq!(decoded.notes.len(), 1);
+        let mut msg = Incoming::new("q", "not wrapped");
+        msg.headers = [(PAYLOAD_REF.to_owned(), PAYLOAD_IN_BODY.to_owned())].into();
+        msg.attempt = Attempt::Retried;
+        let decoded = msg.decode_at(at(NOW));
+        assert_eq!(decoded.envelope.payload, "not wrapped");
+        assert_eq!(decoded.notes.len(), 1);
     }
 
     #[test]
@@ -768,6 +869,11 @@ mod tests {
         let record = DeadLetter::from_wire_at(msg.decode_at(at(NOW)), fallback, at(NOW));
         assert_eq!(record.reason, DeadLetterReason::DeliveryLimit);
         assert_eq!(record.queue, "q");
+        assert!(
+            record.notes.iter().any(|n| n.contains("bad queue")),
+            "{:?}",
+            record.notes
+        );
         assert_eq!(record.attempts, 1);
         assert_eq!(record.last_failed_at, at(NOW));
         assert!(record.first_failed_at <= record.last_failed_at);

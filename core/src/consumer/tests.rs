@@ -49,7 +49,7 @@ struct ScriptedSettle {
 }
 
 impl ScriptedSettle {
-    fn record(mut self: Box<Self>, what: Settled) -> crate::Result<()> {
+    fn record(&mut self, what: Settled) -> crate::Result<()> {
         self.settled = true;
         self.log.lock().unwrap().push(what);
         Ok(())
@@ -69,17 +69,17 @@ impl Drop for ScriptedSettle {
 
 #[async_trait]
 impl Settle for ScriptedSettle {
-    async fn ack(self: Box<Self>) -> crate::Result<()> {
+    async fn ack(mut self: Box<Self>) -> crate::Result<()> {
         let id = self.id.clone();
         self.record(Settled::Ack(id))
     }
 
-    async fn nack(self: Box<Self>) -> crate::Result<()> {
+    async fn nack(mut self: Box<Self>) -> crate::Result<()> {
         let id = self.id.clone();
         self.record(Settled::Nack(id))
     }
 
-    async fn retry(self: Box<Self>, _: &Envelope, request: RetryRequest) -> crate::Result<()> {
+    async fn retry(mut self: Box<Self>, _: &Envelope, request: RetryRequest) -> crate::Result<()> {
         let id = self.id.clone();
         self.record(Settled::Retry {
             id,
@@ -88,7 +88,7 @@ impl Settle for ScriptedSettle {
         })
     }
 
-    async fn dead_letter(self: Box<Self>, record: DeadLetter) -> crate::Result<()> {
+    async fn dead_letter(mut self: Box<Self>, record: DeadLetter) -> crate::Result<()> {
         let id = self.id.clone();
         self.record(Settled::DeadLetter {
             id,

@@ -1,22 +1,39 @@
-//! Subscriptions and the settlement of deliveries in the in-process broker.
+//! Subscriptions on queues of the store, and how their deliveries are settled.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ticketrail_core::{
-    DeadLetter, Delivery, Envelope, Error, Result, RetryRequest, Settle, Subscription,
-};
+use ticketrail_core::{DeadLetter, Delivery, Envelope, Result, RetryRequest, Settle, Subscription};
 
-use crate::broker::Connection;
-use crate::topology::{Queue, Stored};
+use crate::connection::Connection;
+use crate::error;
+use crate::store::{Queue, Stored};
 
 /// A subscription on one queue, with its own prefetch window.
 pub(crate) struct MemorySubscription {
-    pub(crate) queue: Arc<Queue>,
-    pub(crate) connection: Arc<Connection>,
-    pub(crate) prefetch: usize,
-    pub(crate) unsettled: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
+    connection: Arc<Connection>,
+    prefetch: usize,
+    unsettled: Arc<AtomicUsize>,
+}
+
+impl MemorySubscription {
+    pub(crate) fn new(queue: Arc<Queue>, connection: Arc<Connection>, prefetch: usize) -> Self {
+        queue.consumers.fetch_add(1, Ordering::AcqRel);
+        MemorySubscription {
+            queue,
+            connection,
+            prefetch,
+            unsettled: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        self.queue.consumers.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[async_trait]
@@ -56,9 +73,10 @@ impl MemorySubscription {
         if self.unsettled.load(Ordering::Acquire) >= self.prefetch {
             return None;
         }
-        let stored = self.queue.pop()?;
+        let mut stored = self.queue.pop()?;
         self.unsettled.fetch_add(1, Ordering::AcqRel);
         let first_failed_at = stored.first_failed_at;
+        let notes = std::mem::take(&mut stored.notes);
         let envelope = Arc::clone(&stored.envelope);
         let settle = MemorySettle {
             queue: Arc::clone(&self.queue),
@@ -67,12 +85,13 @@ impl MemorySubscription {
             prefetch: self.prefetch,
             stored: Some(stored),
         };
-        Some(Some(Ok(Delivery::new(
-            Arc::clone(&self.queue.name),
-            envelope,
-            first_failed_at,
-            Box::new(settle),
-        ))))
+        let delivery = Delivery::new(Arc::clone(&self.queue.name), envelope, Box::new(settle))
+            .with_first_failed_at(first_failed_at);
+        Some(Some(Ok(if notes.is_empty() {
+            delivery
+        } else {
+            delivery.with_notes(notes)
+        })))
     }
 }
 
@@ -90,17 +109,13 @@ impl MemorySettle {
     /// Takes the message out of this delivery and frees its prefetch slot.
     fn finish(&mut self) -> Result<Stored> {
         if self.connection.is_closed() {
-            // Like a broker whose connection went away: the settlement never
-            // arrives, and the message goes back when this is dropped.
-            return Err(Error::closed(format!(
-                "connection closed before the delivery from `{}` was settled",
-                self.queue.name
-            )));
+            return Err(error::settled_after_close(&self.queue.name));
         }
         let stored = self
             .stored
             .take()
             .expect("settled once: Delivery guarantees it");
+        self.queue.settled();
         // Only a subscription whose window was full waits for a free slot.
         if self.unsettled.fetch_sub(1, Ordering::AcqRel) >= self.prefetch {
             self.queue.changed.notify_waiters();
@@ -112,6 +127,7 @@ impl MemorySettle {
 impl Drop for MemorySettle {
     fn drop(&mut self) {
         if let Some(stored) = self.stored.take() {
+            self.queue.settled();
             self.unsettled.fetch_sub(1, Ordering::AcqRel);
             self.queue.release(stored);
         }
@@ -120,11 +136,11 @@ impl Drop for MemorySettle {
 
 #[async_trait]
 impl Settle for MemorySettle {
-    async fn ack(mut self: Box<Self>, _envelope: &Envelope) -> Result<()> {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
         self.finish().map(drop)
     }
 
-    async fn nack(mut self: Box<Self>, _envelope: &Envelope) -> Result<()> {
+    async fn nack(mut self: Box<Self>) -> Result<()> {
         let stored = self.finish()?;
         self.queue.release(stored);
         Ok(())
