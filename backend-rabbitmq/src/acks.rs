@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::Channel;
+use lapin::{Channel, Connection};
 use ticketrail_core::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,8 +21,10 @@ use crate::error::map;
 
 type Reply = oneshot::Sender<Result<()>>;
 
-/// The ack pipeline of one consumer channel.
+/// The ack pipeline of one consumer channel, on a connection of its own
+/// that is closed once the last delivery taken from it is settled.
 pub(crate) struct Acks {
+    connection: Arc<Connection>,
     channel: Channel,
     /// Delivery tags handed out and not yet acked or nacked.
     in_hand: Arc<Mutex<BTreeSet<u64>>>,
@@ -30,8 +32,9 @@ pub(crate) struct Acks {
 }
 
 impl Acks {
-    /// The ack pipeline of `channel`, whose prefetch limit is `prefetch`.
-    pub(crate) fn new(channel: Channel, prefetch: u16) -> Arc<Self> {
+    /// The ack pipeline of `channel` (of `connection`), whose prefetch
+    /// limit is `prefetch`.
+    pub(crate) fn new(connection: Connection, channel: Channel, prefetch: u16) -> Arc<Self> {
         let (requests, incoming) = mpsc::unbounded_channel();
         let in_hand = Arc::new(Mutex::new(BTreeSet::new()));
         let enough = usize::from(prefetch / 2).max(1);
@@ -42,10 +45,16 @@ impl Acks {
             incoming,
         ));
         Arc::new(Acks {
+            connection: Arc::new(connection),
             channel,
             in_hand,
             requests,
         })
+    }
+
+    /// Whether no delivery taken from this channel is still unsettled.
+    pub(crate) fn idle(&self) -> bool {
+        self.in_hand.lock().expect("not poisoned").is_empty()
     }
 
     /// A delivery with `tag` was handed out.
@@ -74,6 +83,21 @@ impl Acks {
         let sent = self.channel.basic_nack(tag, options).await;
         self.in_hand.lock().expect("not poisoned").remove(&tag);
         sent.map_err(|e| map("nacking", e))
+    }
+}
+
+impl Drop for Acks {
+    fn drop(&mut self) {
+        // Nothing taken from this connection is unsettled any more: close
+        // it (lapin keeps a connection open until told).
+        let connection = Arc::clone(&self.connection);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if connection.status().connected() {
+                    let _ = connection.close(200, "subscription done".into()).await;
+                }
+            });
+        }
     }
 }
 

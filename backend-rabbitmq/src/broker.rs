@@ -1,20 +1,21 @@
 //! The RabbitMQ broker.
 
 use std::fmt;
+use std::num::NonZeroU16;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use ticketrail_core::{
-    validate_name, Broker, Capabilities, Confirmation, DeadLetter, Error, Message, Replay, Result,
-    SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, ErrorKind, Message,
+    QueueStats, Result, SubscribeOptions, Subscription, Topology,
 };
 
 use crate::config::RabbitConfig;
-use crate::dead_letters;
-use crate::delivery::RabbitSubscription;
-use crate::headers;
-use crate::link::Link;
-use crate::topology;
+use crate::connection::{open_raw, Link};
+use crate::dead_letters::RabbitCursor;
+use crate::error::map;
+use crate::subscription::RabbitSubscription;
+use crate::{publish, topology};
 
 /// A connection to RabbitMQ implementing the ticketrail contract.
 ///
@@ -34,6 +35,7 @@ impl fmt::Debug for RabbitBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitBroker")
             .field("config", &self.link.config)
+            .field("server", &self.link.server)
             .finish()
     }
 }
@@ -41,12 +43,18 @@ impl fmt::Debug for RabbitBroker {
 impl RabbitBroker {
     /// Connects. An unreachable broker fails within the connect timeout,
     /// naming the host and port; wrong credentials fail with
-    /// [`ErrorKind::Auth`](ticketrail_core::ErrorKind::Auth). Later breaks
-    /// of the connection are repaired by reconnecting (C15).
+    /// [`ErrorKind::Auth`]. Later breaks of the connection are repaired by
+    /// reconnecting, to another node of the list if need be (C15).
     pub async fn connect(config: RabbitConfig) -> Result<Self> {
-        Ok(RabbitBroker {
-            link: Link::connect(config).await?,
-        })
+        let link = Link::connect(config).await?;
+        crate::versions::log_server(&link.server, &link.config.address());
+        Ok(RabbitBroker { link })
+    }
+
+    /// The broker's product and version, as it announced them
+    /// (`RabbitMQ 3.10.8`).
+    pub fn server(&self) -> &str {
+        &self.link.server
     }
 }
 
@@ -58,6 +66,10 @@ impl Broker for RabbitBroker {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE.with_reconnect(true)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} at {}", self.link.server, self.link.config.address())
     }
 
     async fn declare(&self, topology: &Topology) -> Result<()> {
@@ -89,23 +101,8 @@ impl Broker for RabbitBroker {
         Ok(())
     }
 
-    async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
-        self.send(topic_space, message).await?.await
-    }
-
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
-        message.check(topic_space, self.link.config.max_payload, "RabbitMQ")?;
-        let properties = headers::properties(&message)?;
-        let confirm = self
-            .link
-            .send(
-                topic_space,
-                &message.routing_key,
-                &message.payload,
-                properties,
-            )
-            .await?;
-        Ok(Confirmation::new(message.id, confirm))
+        publish::send(&self.link, topic_space, message).await
     }
 
     async fn subscribe(
@@ -114,32 +111,59 @@ impl Broker for RabbitBroker {
         options: SubscribeOptions,
     ) -> Result<Box<dyn Subscription>> {
         validate_name("queue", queue)?;
-        if options.prefetch == 0 {
-            return Err(Error::config(format!(
-                "subscription to `{queue}`: prefetch must be at least 1"
-            )));
-        }
-        let mut subscription = RabbitSubscription {
-            link: Arc::clone(&self.link),
-            queue: Arc::from(queue),
-            prefetch: options.prefetch,
-            consumer: None,
-            acks: None,
-        };
-        subscription.open().await?;
+        let prefetch: NonZeroU16 = options.prefetch;
+        let subscription =
+            RabbitSubscription::open(Arc::clone(&self.link), queue, prefetch.get()).await?;
         Ok(Box::new(subscription))
     }
 
-    async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-        dead_letters::list(&self.link, queue, limit).await
-    }
-
-    async fn replay(&self, queue: &str, which: Replay) -> Result<usize> {
-        dead_letters::replay(&self.link, queue, &which).await
+    async fn dead_letter_cursor(&self, queue: &str) -> Result<Box<dyn DeadLetterCursor>> {
+        validate_name("queue", queue)?;
+        Ok(Box::new(
+            RabbitCursor::open(Arc::clone(&self.link), queue).await?,
+        ))
     }
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<usize> {
-        dead_letters::purge(&self.link, queue).await
+        let dlq = topology::dlq_name(queue);
+        let channel = self.link.channel().await?;
+        let purged = channel
+            .queue_purge(
+                dlq.as_str().into(),
+                lapin::options::QueuePurgeOptions::default(),
+            )
+            .await
+            .map_err(|e| map(&format!("purging `{dlq}`"), e));
+        let _ = channel.close(200, "purged".into()).await;
+        Ok(purged? as usize)
+    }
+
+    /// Ready messages and consumers of the work queue, records of its DLQ,
+    /// and messages in its wait queues; RabbitMQ does not tell a client how
+    /// many deliveries are unacknowledged (its management plugin does).
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
+        validate_name("queue", queue)?;
+        let mut raw = open_raw(&self.link.config).await?;
+        let (ready, consumers) = raw.queue_counts(queue).await?;
+        let (dead, _) = raw.queue_counts(&topology::dlq_name(queue)).await?;
+        let mut waiting = 0u64;
+        for tier in topology::tiers() {
+            match raw
+                .queue_counts(&topology::wait_queue_name(queue, tier))
+                .await
+            {
+                Ok((n, _)) => waiting += u64::from(n),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        raw.close().await;
+        let mut stats = QueueStats::new(queue);
+        stats.ready = Some(u64::from(ready));
+        stats.consumers = Some(u64::from(consumers));
+        stats.dead_letters = Some(u64::from(dead));
+        stats.waiting_retries = Some(waiting);
+        Ok(stats)
     }
 
     async fn close(&self) -> Result<()> {

@@ -7,21 +7,28 @@ use ticketrail_core::{redact_url, Error, Result};
 
 /// How to reach RabbitMQ and how to behave when it goes away.
 ///
+/// The URL may name several nodes of a cluster, comma-separated in the host
+/// part (`amqp://app:secret@10.0.0.1:5672,10.0.0.2:5672/%2f`): connections
+/// go to the first that answers, and move on to the next when theirs goes
+/// away.
+///
 /// ```
 /// use std::time::Duration;
 /// use ticketrail_rabbitmq::RabbitConfig;
 ///
-/// let config = RabbitConfig::from_url("amqp://guest:secret@127.0.0.1:5672/%2f")?
+/// let config = RabbitConfig::from_url("amqp://guest:secret@127.0.0.1:5672,127.0.0.1:5673/%2f")?
 ///     .connect_timeout(Duration::from_secs(3));
+/// assert_eq!(config.addresses(), ["127.0.0.1:5672", "127.0.0.1:5673"]);
 /// // Debug output never shows the password.
 /// assert!(!format!("{config:?}").contains("secret"));
 /// # Ok::<(), ticketrail_core::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct RabbitConfig {
+    /// The URL as given, for messages (always redacted).
     pub(crate) url: String,
-    pub(crate) host: String,
-    pub(crate) port: u16,
+    /// One URL per node, each in the form lapin takes.
+    pub(crate) nodes: Vec<Node>,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_payload: usize,
     pub(crate) reconnect_initial: Duration,
@@ -30,17 +37,42 @@ pub struct RabbitConfig {
     pub(crate) tls_ca_pem: Option<String>,
 }
 
+/// One node of the broker.
+#[derive(Clone)]
+pub(crate) struct Node {
+    pub(crate) url: String,
+    pub(crate) address: String,
+}
+
 impl RabbitConfig {
     /// Settings for an `amqp://` or `amqps://` URL, e.g.
-    /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    /// `amqp://guest:guest@127.0.0.1:5672/%2f`, naming one node or several
+    /// comma-separated ones.
     pub fn from_url(url: &str) -> Result<Self> {
-        let parsed: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
-            Error::config(format!("invalid RabbitMQ URL `{}`: {e}", redact_url(url)))
-        })?;
+        let invalid = |why: String| {
+            Error::config(format!("invalid RabbitMQ URL `{}`: {why}", redact_url(url)))
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("no scheme".into()))?;
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+            None => (String::new(), authority),
+        };
+        let mut nodes = Vec::new();
+        for host in hosts.split(',') {
+            let node_url = format!("{scheme}://{userinfo}{host}{tail}");
+            let parsed: lapin::uri::AMQPUri = node_url.parse().map_err(|e: String| invalid(e))?;
+            nodes.push(Node {
+                address: format!("{}:{}", parsed.authority.host, parsed.authority.port),
+                url: node_url,
+            });
+        }
         Ok(RabbitConfig {
             url: url.to_owned(),
-            host: parsed.authority.host.clone(),
-            port: parsed.authority.port,
+            nodes,
             connect_timeout: Duration::from_secs(10),
             max_payload: 128 * 1024 * 1024,
             reconnect_initial: Duration::from_millis(100),
@@ -90,9 +122,14 @@ impl RabbitConfig {
         Ok(self)
     }
 
-    /// `host:port` of the broker, for messages.
+    /// `host:port` of every node, in the order they are tried.
+    pub fn addresses(&self) -> Vec<&str> {
+        self.nodes.iter().map(|n| n.address.as_str()).collect()
+    }
+
+    /// `host:port` of the nodes, for messages.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        self.addresses().join(",")
     }
 }
 
@@ -107,5 +144,28 @@ impl fmt::Debug for RabbitConfig {
             .field("connection_name", &self.connection_name)
             .field("tls_ca", &self.tls_ca_pem.as_ref().map(|_| "custom"))
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_nodes_share_credentials_and_vhost() {
+        let config = RabbitConfig::from_url("amqps://u:p@a:5671,b,c:6000/vh?heartbeat=5").unwrap();
+        let urls: Vec<&str> = config.nodes.iter().map(|n| n.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "amqps://u:p@a:5671/vh?heartbeat=5",
+                "amqps://u:p@b/vh?heartbeat=5",
+                "amqps://u:p@c:6000/vh?heartbeat=5"
+            ]
+        );
+        assert_eq!(config.addresses(), ["a:5671", "b:5671", "c:6000"]);
+        assert!(RabbitConfig::from_url("nope").is_err());
+        let err = RabbitConfig::from_url("amqp://u:secret@a:notaport/").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
     }
 }

@@ -1,8 +1,9 @@
-//! The connection to RabbitMQ, re-established after it breaks (C15).
+//! Connections to RabbitMQ: opened on the first node of the list that
+//! answers, and the publishing link, re-established after it breaks (C15).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,91 @@ use ticketrail_core::{Error, ErrorKind, Result, Topology};
 use tokio::sync::Mutex;
 
 use crate::config::RabbitConfig;
-use crate::error::map;
+use crate::error::{is_untrusted_certificate, kind_of, map};
+use crate::raw::{RawConnection, RawTls};
 use crate::topology;
+
+/// Opens a connection to the first node of `config` that answers, starting
+/// after the one `next` points at, so successive connections spread over a
+/// cluster and a node that went away is skipped. A refusal of the
+/// credentials is not tried on other nodes.
+pub(crate) async fn open(
+    config: &RabbitConfig,
+    next: &AtomicUsize,
+    purpose: &str,
+) -> Result<(Connection, String)> {
+    let start = next.fetch_add(1, Ordering::Relaxed);
+    let mut last = None;
+    for i in 0..config.nodes.len() {
+        let node = &config.nodes[(start + i) % config.nodes.len()];
+        match open_node(config, &node.url, &node.address, purpose).await {
+            Ok(connection) => return Ok((connection, node.address.clone())),
+            Err(e) if e.kind() == ErrorKind::Auth => return Err(e),
+            Err(e) => {
+                tracing::debug!(node = %node.address, error = %e, "node did not answer; trying the next");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("a config has at least one node"))
+}
+
+async fn open_node(
+    config: &RabbitConfig,
+    url: &str,
+    address: &str,
+    purpose: &str,
+) -> Result<Connection> {
+    let name = format!("{} ({purpose})", config.connection_name);
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: config.tls_ca_pem.clone(),
+    };
+    let runtime =
+        lapin::runtime::default_runtime().map_err(|e| map("starting lapin's runtime", e))?;
+    let connecting = Connection::connect_with_config(url, properties, tls, runtime);
+    match tokio::time::timeout(config.connect_timeout, connecting).await {
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "connecting to RabbitMQ at {address} took over {:?}",
+                config.connect_timeout
+            ),
+        )),
+        Ok(Err(e)) if is_untrusted_certificate(&e) => Err(Error::new(
+            ErrorKind::Connection,
+            format!(
+                "TLS with RabbitMQ at {address} failed: its certificate is not trusted \
+                 (trust its CA with RabbitConfig::tls_ca_file)"
+            ),
+        )
+        .with_source(e)),
+        Ok(Err(e)) if kind_of(&e) == ErrorKind::Auth => Err(Error::new(
+            ErrorKind::Auth,
+            format!("RabbitMQ at {address} refused the credentials"),
+        )
+        .with_source(e)),
+        Ok(Err(e)) => Err(map(&format!("connecting to RabbitMQ at {address}"), e)),
+        Ok(Ok(connection)) => Ok(connection),
+    }
+}
+
+/// Opens a raw connection (see [`crate::raw`]) to the first node that answers.
+pub(crate) async fn open_raw(config: &RabbitConfig) -> Result<RawConnection> {
+    let tls = RawTls {
+        ca_pem: config.tls_ca_pem.clone(),
+    };
+    let mut last = None;
+    for node in &config.nodes {
+        match RawConnection::connect_with(&node.url, &tls, config.connect_timeout).await {
+            Ok(raw) => return Ok(raw),
+            Err(e) if e.kind() == ErrorKind::Auth => return Err(e),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("a config has at least one node"))
+}
 
 /// One live connection with its confirm-mode publishing channel.
 pub(crate) struct Session {
@@ -28,25 +112,38 @@ impl Session {
     }
 }
 
-/// The connection of one [`RabbitBroker`](crate::RabbitBroker), replaced by a
-/// new one when it breaks; topologies declared through it are declared again.
+/// The connection a [`RabbitBroker`](crate::RabbitBroker) publishes and
+/// declares through, replaced by a new one (on another node if its own is
+/// gone) when it breaks; topologies declared through it are declared again.
+/// Subscriptions have connections of their own.
 pub(crate) struct Link {
     pub(crate) config: RabbitConfig,
+    /// Which node the next connection tries first.
+    pub(crate) next_node: AtomicUsize,
     current: Mutex<Option<Arc<Session>>>,
     closed: AtomicBool,
     declared: SyncMutex<Vec<Topology>>,
     wait_queues: SyncMutex<HashMap<String, Instant>>,
+    /// The broker's product and version, read at connect.
+    pub(crate) server: String,
 }
 
 impl Link {
     /// Connects, failing within the connect timeout with the host and port.
     pub(crate) async fn connect(config: RabbitConfig) -> Result<Arc<Link>> {
+        // The raw handshake tells the broker's version, which lapin keeps
+        // to itself; it also proves the credentials before lapin tries them.
+        let raw = open_raw(&config).await?;
+        let server = raw.server.clone();
+        raw.close().await;
         let link = Arc::new(Link {
             config,
+            next_node: AtomicUsize::new(0),
             current: Mutex::new(None),
             closed: AtomicBool::new(false),
             declared: SyncMutex::default(),
             wait_queues: SyncMutex::default(),
+            server,
         });
         link.session().await?;
         Ok(link)
@@ -69,14 +166,19 @@ impl Link {
             // The connection lives; only the publishing channel broke (e.g.
             // a publish to an exchange that does not exist closes it).
             Some(old) if old.connection.status().connected() => Session {
-                publish: confirm_channel(&old.connection, &self.config).await?,
+                publish: confirm_channel(&old.connection).await?,
                 connection: Arc::clone(&old.connection),
             },
             _ => {
-                let session = open(&self.config).await?;
+                let (connection, address) =
+                    open(&self.config, &self.next_node, "publishing").await?;
+                let session = Session {
+                    publish: confirm_channel(&connection).await?,
+                    connection: Arc::new(connection),
+                };
                 let topologies = self.declared.lock().expect("not poisoned").clone();
                 if !topologies.is_empty() {
-                    tracing::info!(broker = %self.config.address(), "reconnected to RabbitMQ; declaring topology again");
+                    tracing::info!(broker = %address, "reconnected to RabbitMQ; declaring topology again");
                 }
                 for topology in &topologies {
                     topology::declare(&session.publish, topology).await?;
@@ -107,19 +209,6 @@ impl Link {
             .lock()
             .expect("not poisoned")
             .retain(|t| t.topic_space != topology.topic_space);
-    }
-
-    /// Publishes with `mandatory` and waits for the broker's confirm (C1).
-    pub(crate) async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        payload: &[u8],
-        properties: BasicProperties,
-    ) -> Result<()> {
-        self.send(exchange, routing_key, payload, properties)
-            .await?
-            .await
     }
 
     /// Publishes with `mandatory`; the future it returns awaits the
@@ -172,7 +261,10 @@ impl Link {
                 )),
                 Confirmation::Nack(None) => Err(Error::new(
                     ErrorKind::Broker,
-                    format!("RabbitMQ refused the message for {where_to} (nack)"),
+                    format!(
+                        "RabbitMQ refused the message for {where_to} (nack: a queue is full, \
+                         or a quorum queue could not reach its majority)"
+                    ),
                 )),
                 Confirmation::NotRequested => Err(Error::new(
                     ErrorKind::Broker,
@@ -180,6 +272,17 @@ impl Link {
                 )),
             }
         })
+    }
+
+    /// Publishes a copy straight to `queue` (the default exchange) and waits
+    /// for the broker's confirm.
+    pub(crate) async fn publish_to_queue(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<()> {
+        self.send("", queue, payload, properties).await?.await
     }
 
     /// Makes sure the wait queue of `queue` for `tier` exists and will not
@@ -237,70 +340,11 @@ impl Link {
     }
 }
 
-async fn open(config: &RabbitConfig) -> Result<Session> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(config.connection_name.clone().into());
-    let tls = lapin::tcp::OwnedTLSConfig {
-        identity: None,
-        cert_chain: config.tls_ca_pem.clone(),
-    };
-    let runtime =
-        lapin::runtime::default_runtime().map_err(|e| map("starting lapin's runtime", e))?;
-    let connecting = Connection::connect_with_config(&config.url, properties, tls, runtime);
-    let connection = match tokio::time::timeout(config.connect_timeout, connecting).await {
-        Err(_) => {
-            return Err(Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "connecting to RabbitMQ at {} took over {:?}",
-                    config.address(),
-                    config.connect_timeout
-                ),
-            ))
-        }
-        Ok(Err(e)) => {
-            let mapped = map(
-                &format!("connecting to RabbitMQ at {}", config.address()),
-                e,
-            );
-            let auth =
-                mapped.kind() == ErrorKind::Auth || mapped.to_string().contains("ACCESS_REFUSED");
-            let text = mapped.to_string();
-            if text.contains("certificate") || text.contains("UnknownIssuer") {
-                return Err(Error::new(
-                    ErrorKind::Connection,
-                    format!(
-                        "TLS with RabbitMQ at {} failed: its certificate is not trusted \
-                         (trust its CA with RabbitConfig::tls_ca_file)",
-                        config.address()
-                    ),
-                )
-                .with_source(mapped));
-            }
-            return Err(if auth {
-                Error::new(
-                    ErrorKind::Auth,
-                    format!("RabbitMQ at {} refused the credentials", config.address()),
-                )
-                .with_source(mapped)
-            } else {
-                mapped
-            });
-        }
-        Ok(Ok(connection)) => connection,
-    };
-    let publish = confirm_channel(&connection, config).await?;
-    Ok(Session {
-        connection: Arc::new(connection),
-        publish,
-    })
-}
-
-async fn confirm_channel(connection: &Connection, config: &RabbitConfig) -> Result<Channel> {
+async fn confirm_channel(connection: &Connection) -> Result<Channel> {
     let channel = connection
         .create_channel()
         .await
-        .map_err(|e| map(&format!("opening a channel to {}", config.address()), e))?;
+        .map_err(|e| map("opening a channel", e))?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await

@@ -1,108 +1,167 @@
-//! DLQ operations (C11): list without removing, replay, purge.
+//! Walking a queue's DLQ (C10, C11) through the raw client, which reads
+//! every message RabbitMQ accepted, also one lapin cannot parse: that one is
+//! returned as a record with reason `unreadable`, saying why.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions};
-use lapin::Channel;
-use ticketrail_core::{DeadLetter, Error, ErrorKind, Replay, Result};
+use std::sync::Arc;
 
-use crate::error::map;
-use crate::headers;
-use crate::link::Link;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ticketrail_core::wire::{self, RecordFallback};
+use ticketrail_core::{
+    DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle, DeadLetterReason, Envelope,
+    Error, Result,
+};
+use tokio::sync::Mutex;
+
+use crate::connection::{open_raw, Link};
+use crate::headers::{self, Source};
+use crate::publish;
+use crate::raw::{RawConnection, RawDelivery};
 use crate::topology::dlq_name;
 
-/// Takes the next message of the DLQ, unacked: it goes back to the DLQ when
-/// the channel closes, unless acked.
-async fn take(channel: &Channel, dlq: &str) -> Result<Option<(lapin::Acker, DeadLetter, String)>> {
-    let got = channel
-        .basic_get(dlq.into(), BasicGetOptions::default())
-        .await
-        .map_err(|e| map(&format!("reading dead-letter queue `{dlq}`"), e))?;
-    Ok(got.map(|message| {
-        let delivery = message.delivery;
-        let queue = dlq.strip_suffix(".dlq").unwrap_or(dlq);
-        let incoming = headers::incoming(
-            delivery.properties,
-            delivery.routing_key.as_str(),
-            delivery.data,
+/// A cursor over one DLQ: each record is taken unacknowledged and stays in
+/// the DLQ (handed back when the cursor's connection closes) unless it is
+/// replayed or removed.
+pub(crate) struct RabbitCursor {
+    link: Arc<Link>,
+    queue: Arc<str>,
+    dlq: String,
+    raw: Arc<Mutex<RawConnection>>,
+    /// Records in the DLQ when the cursor was opened, not yet met.
+    left: u32,
+}
+
+impl RabbitCursor {
+    pub(crate) async fn open(link: Arc<Link>, queue: &str) -> Result<Self> {
+        let dlq = dlq_name(queue);
+        let mut raw = open_raw(&link.config).await?;
+        // Fails with NotFound at once if the queue was never declared.
+        let (left, _consumers) = raw.queue_counts(&dlq).await.map_err(|e| {
+            Error::new(e.kind(), format!("opening the DLQ of `{queue}`")).with_source(e)
+        })?;
+        Ok(RabbitCursor {
+            link,
+            queue: Arc::from(queue),
+            dlq,
+            raw: Arc::new(Mutex::new(raw)),
+            left,
+        })
+    }
+}
+
+#[async_trait]
+impl DeadLetterCursor for RabbitCursor {
+    async fn next(&mut self) -> Option<Result<DeadLetterEntry>> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let taken = self.raw.lock().await.get(&self.dlq).await;
+        let delivery = match taken {
+            Ok(delivery) => delivery?,
+            Err(e) => {
+                return Some(Err(Error::new(
+                    e.kind(),
+                    format!("reading the DLQ `{}`", self.dlq),
+                )
+                .with_source(e)))
+            }
+        };
+        let tag = delivery.delivery_tag;
+        let record = record(delivery, &self.queue);
+        let handle = RabbitDeadLetter {
+            link: Arc::clone(&self.link),
+            queue: Arc::clone(&self.queue),
+            raw: Arc::clone(&self.raw),
+            tag,
+        };
+        Some(Ok(DeadLetterEntry::new(record, Box::new(handle))))
+    }
+}
+
+/// Reads a message of the DLQ of `queue` as its record.
+fn record(delivery: RawDelivery, queue: &str) -> DeadLetter {
+    let mut problems = delivery.properties.unreadable();
+    for (what, text) in [
+        ("routing key", &delivery.routing_key),
+        ("exchange", &delivery.exchange),
+    ] {
+        if text.as_str().is_none() {
+            problems.push(format!("its {what} is not UTF-8"));
+        }
+    }
+    let props = delivery.properties.to_lapin();
+    let death = headers::death(&props);
+    let has_record = props
+        .headers()
+        .as_ref()
+        .is_some_and(|t| t.inner().contains_key(wire::REASON));
+    // A message RabbitMQ dead-lettered itself went to the DLQ under the
+    // DLQ's name; its own routing key is in `x-death`.
+    let routing_key = match &death {
+        Some(d) if !has_record => d.routing_key.clone(),
+        _ => None,
+    }
+    .unwrap_or_else(|| delivery.routing_key.lossy());
+    let decoded = headers::incoming(
+        &props,
+        &routing_key,
+        Bytes::from(delivery.body),
+        Source::DeadLetters,
+    )
+    .decode();
+    let broker_says = death
+        .as_ref()
+        .and_then(|d| d.reason.clone())
+        .unwrap_or_else(|| "no reason given".into());
+    let mut fallback = RecordFallback::delivery_limit(queue, &broker_says);
+    fallback.failed_at = death.as_ref().and_then(|d| d.time);
+    let mut record = DeadLetter::from_wire(decoded, fallback);
+    if !problems.is_empty() {
+        record.notes.push(format!(
+            "before it was found unreadable: reason {}, last error: {}",
+            record.reason,
+            wire::quote(&record.last_error)
+        ));
+        record.reason = DeadLetterReason::Unreadable;
+        record.last_error = format!(
+            "the AMQP client cannot read this message: {}; a replay sends it with those \
+             bytes replaced by U+FFFD",
+            problems.join("; ")
         );
-        let record = incoming.into_dead_letter(queue);
-        (delivery.acker, record, queue.to_owned())
-    }))
-}
-
-async fn close(channel: Channel) {
-    // Closing hands every message taken but not acked back to the DLQ.
-    let _ = channel
-        .close(200, "done with the dead-letter queue".into())
-        .await;
-}
-
-pub(crate) async fn list(link: &Link, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-    let dlq = dlq_name(queue);
-    let channel = link.channel().await?;
-    let mut records = Vec::new();
-    let result = async {
-        while records.len() < limit {
-            match take(&channel, &dlq).await? {
-                Some((_acker, record, _)) => records.push(record),
-                None => break,
-            }
-        }
-        Ok(())
     }
-    .await;
-    close(channel).await;
-    result.map(|()| records)
+    record
 }
 
-pub(crate) async fn replay(link: &Link, queue: &str, which: &Replay) -> Result<usize> {
-    let dlq = dlq_name(queue);
-    let channel = link.channel().await?;
-    let result = async {
-        let mut replayed = 0;
-        while let Some((acker, record, _)) = take(&channel, &dlq).await? {
-            if !which.selects(&record.envelope.id) {
-                continue; // stays unacked, so it goes back at close
-            }
-            // Back to the work queue, same id, attempt 1; the record leaves
-            // the DLQ only once the republish is confirmed.
-            let mut envelope = record.envelope;
-            envelope.attempt = 1;
-            let properties = headers::copy_properties(&envelope, &[]);
-            link.publish("", &record.queue, &envelope.payload, properties).await?;
-            match acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => {}
-                _ => {
-                    return Err(Error::closed(format!(
-                        "message {} was replayed, but removing it from `{dlq}` failed; it may be replayed twice",
-                        envelope.id
-                    )))
-                }
-            }
-            replayed += 1;
-            if matches!(which, Replay::Id(_)) {
-                break;
-            }
-        }
-        Ok(replayed)
-    }
-    .await;
-    close(channel).await;
-    match (result, which) {
-        (Ok(0), Replay::Id(id)) => Err(Error::new(
-            ErrorKind::NotFound,
-            format!("no dead letter with id `{id}` in `{dlq}`"),
-        )),
-        (result, _) => result,
-    }
+/// One record of the DLQ, taken and not yet acknowledged.
+struct RabbitDeadLetter {
+    link: Arc<Link>,
+    queue: Arc<str>,
+    raw: Arc<Mutex<RawConnection>>,
+    tag: u64,
 }
 
-pub(crate) async fn purge(link: &Link, queue: &str) -> Result<usize> {
-    let dlq = dlq_name(queue);
-    let channel = link.channel().await?;
-    let purged = channel
-        .queue_purge(dlq.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .map_err(|e| map(&format!("purging `{dlq}`"), e));
-    close(channel).await;
-    Ok(purged? as usize)
+#[async_trait]
+impl DeadLetterHandle for RabbitDeadLetter {
+    async fn replay(self: Box<Self>, envelope: Envelope) -> Result<()> {
+        // Back to the work queue, same id, attempt 1; the record leaves the
+        // DLQ only once the republish is confirmed.
+        let bookkeeping = wire::copy_headers(&envelope);
+        publish::publish_copy(&self.link, &self.queue, &envelope, bookkeeping).await?;
+        self.raw.lock().await.ack(self.tag).await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "message {} was replayed, but removing it from the DLQ of `{}` failed; it \
+                     may be replayed twice",
+                    envelope.id, self.queue
+                ),
+            )
+            .with_source(e)
+        })
+    }
+
+    async fn remove(self: Box<Self>) -> Result<()> {
+        self.raw.lock().await.ack(self.tag).await
+    }
 }

@@ -12,22 +12,31 @@
 //!   TTL dead-letters it back to the work queue, then acks the original:
 //!   the wait lives in the broker (C7, C12). Wait queues exist per delay
 //!   tier; a delay is rounded up to its tier, which keeps C7's bound;
-//! - dead letters are copies with their record in `x-tr-*` headers, in the
-//!   quorum queue `<queue>.dlq` (C10, C11);
+//! - dead letters are copies with their record in `Ticketrail-*` headers
+//!   (core's wire format), in the quorum queue `<queue>.dlq` (C10, C11);
 //! - `x-delivery-limit` with at-least-once dead-lettering sends a message
 //!   that keeps crashing its consumer to the DLQ (C13);
-//! - the connection is re-opened with backoff after it breaks, topology is
-//!   declared again and consumers resume (C15).
+//! - connections are re-opened with backoff after they break, on the next
+//!   node of the URL's list, topology is declared again and consumers
+//!   resume (C15). Each subscription has a connection of its own.
+//!
+//! The crate has the file skeleton of every backend (see
+//! ADDING_A_BACKEND.md). Its extra files: `acks.rs` (acks coalesced into
+//! `multiple` acks), `raw.rs` (a small AMQP client that reads what lapin
+//! cannot parse) and `versions.rs` (what each RabbitMQ version changes).
 
 mod acks;
 mod broker;
 mod config;
+mod connection;
 mod dead_letters;
-mod delivery;
 mod error;
 mod headers;
-mod link;
+mod publish;
+pub mod raw;
+mod subscription;
 mod topology;
+mod versions;
 
 pub use broker::RabbitBroker;
 pub use config::RabbitConfig;

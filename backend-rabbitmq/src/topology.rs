@@ -25,14 +25,30 @@ pub(crate) const MAX_QUEUE_NAME: usize = 220;
 /// message has left it long before it expires.
 const WAIT_QUEUE_SLACK: Duration = Duration::from_secs(120);
 
+/// The suffix of a work queue's DLQ.
+const DLQ_SUFFIX: &str = ".dlq";
+/// Between a work queue's name and a wait queue's tier.
+const WAIT_INFIX: &str = ".retry.";
+/// After a wait queue's tier.
+const WAIT_SUFFIX: &str = "ms";
+
 /// The name of the DLQ of `queue`.
 pub(crate) fn dlq_name(queue: &str) -> String {
-    format!("{queue}.dlq")
+    format!("{queue}{DLQ_SUFFIX}")
 }
 
 /// The name of the wait queue of `queue` for a tier.
 pub(crate) fn wait_queue_name(queue: &str, tier: Duration) -> String {
-    format!("{queue}.retry.{}ms", tier.as_millis())
+    format!("{queue}{WAIT_INFIX}{}{WAIT_SUFFIX}", tier.as_millis())
+}
+
+/// Whether `name` is one of the wait queues of `queue`.
+pub(crate) fn is_wait_queue_of(queue: &str, name: &str) -> bool {
+    name.strip_prefix(queue)
+        .and_then(|rest| rest.strip_prefix(WAIT_INFIX))
+        .and_then(|rest| rest.strip_suffix(WAIT_SUFFIX))
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .is_some_and(|ms| tiers().any(|t| t.as_millis() == u128::from(ms)))
 }
 
 /// Tiers below one second, in 100 ms steps: late by under 100 ms.
@@ -248,6 +264,15 @@ mod tests {
             );
             ms += if ms < 10_000 { 7 } else { 997 };
         }
+    }
+
+    #[test]
+    fn wait_queues_are_recognised_by_name() {
+        let name = wait_queue_name("email.q", Duration::from_secs(2));
+        assert!(is_wait_queue_of("email.q", &name));
+        assert!(!is_wait_queue_of("email", &name));
+        assert!(!is_wait_queue_of("email.q", "email.q.retry.1234ms"));
+        assert!(!is_wait_queue_of("email.q", "email.q.dlq"));
     }
 
     #[test]
