@@ -7,6 +7,10 @@ use ticketrail_core::{redact_url, Error, Result};
 
 /// How to reach NATS and how the JetStream consumers behave.
 ///
+/// The URL may name several servers of a cluster, comma-separated in the
+/// host part (`nats://app:secret@10.0.0.1:4222,10.0.0.2:4222`): the client
+/// connects to one that answers and moves to another when it goes away.
+///
 /// ```
 /// use std::time::Duration;
 /// use ticketrail_nats::NatsConfig;
@@ -14,15 +18,17 @@ use ticketrail_core::{redact_url, Error, Result};
 /// let config = NatsConfig::from_url("nats://app:secret@127.0.0.1:4222")?.ack_wait(Duration::from_secs(60));
 /// assert_eq!(config.address(), "127.0.0.1:4222");
 /// assert!(!format!("{config:?}").contains("secret"));
+/// let cluster = NatsConfig::from_url("nats://127.0.0.1:4222,127.0.0.1:4223")?.replicas(3);
+/// assert_eq!(cluster.address(), "127.0.0.1:4222,127.0.0.1:4223");
 /// # Ok::<(), ticketrail_core::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct NatsConfig {
     /// The URL as given, for messages (always redacted).
     pub(crate) url: String,
-    /// The URL without credentials: what the client is given, so that its
-    /// own logs never carry a secret.
-    pub(crate) server: String,
+    /// One URL per server, without credentials: what the client is given,
+    /// so that its own logs never carry a secret.
+    pub(crate) servers: Vec<String>,
     pub(crate) credentials: Option<Credentials>,
     pub(crate) address: String,
     pub(crate) connect_timeout: Duration,
@@ -33,6 +39,7 @@ pub struct NatsConfig {
     pub(crate) tls_ca_file: Option<std::path::PathBuf>,
     pub(crate) require_tls: bool,
     pub(crate) progress_acks: Option<bool>,
+    pub(crate) replicas: usize,
 }
 
 impl NatsConfig {
@@ -67,15 +74,27 @@ impl NatsConfig {
                     }
                     None => Credentials::Token(userinfo.to_owned()),
                 });
-        let server = format!("{scheme}://{host_port}{}", &rest[authority.len()..]);
-        let address = if host_port.contains(':') {
-            host_port.to_owned()
-        } else {
-            format!("{host_port}:4222")
-        };
+        let tail = &rest[authority.len()..];
+        let mut servers = Vec::new();
+        let mut addresses = Vec::new();
+        for host in host_port.split(',') {
+            if host.is_empty() {
+                return Err(Error::config(format!(
+                    "invalid NATS URL `{}`: an empty host in the list",
+                    redact_url(url)
+                )));
+            }
+            servers.push(format!("{scheme}://{host}{tail}"));
+            addresses.push(if host.contains(':') {
+                host.to_owned()
+            } else {
+                format!("{host}:4222")
+            });
+        }
+        let address = addresses.join(",");
         Ok(NatsConfig {
             url: url.to_owned(),
-            server,
+            servers,
             credentials,
             address,
             connect_timeout: Duration::from_secs(10),
@@ -86,6 +105,7 @@ impl NatsConfig {
             tls_ca_file: None,
             require_tls: scheme == "tls",
             progress_acks: None,
+            replicas: 1,
         })
     }
 
@@ -143,6 +163,14 @@ impl NatsConfig {
         self
     }
 
+    /// How many servers of a cluster keep a copy of each stream and of each
+    /// queue's consumer state (JetStream replicas: 1, 3 or 5). Default 1;
+    /// 3 on a three-node cluster, so losing a node loses nothing.
+    pub fn replicas(mut self, replicas: usize) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
     /// The connect options for these settings, credentials included.
     pub(crate) fn connect_options(&self) -> async_nats::ConnectOptions {
         let options = match &self.credentials {
@@ -166,7 +194,7 @@ impl NatsConfig {
             .max_reconnects(None)
     }
 
-    /// `host:port` of the server, for messages.
+    /// `host:port` of the servers, comma-separated, for messages.
     pub fn address(&self) -> &str {
         &self.address
     }
@@ -191,6 +219,7 @@ impl fmt::Debug for NatsConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("require_tls", &self.require_tls)
             .field("progress_acks", &self.progress_acks)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }

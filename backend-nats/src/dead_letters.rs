@@ -1,129 +1,436 @@
-//! DLQ operations (C11) on the dead-letter stream of a topic space.
+//! The DLQs of a topic space: records written to `_tr_dlq.<stream>.<queue>`
+//! of the stream `TR_DLQ_<stream>` (C10), and walked one at a time (C11).
+//!
+//! A record that does not fit in one message next to its payload (a payload
+//! or headers near `max_payload`) keeps the payload, wrapped with the
+//! application's headers, in the object store `TR_DLQ_<stream>`, referenced
+//! from the record: it is still written, crash-safely, never refused.
+//!
+//! Records are read through the JetStream API's JSON form, whose headers
+//! come base64-encoded, so a header block the client cannot parse (a
+//! stranger published it straight into the DLQ) neither hangs nor
+//! disconnects the reader: it is returned with reason `unreadable`.
 
-use async_nats::jetstream::message::StreamMessage;
-use ticketrail_core::{DeadLetter, Error, ErrorKind, Replay, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
 
-use crate::broker::{Inner, QueueInfo};
-use crate::error::map;
-use crate::headers;
+use async_trait::async_trait;
+use base64::Engine;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use ticketrail_core::wire::{self, Attempt, RecordFallback};
+use ticketrail_core::{
+    DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle, DeadLetterReason, Envelope,
+    Error, ErrorKind, Headers, Result,
+};
+use tokio::io::AsyncReadExt;
+
+use crate::connection::{Connection, QueueInfo};
+use crate::headers::{self, read_block, RawBlock};
 use crate::topology;
 
-/// Walks the dead letters of a queue in order, from `sequence` on.
-async fn next_record(
-    stream: &async_nats::jetstream::stream::Stream,
-    subject: &str,
-    sequence: u64,
-) -> Result<Option<StreamMessage>> {
-    match stream
-        .raw_message_builder()
-        .sequence(sequence)
-        .next_by_subject(subject)
-        .send()
-        .await
-    {
-        Ok(message) => Ok(Some(message)),
-        Err(e)
-            if e.to_string()
-                .to_ascii_lowercase()
-                .contains("no message found") =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(map(&format!("reading dead letters of `{subject}`"), e)),
-    }
+/// Room kept under `max_payload` for what the size estimate leaves out.
+const SIZE_MARGIN: usize = 1024;
+/// [`wire::PAYLOAD_REF`] of a payload kept in the object store: followed by
+/// `<bucket>/<object>`.
+const OBJECT_REF: &str = "object:";
+
+/// The deduplication id of the record of message `sequence` in `queue`'s
+/// DLQ: writing it again after a crash stores one record.
+fn record_id(info: &QueueInfo, sequence: u64) -> String {
+    format!("{}:{}:{}", info.stream, sequence, info.name)
 }
 
-fn record(message: &StreamMessage, queue: &str) -> DeadLetter {
-    let headers = Some(&message.headers);
-    let attempts = headers::incoming(headers, "", message.payload.clone(), message.time.into(), 1);
-    let envelope = headers::incoming(
-        headers,
-        &attempts.routing_key,
-        message.payload.clone(),
-        message.time.into(),
-        1,
-    );
-    headers::dead_letter(headers, envelope, queue)
-}
-
-async fn dlq_stream(
-    inner: &Inner,
+async fn object_store(
+    conn: &Connection,
     info: &QueueInfo,
-) -> Result<async_nats::jetstream::stream::Stream> {
-    let name = topology::dlq_stream_name(&info.stream);
-    inner
-        .js
-        .get_stream(&name)
+) -> Result<async_nats::jetstream::object_store::ObjectStore> {
+    let bucket = topology::dlq_stream_name(&info.stream);
+    conn.js
+        .create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: bucket.clone(),
+            description: Some(format!(
+                "ticketrail dead-letter payloads too large to sit next to their record, of {}",
+                info.stream
+            )),
+            num_replicas: conn.config.replicas,
+            ..Default::default()
+        })
         .await
-        .map_err(|e| map(&format!("finding dead-letter stream `{name}`"), e))
-}
-
-pub(crate) async fn list(inner: &Inner, info: &QueueInfo, limit: usize) -> Result<Vec<DeadLetter>> {
-    let stream = dlq_stream(inner, info).await?;
-    let subject = topology::dlq_subject(&info.stream, &info.name);
-    let mut records = Vec::new();
-    let mut sequence = 1;
-    while records.len() < limit {
-        let Some(message) = next_record(&stream, &subject, sequence).await? else {
-            break;
-        };
-        sequence = message.sequence + 1;
-        records.push(record(&message, &info.name));
-    }
-    Ok(records)
-}
-
-pub(crate) async fn replay(inner: &Inner, info: &QueueInfo, which: &Replay) -> Result<usize> {
-    let stream = dlq_stream(inner, info).await?;
-    let subject = topology::dlq_subject(&info.stream, &info.name);
-    let mut replayed = 0;
-    let mut sequence = 1;
-    while let Some(message) = next_record(&stream, &subject, sequence).await? {
-        sequence = message.sequence + 1;
-        let dead = record(&message, &info.name);
-        if !which.selects(&dead.envelope.id) {
-            continue;
-        }
-        // Back to this queue only (the header addresses it), same id, attempt
-        // 1; removed from the DLQ once the stream has acknowledged it.
-        let envelope = dead.envelope;
-        let mut headers = headers::copy(
-            &envelope,
-            &format!("{}:replay:{}", envelope.id, message.sequence),
-        );
-        headers.insert(headers::QUEUE, info.name.as_ref());
-        let target = topology::subject(&info.space, &envelope.routing_key);
-        inner
-            .publish(target, headers, envelope.payload.clone())
-            .await?;
-        stream.delete_message(message.sequence).await.map_err(|e| {
+        .map_err(|e| {
             Error::new(
                 ErrorKind::Broker,
-                format!("message {} was replayed, but removing it from the DLQ failed; it may be replayed twice", envelope.id),
+                format!("opening the object store `{bucket}`"),
+            )
+            .with_source(e)
+        })
+}
+
+/// Writes `record` of message `sequence` to the DLQ of `info`'s queue and
+/// waits for the stream's acknowledgement.
+pub(crate) async fn write(
+    conn: &Connection,
+    info: &QueueInfo,
+    record: &DeadLetter,
+    sequence: u64,
+) -> Result<()> {
+    let id = record_id(info, sequence);
+    let subject = topology::dlq_subject(&info.stream, &info.name);
+    let mut bookkeeping = record.wire_headers();
+    let headers = headers::copy(
+        &record.envelope,
+        &record.envelope.headers,
+        &bookkeeping,
+        &id,
+    );
+    let size = headers::block_size(&headers) + record.envelope.payload.len() + subject.len();
+    if size + SIZE_MARGIN <= conn.server.max_payload {
+        return conn
+            .publish(subject, headers, record.envelope.payload.clone())
+            .await;
+    }
+    // Too large for one message: the payload and the application's headers
+    // go to the object store first, then the record points at them.
+    let store = object_store(conn, info).await?;
+    let body = wire::wrap(&record.envelope);
+    store
+        .put(id.as_str(), &mut body.as_ref())
+        .await
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("keeping the payload of `{id}` in the object store"),
             )
             .with_source(e)
         })?;
-        replayed += 1;
-        if matches!(which, Replay::Id(_)) {
-            break;
-        }
+    let bucket = topology::dlq_stream_name(&info.stream);
+    bookkeeping.push((wire::PAYLOAD_REF, format!("{OBJECT_REF}{bucket}/{id}")));
+    let headers = headers::copy(&record.envelope, &Headers::new(), &bookkeeping, &id);
+    conn.publish(subject, headers, Bytes::new()).await
+}
+
+#[derive(Deserialize)]
+struct MsgGet {
+    message: async_nats::jetstream::stream::RawMessage,
+}
+
+#[derive(Serialize)]
+struct NextBySubject<'a> {
+    seq: u64,
+    next_by_subj: &'a str,
+}
+
+#[derive(Serialize)]
+struct Seq {
+    seq: u64,
+}
+
+#[derive(Deserialize)]
+struct Deleted {}
+
+#[derive(Serialize)]
+struct SubjectsFilter<'a> {
+    subjects_filter: &'a str,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct StreamState {
+    pub(crate) state: State,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct State {
+    #[serde(default)]
+    pub(crate) last_seq: u64,
+    #[serde(default)]
+    pub(crate) subjects: HashMap<String, u64>,
+}
+
+/// The state of `stream`, with per-subject counts of the subjects matching
+/// `filter`.
+pub(crate) async fn stream_state(conn: &Connection, stream: &str, filter: &str) -> Result<State> {
+    let state: StreamState = conn
+        .api(
+            &format!("STREAM.INFO.{stream}"),
+            &SubjectsFilter {
+                subjects_filter: filter,
+            },
+            &format!("reading stream `{stream}`"),
+        )
+        .await?;
+    Ok(state.state)
+}
+
+/// How many records the DLQ of `info`'s queue holds.
+pub(crate) async fn count(conn: &Connection, info: &QueueInfo) -> Result<u64> {
+    let subject = topology::dlq_subject(&info.stream, &info.name);
+    let state = stream_state(conn, &topology::dlq_stream_name(&info.stream), &subject).await?;
+    Ok(state.subjects.values().sum())
+}
+
+/// A cursor over the records in the DLQ of one queue when it was opened.
+pub(crate) struct NatsCursor {
+    conn: Arc<Connection>,
+    info: Arc<QueueInfo>,
+    stream: String,
+    subject: String,
+    next: u64,
+    last: u64,
+}
+
+impl NatsCursor {
+    pub(crate) async fn open(conn: Arc<Connection>, info: Arc<QueueInfo>) -> Result<Self> {
+        let stream = topology::dlq_stream_name(&info.stream);
+        let subject = topology::dlq_subject(&info.stream, &info.name);
+        let state = stream_state(&conn, &stream, &subject).await?;
+        Ok(NatsCursor {
+            conn,
+            info,
+            stream,
+            subject,
+            next: 1,
+            last: state.last_seq,
+        })
     }
-    match (replayed, which) {
-        (0, Replay::Id(id)) => Err(Error::new(
-            ErrorKind::NotFound,
-            format!("no dead letter with id `{id}` for queue `{}`", info.name),
-        )),
-        (n, _) => Ok(n),
+
+    async fn read(&mut self) -> Result<Option<DeadLetterEntry>> {
+        if self.next > self.last {
+            return Ok(None);
+        }
+        let got: Result<MsgGet> = self
+            .conn
+            .api(
+                &format!("STREAM.MSG.GET.{}", self.stream),
+                &NextBySubject {
+                    seq: self.next,
+                    next_by_subj: &self.subject,
+                },
+                &format!("reading the DLQ of `{}`", self.info.name),
+            )
+            .await;
+        let message = match got {
+            Ok(got) => got.message,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if message.sequence > self.last {
+            return Ok(None);
+        }
+        self.next = message.sequence + 1;
+        let decode = |text: &str| {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .unwrap_or_default()
+        };
+        let block = read_block(&message.headers.as_deref().map(decode).unwrap_or_default());
+        let payload = Bytes::from(decode(&message.payload));
+        let stored_at = SystemTime::from(message.time);
+        let (record, object) = record(&self.conn, &self.info, block, payload, stored_at).await?;
+        let handle = NatsDeadLetter {
+            conn: Arc::clone(&self.conn),
+            info: Arc::clone(&self.info),
+            stream: self.stream.clone(),
+            sequence: message.sequence,
+            object,
+        };
+        Ok(Some(DeadLetterEntry::new(record, Box::new(handle))))
     }
 }
 
-pub(crate) async fn purge(inner: &Inner, info: &QueueInfo) -> Result<usize> {
-    let stream = dlq_stream(inner, info).await?;
+#[async_trait]
+impl DeadLetterCursor for NatsCursor {
+    async fn next(&mut self) -> Option<Result<DeadLetterEntry>> {
+        self.read().await.transpose()
+    }
+}
+
+/// Reads a DLQ message as its record, fetching a payload kept in the object
+/// store; returns the object's name too, to delete it with the record.
+async fn record(
+    conn: &Connection,
+    info: &QueueInfo,
+    mut block: RawBlock,
+    mut payload: Bytes,
+    stored_at: SystemTime,
+) -> Result<(DeadLetter, Option<String>)> {
+    let mut object = None;
+    if let Some(reference) = block.headers.get(wire::PAYLOAD_REF).cloned() {
+        if let Some((_bucket, name)) = reference
+            .strip_prefix(OBJECT_REF)
+            .and_then(|r| r.split_once('/'))
+        {
+            let store = object_store(conn, info).await?;
+            let mut data = Vec::new();
+            let mut reader = store.get(name).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("the payload `{name}` of a dead letter"),
+                )
+                .with_source(e)
+            })?;
+            reader.read_to_end(&mut data).await.map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!("reading the payload `{name}`"),
+                )
+                .with_source(e)
+            })?;
+            payload = data.into();
+            // Now the payload is a wrapped body, like RabbitMQ's.
+            block.headers.insert(
+                wire::PAYLOAD_REF.to_owned(),
+                wire::PAYLOAD_IN_BODY.to_owned(),
+            );
+            object = Some(name.to_owned());
+        }
+    }
+    let problems = std::mem::take(&mut block.problems);
+    let has_record = block.headers.contains_key(wire::REASON);
+    let routing_key = block
+        .headers
+        .get(wire::ROUTING_KEY)
+        .cloned()
+        .unwrap_or_default();
+    let decoded = block
+        .into_incoming(&routing_key, payload, stored_at, Attempt::Recorded)
+        .decode();
+    let fallback = RecordFallback {
+        queue: info.name.to_string(),
+        reason: DeadLetterReason::Permanent,
+        last_error: "this message carries no dead-letter record: another client published it \
+                     straight to the DLQ"
+            .to_owned(),
+        failed_at: Some(stored_at),
+    };
+    let mut record = DeadLetter::from_wire(decoded, fallback);
+    if !has_record {
+        record
+            .notes
+            .push("published straight to the DLQ, not by ticketrail".to_owned());
+    }
+    if !problems.is_empty() {
+        record.notes.push(format!(
+            "before it was found unreadable: reason {}, last error: {}",
+            record.reason,
+            wire::quote(&record.last_error)
+        ));
+        record.reason = DeadLetterReason::Unreadable;
+        record.last_error = format!(
+            "the NATS client cannot read this message: {}",
+            problems.join("; ")
+        );
+    }
+    Ok((record, object))
+}
+
+/// One record of the DLQ stream.
+struct NatsDeadLetter {
+    conn: Arc<Connection>,
+    info: Arc<QueueInfo>,
+    stream: String,
+    sequence: u64,
+    object: Option<String>,
+}
+
+impl NatsDeadLetter {
+    async fn delete(&self) -> Result<()> {
+        let _: Deleted = self
+            .conn
+            .api(
+                &format!("STREAM.MSG.DELETE.{}", self.stream),
+                &Seq { seq: self.sequence },
+                &format!("removing a record from the DLQ of `{}`", self.info.name),
+            )
+            .await?;
+        if let Some(name) = &self.object {
+            if let Ok(store) = object_store(&self.conn, &self.info).await {
+                let _ = store.delete(name).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DeadLetterHandle for NatsDeadLetter {
+    async fn replay(self: Box<Self>, envelope: Envelope) -> Result<()> {
+        // To this queue only, by its replay subject; same id, attempt 1;
+        // removed from the DLQ once the stream has acknowledged it.
+        let id = format!("{}:replay:{}", envelope.id, self.sequence);
+        let bookkeeping = wire::copy_headers(&envelope);
+        let headers = headers::copy(&envelope, &envelope.headers, &bookkeeping, &id);
+        let size = headers::block_size(&headers) + envelope.payload.len();
+        if size > self.conn.server.max_payload {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "replaying message {} takes {size} bytes with its bookkeeping, over the \
+                     server's max_payload of {}",
+                    envelope.id, self.conn.server.max_payload
+                ),
+            ));
+        }
+        let subject = topology::replay_subject(&self.info.stream, &self.info.name);
+        self.conn
+            .publish(subject, headers, envelope.payload.clone())
+            .await?;
+        self.delete().await.map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!(
+                    "message {} was replayed, but removing it from the DLQ failed; it may be \
+                     replayed twice",
+                    envelope.id
+                ),
+            )
+            .with_source(e)
+        })
+    }
+
+    async fn remove(self: Box<Self>) -> Result<()> {
+        self.delete().await
+    }
+}
+
+#[derive(Serialize)]
+struct PurgeFilter<'a> {
+    filter: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Purged {
+    purged: u64,
+}
+
+/// Removes every record of the DLQ of `info`'s queue, and the payloads it
+/// kept in the object store.
+pub(crate) async fn purge(conn: &Connection, info: &QueueInfo) -> Result<usize> {
+    let stream = topology::dlq_stream_name(&info.stream);
     let subject = topology::dlq_subject(&info.stream, &info.name);
-    let purged = stream
-        .purge()
-        .filter(&subject)
-        .await
-        .map_err(|e| map(&format!("purging `{subject}`"), e))?;
+    let purged: Purged = conn
+        .api(
+            &format!("STREAM.PURGE.{stream}"),
+            &PurgeFilter { filter: &subject },
+            &format!("purging the DLQ of `{}`", info.name),
+        )
+        .await?;
+    if let Ok(store) = conn.js.get_object_store(&stream).await {
+        use futures::TryStreamExt;
+        let suffix = format!(":{}", info.name);
+        if let Ok(list) = store.list().await {
+            let names: Vec<String> = list
+                .try_filter_map(|o| {
+                    let keep = o.name.ends_with(&suffix).then(|| o.name.clone());
+                    async move { Ok(keep) }
+                })
+                .try_collect()
+                .await
+                .unwrap_or_default();
+            for name in names {
+                let _ = store.delete(&name).await;
+            }
+        }
+    }
     Ok(purged.purged as usize)
 }

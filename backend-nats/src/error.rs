@@ -1,48 +1,94 @@
-//! Mapping async-nats errors into ticketrail's.
+//! async-nats' errors as ticketrail's: by async-nats' error kinds and
+//! JetStream's API error codes, never by their text.
 
+use async_nats::jetstream::context::{PublishErrorKind, RequestErrorKind};
+use async_nats::jetstream::ErrorCode;
+use async_nats::ConnectErrorKind;
 use ticketrail_core::{Error, ErrorKind};
 
-/// Maps an async-nats error met while `doing` something, keeping it as the source.
-pub(crate) fn map<K>(doing: &str, error: async_nats::error::Error<K>) -> Error
-where
-    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq + Send + Sync + 'static,
-{
-    let text = error.to_string();
-    let kind = classify(&text);
+/// What a JetStream API error code is to ticketrail.
+pub(crate) fn api_kind(code: ErrorCode) -> ErrorKind {
+    match code {
+        ErrorCode::STREAM_NOT_FOUND
+        | ErrorCode::CONSUMER_NOT_FOUND
+        | ErrorCode::NO_MESSAGE_FOUND
+        | ErrorCode::SEQUENCE_NOT_FOUND => ErrorKind::NotFound,
+        ErrorCode::STREAM_SUBJECT_OVERLAP => ErrorKind::InvalidName,
+        // No leader or not enough peers for now: a cluster electing a new
+        // leader after losing a node. Trying again helps.
+        ErrorCode::CLUSTER_NOT_LEADER
+        | ErrorCode::CLUSTER_NO_PEERS
+        | ErrorCode::CLUSTER_PEER_NOT_MEMBER => ErrorKind::Connection,
+        _ => ErrorKind::Broker,
+    }
+}
+
+/// A JetStream API error, met while `doing` something.
+pub(crate) fn api(doing: &str, error: async_nats::jetstream::Error) -> Error {
+    Error::new(api_kind(error.error_code()), doing.to_owned()).with_source(error)
+}
+
+/// A failed request to the JetStream API (no answer, a timeout).
+pub(crate) fn request(doing: &str, error: async_nats::jetstream::context::RequestError) -> Error {
+    let kind = match error.kind() {
+        // No server answered for JetStream: it is restarting or has no
+        // leader for the stream right now.
+        RequestErrorKind::NoResponders => ErrorKind::Connection,
+        RequestErrorKind::TimedOut => ErrorKind::Timeout,
+        RequestErrorKind::InvalidSubject => ErrorKind::InvalidName,
+        _ => ErrorKind::Broker,
+    };
     Error::new(kind, doing.to_owned()).with_source(error)
 }
 
-/// Maps any other error from async-nats.
-pub(crate) fn map_any(
+/// What a failed JetStream publish is to ticketrail.
+pub(crate) fn publish_kind(kind: &PublishErrorKind) -> ErrorKind {
+    match kind {
+        PublishErrorKind::StreamNotFound => ErrorKind::Unroutable,
+        PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
+        PublishErrorKind::TimedOut => ErrorKind::Timeout,
+        PublishErrorKind::BrokenPipe => ErrorKind::Connection,
+        _ => ErrorKind::Broker,
+    }
+}
+
+/// What a failed connect is to ticketrail.
+pub(crate) fn connect_kind(kind: ConnectErrorKind) -> ErrorKind {
+    match kind {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            ErrorKind::Auth
+        }
+        ConnectErrorKind::TimedOut => ErrorKind::Timeout,
+        ConnectErrorKind::ServerParse => ErrorKind::Config,
+        _ => ErrorKind::Connection,
+    }
+}
+
+/// A failure of the core client (a publish or a flush on a broken
+/// connection).
+pub(crate) fn client(
     doing: &str,
     error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
 ) -> Error {
-    let error = error.into();
-    let kind = classify(&error.to_string());
-    Error::new(kind, doing.to_owned()).with_source(error)
+    Error::new(ErrorKind::Connection, doing.to_owned()).with_source(error)
 }
 
-fn classify(text: &str) -> ErrorKind {
-    let text = text.to_ascii_lowercase();
-    if text.contains("no responders") || text.contains("no stream found") {
-        ErrorKind::Unroutable
-    } else if text.contains("authorization") || text.contains("authentication") {
-        ErrorKind::Auth
-    } else if text.contains("maximum payload")
-        || text.contains("max_payload")
-        || text.contains("exceeds")
-    {
-        ErrorKind::PayloadTooLarge
-    } else if text.contains("timed out") || text.contains("timeout") {
-        ErrorKind::Timeout
-    } else if text.contains("not found") {
-        ErrorKind::NotFound
-    } else if text.contains("broken pipe")
-        || text.contains("disconnected")
-        || text.contains("connection")
-    {
-        ErrorKind::Connection
-    } else {
-        ErrorKind::Broker
+/// Whether an error, or one of its sources, is rustls refusing the server's
+/// certificate.
+pub(crate) fn is_untrusted_certificate(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(rustls::Error::InvalidCertificate(_)) = e.downcast_ref::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if is_untrusted_certificate(inner) {
+                    return true;
+                }
+            }
+        }
+        source = e.source();
     }
+    false
 }

@@ -1,30 +1,33 @@
-//! Envelopes to NATS headers and back, and dead-letter records as headers.
+//! NATS headers to text and back, and raw header blocks read without the
+//! client's parser. What the headers mean (names, records, bounds) is
+//! core's wire format; this file only converts async-nats' types.
 
 use std::str::FromStr;
 use std::time::SystemTime;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue};
-use ticketrail_core::{
-    from_unix_millis, to_unix_millis, DeadLetter, Envelope, Error, Headers, Message, Result,
-};
+use ticketrail_core::wire::{self, Attempt, Bookkeeping, Incoming};
+use ticketrail_core::{Envelope, Error, Headers, Message, Result};
 
+/// The deduplication id of JetStream.
 pub(crate) const MSG_ID: &str = "Nats-Msg-Id";
-const CONTENT_TYPE: &str = "Content-Type";
-/// Framework headers start with this; they never reach the application.
-const PREFIX: &str = "Ticketrail-";
-const ID: &str = "Ticketrail-Id";
-pub(crate) const QUEUE: &str = "Ticketrail-Queue";
-const PUBLISHED_AT: &str = "Ticketrail-Published-At";
-const ROUTING_KEY: &str = "Ticketrail-Routing-Key";
-const REASON: &str = "Ticketrail-Reason";
-const ERROR: &str = "Ticketrail-Error";
-const ATTEMPTS: &str = "Ticketrail-Attempts";
-const FIRST_FAILED_AT: &str = "Ticketrail-First-Failed-At";
-const LAST_FAILED_AT: &str = "Ticketrail-Last-Failed-At";
+/// Where a message's content type travels on NATS (no property for it).
+pub(crate) const CONTENT_TYPE: &str = "Content-Type";
+/// Headers the server or client sets for themselves start with this.
+const NATS_PREFIX: &str = "Nats-";
+/// A JetStream publish succeeds only if the subject's last message has
+/// this sequence (0: the subject has none).
+pub(crate) const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";
+/// The first line of every header block.
+const VERSION: &str = "NATS/1.0";
 
 fn name(name: &str) -> Result<HeaderName> {
-    HeaderName::from_str(name)
-        .map_err(|_| Error::invalid_name(format!("`{name}` is not a valid NATS header name")))
+    HeaderName::from_str(name).map_err(|_| {
+        Error::invalid_name(format!(
+            "`{}` is not a valid NATS header name (printable ASCII, no `:`)",
+            wire::quote(name)
+        ))
+    })
 }
 
 fn value(header: &str, text: &str) -> Result<HeaderValue> {
@@ -35,33 +38,19 @@ fn value(header: &str, text: &str) -> Result<HeaderValue> {
     })
 }
 
-/// Text with `%`, CR and LF escaped, so any error text fits in a header.
-fn escape(text: &str) -> String {
-    text.replace('%', "%25")
-        .replace('\r', "%0D")
-        .replace('\n', "%0A")
-}
-
-fn unescape(text: &str) -> String {
-    text.replace("%0A", "\n")
-        .replace("%0D", "\r")
-        .replace("%25", "%")
-}
-
-fn insert(headers: &mut HeaderMap, key: &str, text: &str) -> Result<()> {
-    headers.insert(name(key)?, value(key, text)?);
-    Ok(())
-}
-
-/// The headers of a message published for the first time. The id goes in
-/// `Ticketrail-Id`, not `Nats-Msg-Id`: server-side deduplication of every
-/// publish cost a quarter of the publish throughput (BENCHMARKS.md).
+/// The headers of a message published for the first time: the
+/// application's, the id (NATS has no message-id property; `Nats-Msg-Id`
+/// would make the server deduplicate every publish, at a quarter of the
+/// throughput) and the content type.
 pub(crate) fn outgoing(message: &Message) -> Result<HeaderMap> {
     let mut headers = HeaderMap::new();
     for (key, text) in &message.headers {
-        insert(&mut headers, key, text)?;
+        headers.insert(name(key)?, value(key, text)?);
     }
-    headers.insert(HeaderName::from_static(ID), value(ID, &message.id)?);
+    headers.insert(
+        HeaderName::from_static(wire::ID),
+        value(wire::ID, &message.id)?,
+    );
     if let Some(content_type) = &message.content_type {
         headers.insert(
             HeaderName::from_static(CONTENT_TYPE),
@@ -71,124 +60,201 @@ pub(crate) fn outgoing(message: &Message) -> Result<HeaderMap> {
     Ok(headers)
 }
 
-/// The headers of a copy of a delivered message (a dead letter or a
-/// replay): the application's headers and metadata, under `msg_id` for
-/// deduplication, plus bookkeeping.
-pub(crate) fn copy(envelope: &Envelope, msg_id: &str) -> HeaderMap {
+/// The headers of a copy of a delivered message (a dead letter, a replay):
+/// the application's, the content type and `bookkeeping`, deduplicated
+/// under `msg_id`. Names and values came in through NATS, or were escaped
+/// by the wire format; one that does not fit is left out.
+pub(crate) fn copy(
+    envelope: &Envelope,
+    app: &Headers,
+    bookkeeping: &Bookkeeping,
+    msg_id: &str,
+) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    for (key, text) in &envelope.headers {
-        // These came in through NATS headers, so they are valid.
-        let _ = insert(&mut headers, key, text);
+    let mut insert = |key: &str, text: &str| {
+        if let (Ok(k), Ok(v)) = (name(key), value(key, text)) {
+            headers.insert(k, v);
+        }
+    };
+    for (key, text) in app {
+        insert(key, text);
     }
-    let _ = insert(&mut headers, MSG_ID, msg_id);
-    let _ = insert(&mut headers, ID, &envelope.id);
-    let _ = insert(&mut headers, ROUTING_KEY, &envelope.routing_key);
-    let _ = insert(
-        &mut headers,
-        PUBLISHED_AT,
-        &to_unix_millis(envelope.published_at).to_string(),
-    );
+    for (key, text) in bookkeeping {
+        insert(key, text);
+    }
     if let Some(content_type) = &envelope.content_type {
-        let _ = insert(&mut headers, CONTENT_TYPE, content_type);
+        insert(CONTENT_TYPE, content_type);
     }
+    insert(MSG_ID, msg_id);
     headers
 }
 
-/// Adds the dead-letter record (C10) to a copy's headers.
-pub(crate) fn add_record(headers: &mut HeaderMap, record: &DeadLetter) {
-    let _ = insert(headers, REASON, record.reason.as_str());
-    let _ = insert(headers, ERROR, &escape(&record.last_error));
-    let _ = insert(headers, QUEUE, &record.queue);
-    let _ = insert(headers, ATTEMPTS, &record.attempts.to_string());
-    let _ = insert(
-        headers,
-        FIRST_FAILED_AT,
-        &to_unix_millis(record.first_failed_at).to_string(),
-    );
-    let _ = insert(
-        headers,
-        LAST_FAILED_AT,
-        &to_unix_millis(record.last_failed_at).to_string(),
-    );
+/// About how many bytes a header block takes on the wire (it counts
+/// against `max_payload`).
+pub(crate) fn block_size(headers: &HeaderMap) -> usize {
+    VERSION.len()
+        + 4
+        + headers
+            .iter()
+            .map(|(k, values)| {
+                let k: &str = k.as_ref();
+                values
+                    .iter()
+                    .map(|v| k.len() + 2 + v.as_str().len() + 2)
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
 }
 
-fn last<'a>(headers: Option<&'a HeaderMap>, key: &str) -> Option<&'a str> {
-    headers?.get_last(key).map(HeaderValue::as_str)
+/// Every header as text, the server's own left out, content type apart.
+fn text_headers(headers: Option<&HeaderMap>) -> (Headers, Option<String>, Option<String>) {
+    let mut text = Headers::new();
+    let mut content_type = None;
+    let mut msg_id = None;
+    if let Some(map) = headers {
+        for (key, values) in map.iter() {
+            let key: &str = key.as_ref();
+            let Some(last) = values.last() else { continue };
+            if key == CONTENT_TYPE {
+                content_type = Some(last.as_str().to_owned());
+            } else if key == MSG_ID {
+                msg_id = Some(last.as_str().to_owned());
+            } else if !key.starts_with(NATS_PREFIX) {
+                text.insert(key.to_owned(), last.as_str().to_owned());
+            }
+        }
+    }
+    (text, content_type, msg_id)
 }
 
-fn millis(headers: Option<&HeaderMap>, key: &str) -> Option<SystemTime> {
-    last(headers, key)?.parse().ok().map(from_unix_millis)
-}
-
-/// Reads an envelope: framework headers out, the application's headers in,
-/// foreign messages (C17) made whole.
+/// What a delivered message says about itself, in core's terms.
 pub(crate) fn incoming(
     headers: Option<&HeaderMap>,
     routing_key: &str,
     payload: bytes::Bytes,
     stored_at: SystemTime,
-    attempt: u32,
-) -> Envelope {
-    let mut app = Headers::new();
-    if let Some(map) = headers {
-        for (key, values) in map.iter() {
-            let key: &str = key.as_ref();
-            if key.starts_with(PREFIX) || key.starts_with("Nats-") || key == CONTENT_TYPE {
-                continue;
-            }
-            if let Some(v) = values.last() {
-                app.insert(key.to_owned(), v.as_str().to_owned());
-            }
-        }
-    }
-    Envelope {
-        id: last(headers, ID)
-            .or_else(|| last(headers, MSG_ID))
-            .map(str::to_owned)
-            .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        routing_key: last(headers, ROUTING_KEY)
-            .map_or_else(|| routing_key.to_owned(), str::to_owned),
+    attempt: Attempt,
+) -> Incoming {
+    let (text, content_type, msg_id) = text_headers(headers);
+    from_text(
+        text,
+        content_type,
+        msg_id,
+        routing_key,
         payload,
-        content_type: last(headers, CONTENT_TYPE).map(str::to_owned),
-        headers: app,
-        published_at: millis(headers, PUBLISHED_AT).unwrap_or(stored_at),
+        stored_at,
         attempt,
-    }
+    )
 }
 
-/// Reads a DLQ message back as its record.
-pub(crate) fn dead_letter(
-    headers: Option<&HeaderMap>,
-    envelope: Envelope,
-    queue: &str,
-) -> DeadLetter {
-    let last_failed_at = millis(headers, LAST_FAILED_AT).unwrap_or(envelope.published_at);
-    DeadLetter {
-        queue: last(headers, QUEUE).unwrap_or(queue).to_owned(),
-        reason: last(headers, REASON)
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(ticketrail_core::DeadLetterReason::Exhausted),
-        last_error: last(headers, ERROR).map(unescape).unwrap_or_default(),
-        attempts: last(headers, ATTEMPTS)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or(envelope.attempt),
-        first_failed_at: millis(headers, FIRST_FAILED_AT).unwrap_or(last_failed_at),
-        last_failed_at,
-        envelope,
+fn from_text(
+    text: Headers,
+    content_type: Option<String>,
+    msg_id: Option<String>,
+    routing_key: &str,
+    payload: bytes::Bytes,
+    stored_at: SystemTime,
+    attempt: Attempt,
+) -> Incoming {
+    let mut incoming = Incoming::new(routing_key, payload);
+    incoming.headers = text;
+    incoming.content_type = content_type;
+    incoming.broker_id = msg_id;
+    incoming.stored_at = Some(stored_at);
+    incoming.attempt = attempt;
+    incoming
+}
+
+/// A header block as stored, read without the client's parser.
+#[derive(Debug, Default)]
+pub(crate) struct RawBlock {
+    pub(crate) headers: Headers,
+    pub(crate) content_type: Option<String>,
+    pub(crate) msg_id: Option<String>,
+    /// What the client (async-nats) cannot read in it, or what makes it
+    /// read the message as a server status instead; empty if readable.
+    pub(crate) problems: Vec<String>,
+}
+
+/// Reads a stored header block as text, noting everything async-nats would
+/// not accept: bytes that are not UTF-8 (it drops the whole connection), a
+/// first line other than `NATS/1.0` or one with a status code (it takes the
+/// message for a server status), a line without a colon, a name with a
+/// space or another character it refuses.
+pub(crate) fn read_block(block: &[u8]) -> RawBlock {
+    let mut raw = RawBlock::default();
+    if block.is_empty() {
+        return raw;
+    }
+    if std::str::from_utf8(block).is_err() {
+        raw.problems
+            .push("its header block is not UTF-8".to_owned());
+    }
+    let text = String::from_utf8_lossy(block);
+    let mut lines = text.split("\r\n");
+    let first = lines.next().unwrap_or_default();
+    match first.strip_prefix(VERSION) {
+        None => raw.problems.push(format!(
+            "its header block starts with `{}`, not `{VERSION}`",
+            wire::quote(first)
+        )),
+        Some(rest) if !rest.trim().is_empty() => raw.problems.push(format!(
+            "its header block starts with a status line `{}`, which NATS clients read as a \
+             message from the server",
+            wire::quote(first)
+        )),
+        Some(_) => {}
+    }
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((key, val)) = line.split_once(':') else {
+            raw.problems.push(format!(
+                "its header line `{}` has no colon",
+                wire::quote(line)
+            ));
+            continue;
+        };
+        if key.is_empty() || key.contains(|c: char| !c.is_ascii_graphic()) {
+            raw.problems.push(format!(
+                "its header name `{}` is not printable ASCII without spaces",
+                wire::quote(key)
+            ));
+        }
+        let val = val.trim().to_owned();
+        if key == CONTENT_TYPE {
+            raw.content_type = Some(val);
+        } else if key == MSG_ID {
+            raw.msg_id = Some(val);
+        } else if !key.starts_with(NATS_PREFIX) {
+            raw.headers.insert(key.to_owned(), val);
+        }
+    }
+    raw
+}
+
+impl RawBlock {
+    /// The message as core reads it.
+    pub(crate) fn into_incoming(
+        self,
+        routing_key: &str,
+        payload: bytes::Bytes,
+        stored_at: SystemTime,
+        attempt: Attempt,
+    ) -> Incoming {
+        from_text(
+            self.headers,
+            self.content_type,
+            self.msg_id,
+            routing_key,
+            payload,
+            stored_at,
+            attempt,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_text_with_line_breaks_survives_a_header() {
-        let text = "line one\r\nline two: 100% sure";
-        assert_eq!(unescape(&escape(text)), text);
-        assert!(HeaderValue::from_str(&escape(text)).is_ok());
-    }
 
     #[test]
     fn a_header_value_with_a_line_break_is_refused_by_name() {
@@ -198,25 +264,46 @@ mod tests {
     }
 
     #[test]
-    fn foreign_messages_get_an_id_and_keep_their_headers() {
+    fn foreign_messages_keep_their_headers_and_lose_the_servers() {
         let mut map = HeaderMap::new();
         map.insert("X-Legacy", "yes");
-        let env = incoming(
+        map.insert("Nats-Msg-Id", "legacy-1");
+        map.insert("Nats-Expected-Stream", "S");
+        let decoded = incoming(
             Some(&map),
             "legacy.key",
             bytes::Bytes::from_static(b"{}"),
             SystemTime::now(),
-            1,
-        );
-        assert_eq!(env.headers.get("X-Legacy").map(String::as_str), Some("yes"));
-        assert_eq!(env.id.len(), 36);
-        let env = incoming(
-            None,
-            "legacy.key",
-            bytes::Bytes::new(),
-            SystemTime::now(),
-            1,
-        );
-        assert!(env.headers.is_empty());
+            Attempt::Counted(1),
+        )
+        .decode();
+        assert_eq!(decoded.envelope.headers.len(), 1);
+        assert_eq!(decoded.envelope.headers["X-Legacy"], "yes");
+        assert_eq!(decoded.envelope.id, "legacy-1");
+    }
+
+    #[test]
+    fn raw_blocks_say_what_the_client_cannot_read() {
+        let ok = read_block(b"NATS/1.0\r\nA: b\r\nContent-Type: text/plain\r\n\r\n");
+        assert!(ok.problems.is_empty(), "{:?}", ok.problems);
+        assert_eq!(ok.headers["A"], "b");
+        assert_eq!(ok.content_type.as_deref(), Some("text/plain"));
+        for (block, says) in [
+            (
+                &b"NATS/1.0 100 Idle Heartbeat\r\nA: b\r\n\r\n"[..],
+                "status line",
+            ),
+            (b"NATS/1.0\r\nX-Bad: \xff\xfe\r\n\r\n", "UTF-8"),
+            (b"NATS/1.0\r\nNoColonHere\r\n\r\n", "no colon"),
+            (b"NATS/1.0\r\nBad Name: v\r\n\r\n", "printable"),
+            (b"NATS/2.0\r\nA: b\r\n\r\n", "not `NATS/1.0`"),
+        ] {
+            let raw = read_block(block);
+            assert!(
+                raw.problems.iter().any(|p| p.contains(says)),
+                "{block:?}: {:?}",
+                raw.problems
+            );
+        }
     }
 }

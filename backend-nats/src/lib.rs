@@ -9,25 +9,38 @@
 //!   word is captured as both `<prefix>` and `<prefix>.>` so it also matches
 //!   zero words (C16); publishing to a subject no stream captures is
 //!   [`Unroutable`](ticketrail_core::ErrorKind::Unroutable) (C1);
-//! - a queue is a durable pull consumer with explicit acks; a subscription
-//!   pulls no more than its free prefetch slots (C5);
+//! - a queue is a durable pull consumer with explicit acks, filtered to its
+//!   bindings (several filter subjects from 2.10); a subscription pulls no
+//!   more than its free prefetch slots (C5);
 //! - every publish waits for the stream's acknowledgement; the id travels
 //!   in `Ticketrail-Id` (a foreign message's `Nats-Msg-Id` is its id);
 //! - a retry is a `Nak` with the delay: the message stays in the stream
-//!   (C7, C12). The attempt is the server's delivery count, so crashes count
-//!   as attempts; the consumer dead-letters a message delivered more often
-//!   than its policy allows (C13), and the consumer's `max_deliver` is a
-//!   backstop a subscription enforces itself;
-//! - dead letters go to the stream `<stream>_dlq` under
-//!   `Nats-Msg-Id = stream:sequence`, then the original is terminated (C10).
+//!   (C7, C12). The broker keeps each message's first failure and retry
+//!   count, so the attempt counts retries, and a redelivery after a crash
+//!   counts against the queue's delivery limit instead (C13);
+//! - dead letters go to the stream `TR_DLQ_<stream>` under
+//!   `Nats-Msg-Id = stream:sequence:queue`, then the original is
+//!   terminated (C10); replays reach their queue by a subject of its own.
+//!
+//! The crate has the file skeleton of every backend (see
+//! ADDING_A_BACKEND.md). Its extra files: `pull.rs` (pull requests of its
+//! own), `failures.rs` (first failures and retries kept in the broker),
+//! `quarantine.rs` (messages the client cannot parse, moved to the DLQ) and
+//! `versions.rs` (what each server version changes).
 
 mod broker;
 mod config;
+mod connection;
 mod dead_letters;
-mod delivery;
 mod error;
+mod failures;
 mod headers;
+mod publish;
+mod pull;
+mod quarantine;
+mod subscription;
 mod topology;
+mod versions;
 
 pub use broker::NatsBroker;
 pub use config::NatsConfig;

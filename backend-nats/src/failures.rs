@@ -1,0 +1,159 @@
+//! First failures and retry counts, kept in the broker: one record per
+//! message of a queue, in the stream `TR_FAIL_<stream>` under
+//! `_tr_fail.<stream>.<consumer>.<sequence>`.
+//!
+//! NATS redelivers the stored message after a delayed `Nak`, unchanged, so
+//! what ticketrail knows about its earlier attempts cannot travel in it.
+//! Kept here, a dead-letter record written by another process, or after a
+//! restart, still says when the first attempt failed and how many retries
+//! there were; and a redelivery that was not a retry (its consumer died)
+//! does not use up an attempt.
+
+use std::time::SystemTime;
+
+use async_nats::HeaderMap;
+use serde::Deserialize;
+use ticketrail_core::wire;
+use ticketrail_core::{ErrorKind, Result};
+
+use crate::connection::Connection;
+use crate::headers::EXPECTED_LAST_SUBJECT_SEQUENCE;
+use crate::topology;
+
+/// What the broker keeps about one message's failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FailureRecord {
+    pub(crate) first_failed_at: SystemTime,
+    /// Retries scheduled so far.
+    pub(crate) retries: u32,
+    /// The record's own sequence, so the next update replaces exactly it.
+    pub(crate) sequence: u64,
+}
+
+fn encode(first_failed_at: SystemTime, retries: u32) -> String {
+    format!("{} {retries}", wire::encode_time(first_failed_at))
+}
+
+fn decode(text: &str, sequence: u64) -> Option<FailureRecord> {
+    let (first, retries) = text.split_once(' ')?;
+    Some(FailureRecord {
+        first_failed_at: wire::decode_time(first)?,
+        retries: retries.trim().parse().ok()?,
+        sequence,
+    })
+}
+
+#[derive(Deserialize)]
+struct MsgGet {
+    message: async_nats::jetstream::stream::RawMessage,
+}
+
+#[derive(serde::Serialize)]
+struct LastBySubject<'a> {
+    last_by_subj: &'a str,
+}
+
+/// The failure record of message `sequence` of `consumer`, if it has one.
+pub(crate) async fn read(
+    conn: &Connection,
+    stream: &str,
+    consumer: &str,
+    sequence: u64,
+) -> Result<Option<FailureRecord>> {
+    let subject = topology::failure_subject(stream, consumer, sequence);
+    let api = format!("STREAM.MSG.GET.{}", topology::failures_stream_name(stream));
+    let got: Result<MsgGet> = conn
+        .api(
+            &api,
+            &LastBySubject {
+                last_by_subj: &subject,
+            },
+            "reading a failure record",
+        )
+        .await;
+    match got {
+        Ok(got) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(got.message.payload.as_bytes())
+                .unwrap_or_default();
+            Ok(decode(
+                &String::from_utf8_lossy(&bytes),
+                got.message.sequence,
+            ))
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Records one more retry of message `sequence`, keeping the first failure
+/// time of `previous` (or `failed_at` for the first retry).
+pub(crate) async fn record_retry(
+    conn: &Connection,
+    stream: &str,
+    consumer: &str,
+    sequence: u64,
+    previous: Option<FailureRecord>,
+    failed_at: SystemTime,
+) -> Result<()> {
+    let (first, retries, last) = match previous {
+        Some(p) => (p.first_failed_at, p.retries + 1, p.sequence),
+        None => (failed_at, 1, 0),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, last.to_string().as_str());
+    conn.publish(
+        topology::failure_subject(stream, consumer, sequence),
+        headers,
+        encode(first, retries).into(),
+    )
+    .await
+}
+
+#[derive(serde::Serialize)]
+struct PurgeSubject<'a> {
+    filter: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Purged {}
+
+/// Forgets message `sequence`: it was acked or dead-lettered.
+pub(crate) async fn clear(
+    conn: &Connection,
+    stream: &str,
+    consumer: &str,
+    sequence: u64,
+) -> Result<()> {
+    let subject = topology::failure_subject(stream, consumer, sequence);
+    let api = format!("STREAM.PURGE.{}", topology::failures_stream_name(stream));
+    let _: Purged = conn
+        .api(
+            &api,
+            &PurgeSubject { filter: &subject },
+            "clearing a failure record",
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_garbage_is_none() {
+        let at = ticketrail_core::from_unix_millis(1_700_000_000_123);
+        assert_eq!(
+            decode(&encode(at, 3), 9),
+            Some(FailureRecord {
+                first_failed_at: at,
+                retries: 3,
+                sequence: 9
+            })
+        );
+        assert_eq!(decode("garbage", 1), None);
+        assert_eq!(decode("-5 1", 1), None);
+    }
+}

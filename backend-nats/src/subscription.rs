@@ -1,0 +1,605 @@
+//! Subscriptions on queues (pull consumers) and how deliveries are settled.
+//!
+//! Each subscription has a client of its own: a stored message whose
+//! headers async-nats cannot parse closes the client's connection at every
+//! delivery, and that must cost nothing to publishers or other queues.
+//! After such a disconnect the subscription looks for the culprit among the
+//! messages just delivered (see `quarantine.rs`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::AckKind;
+use async_nats::{Client, Subject};
+use async_trait::async_trait;
+use ticketrail_core::wire::Attempt;
+use ticketrail_core::{
+    DeadLetter, DeadLetterReason, Delivery, Envelope, Error, ErrorKind, Result, RetryRequest,
+    Settle, Subscription,
+};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::connection::{open_client, Connection, Disconnects, QueueInfo};
+use crate::failures::{self, FailureRecord};
+use crate::pull::{Pulled, Puller};
+use crate::{dead_letters, error, headers, quarantine, topology};
+
+/// The delay of a nak meant as "deliver again now". nats-server 2.9 does not
+/// count a redelivery after a plain `-NAK` (the next delivery says
+/// `delivered: 1` again), which would let a crash loop go on for ever (C13);
+/// a nak with a delay is counted.
+const IMMEDIATE: Duration = Duration::from_millis(1);
+
+/// How long one pull request waits for messages before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// At most this many pull requests are open at once.
+const MAX_OPEN_PULLS: usize = 2;
+
+/// What JetStream's acknowledgement subject says about a delivery.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AckInfo {
+    pub(crate) delivered: u64,
+    pub(crate) stream_sequence: u64,
+    pub(crate) published: SystemTime,
+}
+
+/// Reads `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<nanos>.<pending>`
+/// (and the longer form with a domain and account hash first).
+pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
+    let tokens: Vec<&str> = reply.strip_prefix("$JS.ACK.")?.split('.').collect();
+    let rest = match tokens.len() {
+        7 => &tokens[2..],
+        n if n >= 9 => &tokens[4..],
+        _ => return None,
+    };
+    let nanos: u64 = rest[3].parse().ok()?;
+    Some(AckInfo {
+        delivered: rest[0].parse().ok()?,
+        stream_sequence: rest[1].parse().ok()?,
+        published: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+    })
+}
+
+/// A subscription's own client, shared with its deliveries: once the last
+/// of them lets go, what was sent on it (acks above all) is flushed before
+/// the connection closes, or those acks would be lost and their messages
+/// delivered again.
+pub(crate) struct OwnClient(Client);
+
+impl std::ops::Deref for OwnClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.0
+    }
+}
+
+impl Drop for OwnClient {
+    fn drop(&mut self) {
+        let client = self.0.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = client.flush().await;
+                let _ = client.drain().await;
+            });
+        }
+    }
+}
+
+/// A subscription: never has more messages requested or unsettled than it
+/// has prefetch slots (C5), and asks for more as slots free up, before the
+/// last request has run out, so the pipe stays full. Competing
+/// subscriptions share the queue's durable consumer (C6).
+pub(crate) struct NatsSubscription {
+    conn: Arc<Connection>,
+    client: Arc<OwnClient>,
+    disconnects: Arc<Disconnects>,
+    seen_disconnects: u64,
+    info: Arc<QueueInfo>,
+    puller: Puller,
+    slots: Arc<Semaphore>,
+    prefetch: usize,
+    /// Woken when a delivery is settled and its slot freed.
+    freed: Arc<Notify>,
+    /// The deliveries being handled, kept alive on the server.
+    in_hand: Arc<InHand>,
+}
+
+impl NatsSubscription {
+    pub(crate) async fn open(
+        conn: Arc<Connection>,
+        info: Arc<QueueInfo>,
+        prefetch: usize,
+    ) -> Result<Self> {
+        let disconnects = Arc::new(Disconnects::default());
+        let name = format!("ticketrail consuming {}", info.name);
+        let client = open_client(&conn.config, &name, Some(Arc::clone(&disconnects))).await?;
+        // Pulls end before `ack_wait` does, so a message released by a dead
+        // consumer never meets that consumer's pull requests on the server.
+        let expires = PULL_EXPIRES
+            .min(conn.config.ack_wait / 2)
+            .max(Duration::from_millis(100));
+        let puller = Puller::new(client.clone(), &info.stream, &info.consumer, expires).await?;
+        let in_hand = Arc::new(InHand::default());
+        if conn.server.progress_acks {
+            in_hand.keep_alive(&client, conn.config.ack_wait);
+        }
+        Ok(NatsSubscription {
+            conn,
+            client: Arc::new(OwnClient(client)),
+            seen_disconnects: disconnects.count(),
+            disconnects,
+            info,
+            puller,
+            slots: Arc::new(Semaphore::new(prefetch)),
+            prefetch,
+            freed: Arc::new(Notify::new()),
+            in_hand,
+        })
+    }
+
+    /// How many messages another pull request should ask for, if one is
+    /// worth opening: the first one as soon as any slot is free, a second
+    /// one once half of them are.
+    fn pull_wanted(&self) -> Option<usize> {
+        let free = self
+            .slots
+            .available_permits()
+            .saturating_sub(self.puller.outstanding());
+        let worth_it = match self.puller.open_requests() {
+            0 => free > 0,
+            n => n < MAX_OPEN_PULLS && free * 2 >= self.prefetch,
+        };
+        worth_it.then_some(free)
+    }
+
+    /// The settlement of `message`, holding `slot`.
+    fn settle(
+        &self,
+        message: async_nats::Message,
+        ack: AckInfo,
+        slot: OwnedSemaphorePermit,
+    ) -> NatsSettle {
+        let reply = message.reply.expect("a stored message has a reply subject");
+        if self.conn.server.progress_acks {
+            self.in_hand.insert(ack.stream_sequence, reply.clone());
+        }
+        NatsSettle {
+            conn: Arc::clone(&self.conn),
+            client: Arc::clone(&self.client),
+            info: Arc::clone(&self.info),
+            reply: Some(reply),
+            sequence: ack.stream_sequence,
+            failure: None,
+            redelivered: ack.delivered > 1,
+            slot: Some(slot),
+            freed: Arc::clone(&self.freed),
+            in_hand: Arc::clone(&self.in_hand),
+        }
+    }
+
+    /// What becomes of a pulled message: delivered, looked up first (a
+    /// redelivery), or settled here (not this queue's, unreadable).
+    fn accept(&self, message: async_nats::Message, slot: OwnedSemaphorePermit) -> Accepted {
+        let Some(ack) = message.reply.as_deref().and_then(ack_info) else {
+            tracing::warn!(queue = %self.info.name, reply = ?message.reply, "a stored message with an unknown acknowledgement subject; left alone");
+            return Accepted::Skipped;
+        };
+        let subject = message.subject.as_str();
+        let routing_key = match topology::replayed_to(&self.info.stream, subject) {
+            Some(queue) if queue == &*self.info.name => None,
+            Some(_) => return Accepted::SettleHere(Rare::NotOurs(self.settle(message, ack, slot))),
+            None => {
+                let key = subject
+                    .strip_prefix(self.info.space.as_str())
+                    .and_then(|s| s.strip_prefix('.'))
+                    .unwrap_or(subject);
+                if !self.info.exact_filter && !topology::bound(&self.info.bindings, key) {
+                    return Accepted::SettleHere(Rare::NotOurs(self.settle(message, ack, slot)));
+                }
+                Some(key.to_owned())
+            }
+        };
+        // A replay's routing key is in its headers; a subject is the queue's.
+        let routing_key = routing_key.unwrap_or_else(|| subject.to_owned());
+        let status = message.status.map(|s| {
+            format!(
+                "its header block starts with the status line `NATS/1.0 {} {}`, which NATS \
+                 clients read as a message from the server",
+                s.as_u16(),
+                message.description.as_deref().unwrap_or_default()
+            )
+        });
+        let incoming = headers::incoming(
+            message.headers.as_ref(),
+            &routing_key,
+            message.payload.clone(),
+            ack.published,
+            Attempt::Counted(1),
+        );
+        let pending = Pending {
+            incoming,
+            settle: self.settle(message, ack, slot),
+            ack,
+        };
+        if let Some(why) = status {
+            return Accepted::SettleHere(Rare::Unreadable(self.delivery(pending, None), why));
+        }
+        if ack.delivered > 1 {
+            return Accepted::Redelivered(Box::new(pending));
+        }
+        Accepted::Deliver(self.delivery(pending, None))
+    }
+
+    fn delivery(&self, mut pending: Pending, failure: Option<FailureRecord>) -> Delivery {
+        let retries = failure.map_or(0, |f| f.retries);
+        pending.incoming.attempt = Attempt::Counted(u64::from(retries) + 1);
+        pending.incoming.first_failed_at = failure.map(|f| f.first_failed_at);
+        pending.settle.failure = failure;
+        Delivery::decoded(
+            Arc::clone(&self.info.name),
+            pending.incoming.decode(),
+            Box::new(pending.settle),
+        )
+    }
+
+    /// A redelivery: reads what the broker keeps of its earlier failures, so
+    /// the attempt counts retries only, and a message whose consumer kept
+    /// dying goes to the DLQ after the queue's delivery limit (C13).
+    async fn redelivered(&self, pending: Pending) -> Accepted {
+        let failure = match failures::read(
+            &self.conn,
+            &self.info.stream,
+            &self.info.consumer,
+            pending.ack.stream_sequence,
+        )
+        .await
+        {
+            Ok(failure) => failure,
+            Err(e) => {
+                // Without it, every redelivery counts as a retry: a few
+                // attempts fewer, never a lost message.
+                tracing::warn!(queue = %self.info.name, error = %e, "failure record unavailable");
+                None
+            }
+        };
+        let delivered = pending.ack.delivered;
+        let retries = failure.map_or(0, |f| u64::from(f.retries));
+        let released = delivered.saturating_sub(1 + retries);
+        let limit = u64::from(self.info.delivery_limit);
+        let delivery = self.delivery(pending, failure);
+        if released > limit {
+            return Accepted::SettleHere(Rare::AtLimit(
+                delivery,
+                format!(
+                "delivered {delivered} times, {released} of them again after its consumer died \
+                 or released it without settling, more than the queue's delivery limit of \
+                 {limit}; its consumer likely crashed while handling it"
+            ),
+            ));
+        }
+        Accepted::Deliver(delivery)
+    }
+
+    /// `accept` once a prefetch slot is free; `None` if the subscription's
+    /// slots are gone.
+    async fn accept_when_free(&self, message: async_nats::Message) -> Option<Accepted> {
+        let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
+        Some(self.accept(message, slot))
+    }
+
+    /// Settles here what `accept` did not hand out.
+    async fn settle_here(&self, rare: Rare) {
+        let (mut delivery, reason, why) = match rare {
+            Rare::NotOurs(settle) => {
+                // On servers that take one filter subject the consumer gets
+                // every message of the stream: another queue's is passed
+                // over (its own consumer has its own interest in it).
+                if let Err(e) = Box::new(settle).ack().await {
+                    tracing::warn!(queue = %self.info.name, error = %e, "could not pass over a message for another queue");
+                }
+                return;
+            }
+            Rare::AtLimit(delivery, why) => (delivery, DeadLetterReason::DeliveryLimit, why),
+            Rare::Unreadable(delivery, why) => (delivery, DeadLetterReason::Unreadable, why),
+        };
+        tracing::warn!(queue = %self.info.name, id = %delivery.envelope().id, reason = %reason, why = %why, "dead-lettered before its handler ran");
+        if let Err(e) = delivery.dead_letter(reason, &why).await {
+            tracing::error!(queue = %self.info.name, error = %e, "dead-lettering failed; the message will be delivered again");
+        }
+    }
+
+    /// After the connection broke: looks for a message the client cannot
+    /// parse among those just delivered, and forgets the open requests.
+    async fn after_disconnect(&mut self) {
+        self.puller.forget_requests();
+        match quarantine::scan(&self.conn, &self.info).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!(queue = %self.info.name, quarantined = n, "messages the NATS client cannot parse were moved to the DLQ (reason unreadable)")
+            }
+            Err(e) => {
+                tracing::warn!(queue = %self.info.name, error = %e, "could not look for unreadable messages after a disconnect")
+            }
+        }
+    }
+}
+
+/// A pulled message on its way to becoming a delivery.
+struct Pending {
+    incoming: ticketrail_core::wire::Incoming,
+    settle: NatsSettle,
+    ack: AckInfo,
+}
+
+/// What becomes of a pulled message.
+enum Accepted {
+    /// Handed to the consumer.
+    Deliver(Delivery),
+    /// Delivered before: its failure record is read first.
+    Redelivered(Box<Pending>),
+    /// Settled by the subscription itself.
+    SettleHere(Rare),
+    /// Without JetStream metadata: left alone.
+    Skipped,
+}
+
+/// A pulled message the subscription settles itself.
+enum Rare {
+    /// Another queue's (a replay addressed elsewhere, or a subject outside
+    /// the bindings): acked and passed over.
+    NotOurs(NatsSettle),
+    /// Over the delivery limit: dead-lettered, with why.
+    AtLimit(Delivery, String),
+    /// Readable only in part: dead-lettered, with why.
+    Unreadable(Delivery, String),
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            if self.conn.is_closed() {
+                return None;
+            }
+            if self.disconnects.count() != self.seen_disconnects {
+                self.seen_disconnects = self.disconnects.count();
+                Box::pin(self.after_disconnect()).await;
+            }
+            // Opening a pull is rare (about once per half window): boxed, it
+            // keeps this future (one per delivery) small.
+            if let Some(free) = self.pull_wanted() {
+                if let Err(e) = Box::pin(self.puller.request(free)).await {
+                    return Some(Err(e));
+                }
+            }
+            let pulled = tokio::select! {
+                pulled = self.puller.next() => pulled,
+                () = self.freed.notified() => continue,
+                () = self.disconnects.notify.notified() => continue,
+            };
+            let message = match pulled {
+                None => return None,
+                Some(Pulled::Ended) => continue,
+                Some(Pulled::Refused(why)) => {
+                    return Some(Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("pulling from `{}`: {why}", self.info.name),
+                    )))
+                }
+                Some(Pulled::Stored(message)) => message,
+            };
+            let accepted = match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(slot) => self.accept(message, slot),
+                Err(_) => Box::pin(self.accept_when_free(message)).await?,
+            };
+            let accepted = match accepted {
+                Accepted::Redelivered(pending) => Box::pin(self.redelivered(*pending)).await,
+                other => other,
+            };
+            match accepted {
+                Accepted::Deliver(delivery) => return Some(Ok(delivery)),
+                Accepted::SettleHere(rare) => Box::pin(self.settle_here(rare)).await,
+                Accepted::Skipped | Accepted::Redelivered(_) => {}
+            }
+        }
+    }
+}
+
+/// The deliveries of a subscription still being handled. The server would
+/// deliver one again after `ack_wait`, while its handler still runs; every
+/// half `ack_wait` each one gets a `+WPI` (work in progress) instead. This
+/// goes on while any delivery is in hand, also after the subscription is
+/// dropped (a graceful shutdown lets handlers finish).
+#[derive(Default)]
+pub(crate) struct InHand {
+    replies: Mutex<HashMap<u64, Subject>>,
+}
+
+impl InHand {
+    fn keep_alive(self: &Arc<Self>, client: &Client, ack_wait: Duration) {
+        let in_hand = Arc::downgrade(self);
+        let client = client.clone();
+        let every = (ack_wait / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let Some(in_hand) = in_hand.upgrade() else {
+                    return;
+                };
+                let replies: Vec<Subject> = in_hand
+                    .replies
+                    .lock()
+                    .expect("not poisoned")
+                    .values()
+                    .cloned()
+                    .collect();
+                drop(in_hand);
+                for reply in replies {
+                    let _ = client.publish(reply, AckKind::Progress.into()).await;
+                }
+            }
+        });
+    }
+
+    fn insert(&self, sequence: u64, reply: Subject) {
+        self.replies
+            .lock()
+            .expect("not poisoned")
+            .insert(sequence, reply);
+    }
+
+    fn remove(&self, sequence: u64) {
+        self.replies.lock().expect("not poisoned").remove(&sequence);
+    }
+}
+
+/// Settles one JetStream message. Dropped unsettled, it is left for the
+/// server to deliver again after `ack_wait`; its prefetch slot is freed
+/// either way.
+pub(crate) struct NatsSettle {
+    conn: Arc<Connection>,
+    client: Arc<OwnClient>,
+    info: Arc<QueueInfo>,
+    reply: Option<Subject>,
+    sequence: u64,
+    /// What the broker keeps of the message's earlier failures.
+    failure: Option<FailureRecord>,
+    /// Whether this is a redelivery, which may have a failure record.
+    redelivered: bool,
+    slot: Option<OwnedSemaphorePermit>,
+    freed: Arc<Notify>,
+    in_hand: Arc<InHand>,
+}
+
+impl NatsSettle {
+    fn take(&mut self) -> Subject {
+        self.reply
+            .take()
+            .expect("settled once: Delivery guarantees it")
+    }
+
+    /// Sends an ack of `kind` on the subscription's client, unconfirmed.
+    async fn send(&self, reply: Subject, kind: AckKind, doing: &str) -> Result<()> {
+        self.client
+            .publish(reply, kind.into())
+            .await
+            .map_err(|e| error::client(&format!("{doing} message {}", self.sequence), e))
+    }
+
+    /// Sends an ack of `kind` and waits for the server to confirm it.
+    async fn confirmed(&self, reply: Subject, kind: AckKind, doing: &str) -> Result<()> {
+        self.client
+            .request(reply, kind.into())
+            .await
+            .map(drop)
+            .map_err(|e| error::client(&format!("{doing} message {}", self.sequence), e))
+    }
+
+    async fn forget_failures(&self) {
+        if self.redelivered || self.failure.is_some() {
+            if let Err(e) = failures::clear(
+                &self.conn,
+                &self.info.stream,
+                &self.info.consumer,
+                self.sequence,
+            )
+            .await
+            {
+                // It expires on its own.
+                tracing::debug!(queue = %self.info.name, error = %e, "failure record not cleared");
+            }
+        }
+    }
+}
+
+impl Drop for NatsSettle {
+    fn drop(&mut self) {
+        if self.conn.server.progress_acks {
+            self.in_hand.remove(self.sequence);
+        }
+        // The slot first, then the wake-up, so the subscription sees it free.
+        drop(self.slot.take());
+        self.freed.notify_one();
+        // Dropped unsettled, the message is not nacked: the server delivers
+        // it again after `ack_wait`. A nak here would send it straight back
+        // while pull requests of this (dying) connection may still wait on
+        // the server; nats-server 2.9 takes a delivery to such a request back
+        // and lowers the message's delivery count, so a message that kills
+        // its consumer every time would never reach the DLQ (C13).
+    }
+}
+
+#[async_trait]
+impl Settle for NatsSettle {
+    async fn ack(mut self: Box<Self>) -> Result<()> {
+        // Like an AMQP ack, not confirmed by the server: a lost ack means a
+        // redelivery, never a loss. Closing the broker flushes acks sent.
+        let reply = self.take();
+        self.send(reply, AckKind::Ack, "acking").await?;
+        self.forget_failures().await;
+        Ok(())
+    }
+
+    async fn nack(mut self: Box<Self>) -> Result<()> {
+        let reply = self.take();
+        self.send(reply, AckKind::Nak(Some(IMMEDIATE)), "nacking")
+            .await
+    }
+
+    async fn retry(mut self: Box<Self>, _envelope: &Envelope, request: RetryRequest) -> Result<()> {
+        // The failure is on record in the broker before the nak, so another
+        // process handling the redelivery knows the attempt and when the
+        // first one failed.
+        failures::record_retry(
+            &self.conn,
+            &self.info.stream,
+            &self.info.consumer,
+            self.sequence,
+            self.failure,
+            request.first_failed_at,
+        )
+        .await?;
+        // The server keeps the message and delivers it again after the
+        // delay: the wait lives in the stream (C12).
+        let reply = self.take();
+        self.send(
+            reply,
+            AckKind::Nak(Some(request.after)),
+            "scheduling the retry of",
+        )
+        .await
+    }
+
+    async fn dead_letter(mut self: Box<Self>, mut record: DeadLetter) -> Result<()> {
+        if let Some(failure) = self.failure {
+            record.first_failed_at = failure.first_failed_at.min(record.last_failed_at);
+        }
+        // Written under `stream:sequence:queue`, so doing it again after a
+        // crash stores one record; only then is the original terminated.
+        dead_letters::write(&self.conn, &self.info, &record, self.sequence).await?;
+        let reply = self.take();
+        self.confirmed(reply, AckKind::Term, "terminating").await?;
+        self.forget_failures().await;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_forms_of_ack_subject_are_read() {
+        let v1 = ack_info("$JS.ACK.S.C.3.42.7.1700000000000000000.5").unwrap();
+        assert_eq!((v1.delivered, v1.stream_sequence), (3, 42));
+        let v2 = ack_info("$JS.ACK._.HASH.S.C.2.43.8.1700000000000000000.0.TOKEN").unwrap();
+        assert_eq!((v2.delivered, v2.stream_sequence), (2, 43));
+        assert!(ack_info("$JS.ACK.S.C.x").is_none());
+        assert!(ack_info("_INBOX.abc").is_none());
+    }
+}
