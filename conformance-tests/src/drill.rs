@@ -8,14 +8,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::harness::{Harness, Restartable};
+use crate::support::{job_message, Job};
 use ticketrail_core::{
     Consumer, Context, DeadLetterReason, Fixed, Handler, HandlerError, QueueSpec, Result,
     SharedBroker, Topology,
 };
-use tokio::sync::Mutex as AsyncMutex;
-
-use crate::harness::Restartable;
-use crate::support::{job_message, Job};
 
 /// What the drill saw.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -83,24 +81,41 @@ impl Handler for Tally {
     }
 }
 
-/// How to reach the broker under drill, and how to restart it.
-pub struct DrillTarget {
-    /// Opens a new connection.
-    pub connect:
-        Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<SharedBroker>> + Send + Sync>,
-    /// The broker process to restart twice, if there is one.
-    pub server: Option<Box<dyn Restartable>>,
-}
-
 const CONSUMERS: usize = 3;
 
-/// Runs the drill with `messages` messages.
-pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillReport> {
-    let connect = Arc::new(target.connect);
-    let server = Arc::new(AsyncMutex::new(target.server));
+/// How the drill reaches its broker: the throwaway server it restarts, or
+/// (in memory) the harness itself.
+struct Target {
+    harness: Arc<dyn Harness>,
+    server: Option<Box<dyn Restartable>>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<SharedBroker> {
+        match &self.server {
+            Some(server) => server.connect().await,
+            None => self.harness.connect().await,
+        }
+    }
+}
+
+/// Runs the drill with `messages` messages on the backend of `harness`: on
+/// a throwaway server of the harness, which it restarts twice, where there
+/// is one.
+pub async fn run_drill(harness: Arc<dyn Harness>, messages: usize) -> Result<DrillReport> {
+    let server = harness.restartable().await?;
+    let target = Arc::new(Target { harness, server });
+    let report = drill(&target, messages).await;
+    if let Some(server) = &target.server {
+        server.remove().await?;
+    }
+    report
+}
+
+async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
     let topology = Topology::new("drill.events")
         .queue(QueueSpec::new("drill.q").bind("jobs.#").delivery_limit(10));
-    let admin = connect().await?;
+    let admin = target.connect().await?;
     admin.declare(&topology).await?;
     let tally = Tally::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -109,11 +124,11 @@ pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillRepo
     // Consumers killed and restarted at random moments.
     let mut chaos = Vec::new();
     for slot in 0..CONSUMERS {
-        let (connect, tally, stop) = (Arc::clone(&connect), tally.clone(), Arc::clone(&stop));
+        let (target, tally, stop) = (Arc::clone(target), tally.clone(), Arc::clone(&stop));
         chaos.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(slot as u64 + 7);
             while !stop.load(Ordering::Acquire) {
-                let Ok(broker) = connect().await else {
+                let Ok(broker) = target.connect().await else {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 };
@@ -130,12 +145,12 @@ pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillRepo
     }
 
     // The publisher; the broker restarts twice while it publishes.
-    let publisher = connect().await?;
+    let publisher = target.connect().await?;
     let mut published = HashSet::new();
     let restarts = [messages / 3, 2 * messages / 3];
     for i in 0..messages {
         if restarts.contains(&i) {
-            if let Some(server) = server.lock().await.as_mut() {
+            if let Some(server) = &target.server {
                 server.halt().await?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 server.resume().await?;
@@ -160,7 +175,7 @@ pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillRepo
     }
 
     // One consumer that stays, until everything is accounted for.
-    let steady = connect().await?;
+    let steady = target.connect().await?;
     let consumer = Consumer::new(steady.clone(), "drill.q", tally.clone())
         .retry_policy(policy())
         .prefetch(20)
@@ -226,63 +241,5 @@ pub async fn run_drill(target: DrillTarget, messages: usize) -> Result<DrillRepo
     let _ = steady.close().await;
     let _ = admin.close().await;
     let _ = publisher.close().await;
-    if let Some(mut server) = server.lock().await.take() {
-        server.remove().await?;
-    }
     Ok(report)
-}
-
-/// The target for `backend`: the in-process broker, or a throwaway RabbitMQ
-/// node or nats-server that the drill starts, restarts and removes.
-pub async fn drill_target(backend: &str) -> Result<DrillTarget> {
-    use crate::servers::{NatsServer, RabbitNode, ServerProcess, Throwaway};
-    match backend {
-        "memory" => {
-            let broker = ticketrail_memory::MemoryBroker::new();
-            Ok(DrillTarget {
-                connect: Box::new(move || {
-                    let connection: SharedBroker = Arc::new(broker.connect());
-                    Box::pin(async move { Ok(connection) })
-                }),
-                server: None,
-            })
-        }
-        "rabbitmq" => {
-            let node = RabbitNode::start().await?;
-            let url = node.url();
-            Ok(DrillTarget {
-                connect: Box::new(move || {
-                    Box::pin(crate::rabbitmq::RabbitHarness::connect_url_owned(
-                        url.clone(),
-                    ))
-                }),
-                server: Some(Box::new(Throwaway {
-                    server: node,
-                    connect: |url| {
-                        Box::pin(crate::rabbitmq::RabbitHarness::connect_url_owned(
-                            url.to_owned(),
-                        ))
-                    },
-                })),
-            })
-        }
-        "nats" => {
-            let server = NatsServer::start().await?;
-            let url = server.url();
-            Ok(DrillTarget {
-                connect: Box::new(move || {
-                    Box::pin(crate::nats::NatsHarness::connect_url_owned(url.clone()))
-                }),
-                server: Some(Box::new(Throwaway {
-                    server,
-                    connect: |url| {
-                        Box::pin(crate::nats::NatsHarness::connect_url_owned(url.to_owned()))
-                    },
-                })),
-            })
-        }
-        other => Err(ticketrail_core::Error::config(format!(
-            "no drill for backend `{other}`"
-        ))),
-    }
 }

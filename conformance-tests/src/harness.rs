@@ -1,9 +1,12 @@
-//! What the suite needs from a backend beyond the [`Broker`] trait.
+//! What the suite needs from a backend beyond the [`Broker`](ticketrail_core::Broker)
+//! trait, and the one place that makes a harness from a backend's name.
 
 use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
-use ticketrail_core::{Result, SharedBroker};
+use ticketrail_core::{Error, Result, SharedBroker};
+
+use crate::{MemoryHarness, NatsHarness, RabbitHarness};
 
 /// The result of one rule on one backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,7 +32,8 @@ impl fmt::Display for Verdict {
 /// A backend under test.
 #[async_trait]
 pub trait Harness: Send + Sync {
-    /// The backend's name in the report (`memory`, `rabbitmq`, `nats`).
+    /// The backend's name in the report (`memory`, `rabbitmq`, `nats`,
+    /// `rabbitmq-cluster`, `nats-cluster`).
     fn name(&self) -> &'static str;
 
     /// Opens a new connection. Closing it (after aborting the tasks that use
@@ -57,6 +61,11 @@ pub trait Harness: Send + Sync {
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
         Ok(None)
     }
+
+    /// Stops and removes whatever servers the harness started itself.
+    async fn finish(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A throwaway broker server the suite owns and restarts (C15).
@@ -65,22 +74,37 @@ pub trait Restartable: Send + Sync {
     /// Opens a connection to the throwaway server.
     async fn connect(&self) -> Result<SharedBroker>;
 
-    /// Stops the server, keeping its data.
-    async fn halt(&mut self) -> Result<()>;
+    /// Stops the server, keeping its data (on a cluster: the node that
+    /// matters most, the one that leads the work queue).
+    async fn halt(&self) -> Result<()>;
 
     /// Starts the halted server again with its data, on the same port.
-    async fn resume(&mut self) -> Result<()>;
+    async fn resume(&self) -> Result<()>;
 
     /// Stops the server for good and removes its data.
-    async fn remove(&mut self) -> Result<()>;
+    async fn remove(&self) -> Result<()>;
+}
+
+/// The harness of a backend by its name, for the runner, the drill and the
+/// bench: `memory`, `rabbitmq` (at `AMQP_URL`), `nats` (at `NATS_URL`).
+pub async fn harness_for(name: &str) -> Result<Box<dyn Harness>> {
+    Ok(match name {
+        "memory" => Box::new(MemoryHarness::default()),
+        "rabbitmq" => Box::new(RabbitHarness::from_env()),
+        "nats" => Box::new(NatsHarness::from_env()),
+        other => {
+            return Err(Error::config(format!(
+                "no backend `{other}` (memory, rabbitmq, nats)"
+            )))
+        }
+    })
 }
 
 /// Adds to a failed connect how to start the broker, when the broker could
 /// not be reached at all (a missing broker is a loud failure, never a skip).
-pub(crate) fn with_start_hint(e: ticketrail_core::Error, hint: &str) -> ticketrail_core::Error {
+pub(crate) fn with_start_hint(e: Error, hint: &str) -> Error {
     if !e.is_transient() {
         return e;
     }
-    ticketrail_core::Error::new(e.kind(), format!("{} (is it running? {hint})", e.message()))
-        .with_source(e)
+    Error::new(e.kind(), format!("{} (is it running? {hint})", e.message())).with_source(e)
 }

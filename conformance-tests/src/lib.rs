@@ -9,10 +9,16 @@
 //! conformance memory C01 passed
 //! ...
 //! conformance memory C15 n/a (the backend cannot reconnect: ...)
-//! conformance memory: 16 passed, 1 n/a, 0 failed
+//! conformance memory: 16 passed, 1 n/a, 0 failed (the in-process memory broker)
 //! ```
 //!
-//! Every rule uses fresh, unique names and deletes what it declared.
+//! `cargo test -p ticketrail-conformance rabbitmq_c07` runs one rule on one
+//! backend: every backend's test file has one test per rule, made by
+//! [`rule_tests!`]. Every rule uses fresh, unique names and deletes what it
+//! declared.
+//!
+//! [`testing`] has the throwaway servers, certificates and raw publishers
+//! the tests use; a new backend's tests use them too.
 
 mod drill;
 mod harness;
@@ -20,12 +26,40 @@ mod memory;
 mod nats;
 mod rabbitmq;
 pub mod rules;
-mod servers;
 mod support;
+pub mod testing;
 
-pub use drill::{drill_target, run_drill, DrillReport, DrillTarget};
-pub use harness::{Harness, Restartable, Verdict};
+pub use drill::{run_drill, DrillReport};
+pub use harness::{harness_for, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
 pub use nats::{NatsHarness, DEFAULT_NATS_URL};
 pub use rabbitmq::{RabbitHarness, DEFAULT_AMQP_URL};
-pub use rules::{run_rule, run_suite, Rule, Summary, RULES};
+pub use rules::{assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, RULES};
+
+/// One test per rule on one backend, named as given, and a test that fails
+/// if a rule of the suite has none:
+///
+/// ```ignore
+/// ticketrail_conformance::rule_tests! {
+///     harness: ticketrail_conformance::RabbitHarness::from_env(),
+///     rabbitmq_c01 => "C01",
+///     // ... one line per rule
+/// }
+/// ```
+#[macro_export]
+macro_rules! rule_tests {
+    (harness: $harness:expr, $($test:ident => $id:literal),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                let harness = $harness;
+                $crate::assert_rule(&harness, $id).await;
+            }
+        )*
+
+        #[test]
+        fn every_rule_has_a_test() {
+            $crate::assert_every_rule(&[$($id),*]);
+        }
+    };
+}

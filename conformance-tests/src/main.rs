@@ -1,14 +1,15 @@
 //! Runs the conformance suite against one backend:
-//! `ticketrail-conformance memory|rabbitmq|nats [RULE...]`.
+//! `ticketrail-conformance <backend> [RULE...]`, for any backend
+//! `harness_for` knows.
 
 use std::process::ExitCode;
 
-use ticketrail_conformance::{
-    run_rule, run_suite, Harness, MemoryHarness, NatsHarness, RabbitHarness,
-};
+use ticketrail_conformance::{harness_for, run_rule, run_suite, Verdict};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: ticketrail-conformance <memory|rabbitmq|nats> [C01 C07 ...]");
+    eprintln!(
+        "usage: ticketrail-conformance <memory|rabbitmq|nats|rabbitmq-cluster|nats-cluster> [C01 C07 ...]"
+    );
     ExitCode::from(2)
 }
 
@@ -26,37 +27,42 @@ async fn main() -> ExitCode {
     let Some(backend) = args.next() else {
         return usage();
     };
-    let harness: Box<dyn Harness> = match backend.as_str() {
-        "memory" => Box::new(MemoryHarness::default()),
-        "rabbitmq" => Box::new(RabbitHarness::from_env()),
-        "nats" => Box::new(NatsHarness::from_env()),
-        _ => return usage(),
-    };
     let only: Vec<String> = args.collect();
-    if only.is_empty() {
-        let summary = run_suite(&*harness).await;
-        return if summary.failed == 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        };
-    }
+    let harness = match harness_for(&backend).await {
+        Ok(harness) => harness,
+        Err(e) if e.kind() == ticketrail_core::ErrorKind::Config => {
+            eprintln!("{e}");
+            return usage();
+        }
+        Err(e) => {
+            eprintln!("conformance {backend}: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut failed = false;
-    for id in only {
-        match run_rule(&*harness, &id).await {
-            Some(verdict) => {
-                failed |= matches!(verdict, ticketrail_conformance::Verdict::Failed(_));
-                println!(
-                    "conformance {} {} {verdict}",
-                    harness.name(),
-                    id.to_uppercase()
-                );
-            }
-            None => {
-                eprintln!("no rule `{id}`");
-                return usage();
+    if only.is_empty() {
+        failed = run_suite(&*harness).await.failed > 0;
+    } else {
+        for id in only {
+            match run_rule(&*harness, &id).await {
+                Some(verdict) => {
+                    failed |= matches!(verdict, Verdict::Failed(_));
+                    println!(
+                        "conformance {} {} {verdict}",
+                        harness.name(),
+                        id.to_uppercase()
+                    );
+                }
+                None => {
+                    eprintln!("no rule `{id}`");
+                    failed = true;
+                }
             }
         }
+    }
+    if let Err(e) = harness.finish().await {
+        eprintln!("conformance {backend}: tearing down: {e}");
+        failed = true;
     }
     if failed {
         ExitCode::FAILURE

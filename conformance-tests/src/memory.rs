@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ticketrail_core::{Result, SharedBroker};
-use ticketrail_memory::MemoryBroker;
+use ticketrail_memory::{MemoryBroker, RawMessage};
 
 use crate::harness::Harness;
 
@@ -33,14 +33,9 @@ impl Harness for MemoryHarness {
         payload: &[u8],
         message_id: Option<&str>,
     ) -> Result<()> {
-        self.broker
-            .publish_foreign(
-                topic_space,
-                routing_key,
-                payload.to_vec(),
-                message_id.map(str::to_owned),
-            )
-            .await
+        let mut raw = RawMessage::new(routing_key, payload.to_vec());
+        raw.message_id = message_id.map(str::to_owned);
+        self.broker.publish_raw(topic_space, raw).await
     }
 
     fn redelivery_timeout(&self) -> Duration {

@@ -10,7 +10,7 @@ use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_nats::{NatsBroker, NatsConfig};
 
 use crate::harness::{with_start_hint, Harness, Restartable};
-use crate::servers::{NatsServer, Throwaway};
+use crate::testing::{NatsServer, Throwaway};
 
 /// The default NATS URL when `NATS_URL` is not set.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -33,11 +33,8 @@ impl NatsHarness {
         }
     }
 
-    pub(crate) async fn connect_url_owned(url: String) -> Result<SharedBroker> {
-        Self::connect_url(&url).await
-    }
-
-    pub(crate) async fn connect_url(url: &str) -> Result<SharedBroker> {
+    /// Connects the suite's way (short timeouts) to `url`.
+    pub async fn connect_url(url: &str) -> Result<SharedBroker> {
         let config = NatsConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .ack_wait(ACK_WAIT);
@@ -93,9 +90,9 @@ impl Harness for NatsHarness {
     }
 
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
-        Ok(Some(Box::new(Throwaway {
-            server: NatsServer::start().await?,
-            connect: |url| Box::pin(NatsHarness::connect_url(url)),
-        })))
+        Ok(Some(Box::new(Throwaway::new(
+            NatsServer::start().await?,
+            |url| Box::pin(NatsHarness::connect_url(url)),
+        ))))
     }
 }

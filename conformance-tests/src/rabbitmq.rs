@@ -11,7 +11,7 @@ use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
 
 use crate::harness::{with_start_hint, Harness, Restartable};
-use crate::servers::{RabbitNode, Throwaway};
+use crate::testing::{RabbitNode, Throwaway};
 
 /// The default RabbitMQ URL when `AMQP_URL` is not set.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -30,11 +30,8 @@ impl RabbitHarness {
         }
     }
 
-    pub(crate) async fn connect_url_owned(url: String) -> Result<SharedBroker> {
-        Self::connect_url(&url).await
-    }
-
-    pub(crate) async fn connect_url(url: &str) -> Result<SharedBroker> {
+    /// Connects the suite's way (short timeouts) to `url`.
+    pub async fn connect_url(url: &str) -> Result<SharedBroker> {
         let config = RabbitConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
             .reconnect_backoff(Duration::from_millis(100), Duration::from_secs(1));
@@ -113,9 +110,9 @@ impl Harness for RabbitHarness {
     }
 
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
-        Ok(Some(Box::new(Throwaway {
-            server: RabbitNode::start().await?,
-            connect: |url| Box::pin(RabbitHarness::connect_url(url)),
-        })))
+        Ok(Some(Box::new(Throwaway::new(
+            RabbitNode::start().await?,
+            |url| Box::pin(RabbitHarness::connect_url(url)),
+        ))))
     }
 }

@@ -14,6 +14,13 @@ use ticketrail_core::{
 
 use crate::harness::Harness;
 
+/// Subscription options with prefetch `n` (not zero).
+pub(crate) fn prefetch(n: u16) -> ticketrail_core::SubscribeOptions {
+    ticketrail_core::SubscribeOptions::prefetch(
+        std::num::NonZeroU16::new(n).expect("prefetch is not zero"),
+    )
+}
+
 /// A rule's check: `Err` says what was seen instead of what was expected.
 pub(crate) type Check = Result<(), String>;
 

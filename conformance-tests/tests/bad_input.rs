@@ -346,7 +346,7 @@ async fn foreign_amqp_headers_of_odd_types_are_converted_or_left_out() {
     );
     headers.insert("nothing".into(), AMQPValue::Void);
     headers.insert(
-        "x-tr-attempt".into(),
+        ticketrail_core::wire::ATTEMPT.into(),
         AMQPValue::LongString("not a number".into()),
     );
     let properties = lapin::BasicProperties::default().with_headers(headers);
@@ -380,7 +380,13 @@ async fn foreign_amqp_headers_of_odd_types_are_converted_or_left_out() {
     assert_eq!(text("ratio"), Some("1.5"));
     assert_eq!(text("price"), Some("1999e-2"));
     assert_eq!(text("when"), Some("1700000000"));
-    for gone in ["nested", "list", "raw", "nothing", "x-tr-attempt"] {
+    for gone in [
+        "nested",
+        "list",
+        "raw",
+        "nothing",
+        ticketrail_core::wire::ATTEMPT,
+    ] {
         assert!(
             !env.headers.contains_key(gone),
             "`{gone}` should be left out: {:?}",
@@ -389,7 +395,7 @@ async fn foreign_amqp_headers_of_odd_types_are_converted_or_left_out() {
     }
     assert_eq!(
         env.attempt, 1,
-        "an unreadable attempt header counts as the first attempt"
+        "a plain publisher's attempt header is not trusted: this is the first attempt"
     );
     broker.delete(&topology).await.unwrap();
     broker.close().await.unwrap();

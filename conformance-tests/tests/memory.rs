@@ -1,44 +1,24 @@
-//! The whole conformance suite on the in-process broker, one test per rule.
-//! Every rule must pass except C15 (no broker process to restart), which
-//! must be reported not applicable.
+//! The conformance suite on the in-process broker, one test per rule:
+//! `cargo test -p ticketrail-conformance memory_c12` runs exactly C12.
+//! C15 must be reported not applicable (no broker process to restart).
 
-use ticketrail_conformance::{run_rule, MemoryHarness, Verdict};
-
-macro_rules! rules {
-    ($($test:ident => $id:literal),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $test() {
-            let verdict = run_rule(&MemoryHarness::default(), $id).await.expect("known rule");
-            if $id == "C15" {
-                assert!(matches!(verdict, Verdict::NotApplicable(_)), "{} should be n/a on memory: {verdict}", $id);
-            } else {
-                assert_eq!(verdict, Verdict::Passed, "{}", $id);
-            }
-        }
-    )*};
-}
-
-rules! {
-    c01_confirmed_publish => "C01",
-    c02_round_trip => "C02",
-    c03_ack_is_final => "C03",
-    c04_at_least_once => "C04",
-    c05_prefetch => "C05",
-    c06_competing_consumers => "C06",
-    c07_delayed_retry => "C07",
-    c08_exhaustion => "C08",
-    c09_no_pointless_retries => "C09",
-    c10_dead_letter_record => "C10",
-    c11_dlq_operations => "C11",
-    c12_crash_safe_backoff => "C12",
-    c13_crash_loops_end => "C13",
-    c14_graceful_shutdown => "C14",
-    c15_reconnect => "C15",
-    c16_topic_routing => "C16",
-    c17_foreign_messages => "C17",
-}
-
-#[test]
-fn every_rule_has_a_test_here() {
-    assert_eq!(ticketrail_conformance::RULES.len(), 17);
+ticketrail_conformance::rule_tests! {
+    harness: ticketrail_conformance::MemoryHarness::default(),
+    memory_c01 => "C01",
+    memory_c02 => "C02",
+    memory_c03 => "C03",
+    memory_c04 => "C04",
+    memory_c05 => "C05",
+    memory_c06 => "C06",
+    memory_c07 => "C07",
+    memory_c08 => "C08",
+    memory_c09 => "C09",
+    memory_c10 => "C10",
+    memory_c11 => "C11",
+    memory_c12 => "C12",
+    memory_c13 => "C13",
+    memory_c14 => "C14",
+    memory_c15 => "C15",
+    memory_c16 => "C16",
+    memory_c17 => "C17",
 }

@@ -1,4 +1,5 @@
-//! The failure drill: `drill memory|rabbitmq|nats [--messages N]`.
+//! The failure drill: `drill <backend> [--messages N]`, for any backend
+//! `harness_for` knows (memory, rabbitmq, nats, and the clusters).
 //!
 //! Publishes N messages with unique ids (default 5,000) while three
 //! competing consumers are killed and restarted at random, the broker (a
@@ -8,14 +9,18 @@
 //! lost N, duplicates N`. Exits non-zero if anything is lost.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use ticketrail_conformance::{drill_target, run_drill};
+use ticketrail_conformance::{harness_for, run_drill};
+
+const USAGE: &str =
+    "usage: drill <memory|rabbitmq|nats|rabbitmq-cluster|nats-cluster> [--messages N]";
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let Some(backend) = args.next() else {
-        eprintln!("usage: drill <memory|rabbitmq|nats> [--messages N]");
+        eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
     let mut messages = 5_000;
@@ -23,17 +28,22 @@ async fn main() -> ExitCode {
         match (arg.as_str(), args.next().and_then(|v| v.parse().ok())) {
             ("--messages", Some(n)) => messages = n,
             _ => {
-                eprintln!("usage: drill <memory|rabbitmq|nats> [--messages N]");
+                eprintln!("{USAGE}");
                 return ExitCode::from(2);
             }
         }
     }
-    let report = match drill_target(&backend).await {
-        Ok(target) => run_drill(target, messages).await,
-        Err(e) => Err(e),
+    let harness = match harness_for(&backend).await {
+        Ok(harness) => Arc::from(harness),
+        Err(e) => {
+            eprintln!("drill {backend}: failed: {e}");
+            return ExitCode::FAILURE;
+        }
     };
-    match report {
-        Ok(r) => {
+    let report = run_drill(Arc::clone(&harness), messages).await;
+    let finished = harness.finish().await;
+    match (report, finished) {
+        (Ok(r), Ok(())) => {
             println!(
                 "drill {backend}: published {}, handled {}, dead-lettered {}, lost {}, duplicates {}",
                 r.published, r.handled, r.dead_lettered, r.lost, r.duplicates
@@ -47,7 +57,7 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(e) => {
+        (Err(e), _) | (Ok(_), Err(e)) => {
             eprintln!("drill {backend}: failed: {e}");
             ExitCode::FAILURE
         }

@@ -7,7 +7,7 @@ use ticketrail_core::{QueueSpec, SubscribeOptions};
 
 use super::{checked, Skip};
 use crate::harness::Harness;
-use crate::support::{ensure, expect_nothing, receive, Doing, Scenario};
+use crate::support::{ensure, expect_nothing, prefetch, receive, Doing, Scenario};
 
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(500);
@@ -129,7 +129,7 @@ pub(crate) async fn c05_prefetch(h: &dyn Harness) -> Result<(), Skip> {
             }
             let mut sub = sc
                 .broker
-                .subscribe(&sc.queue("q"), SubscribeOptions::prefetch(3))
+                .subscribe(&sc.queue("q"), prefetch(3))
                 .await
                 .doing("subscribing")?;
             let mut held = Vec::new();
@@ -178,11 +178,11 @@ pub(crate) async fn c06_competing_consumers(h: &dyn Harness) -> Result<(), Skip>
             let a = h.connect().await.doing("connecting consumer A")?;
             let b = h.connect().await.doing("connecting consumer B")?;
             let mut sub_a = a
-                .subscribe(&sc.queue("q"), SubscribeOptions::prefetch(5))
+                .subscribe(&sc.queue("q"), prefetch(5))
                 .await
                 .doing("subscribing A")?;
             let mut sub_b = b
-                .subscribe(&sc.queue("q"), SubscribeOptions::prefetch(5))
+                .subscribe(&sc.queue("q"), prefetch(5))
                 .await
                 .doing("subscribing B")?;
             let mut published = BTreeSet::new();

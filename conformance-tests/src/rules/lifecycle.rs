@@ -103,7 +103,7 @@ pub(crate) async fn c15_reconnect(h: &dyn Harness) -> Result<(), Skip> {
             h.name()
         )));
     }
-    let mut server = h
+    let server = h
         .restartable()
         .await
         .map_err(|e| Skip::Failed(format!("starting a throwaway broker: {e}")))?
@@ -112,13 +112,13 @@ pub(crate) async fn c15_reconnect(h: &dyn Harness) -> Result<(), Skip> {
                 "the backend claims reconnect but its harness has no restartable broker".into(),
             )
         })?;
-    let result = reconnect_scenario(&mut *server).await;
+    let result = reconnect_scenario(&*server).await;
     let removed = server.remove().await;
     checked(result)?;
     removed.map_err(|e| Skip::Failed(format!("removing the throwaway broker: {e}")))
 }
 
-async fn reconnect_scenario(server: &mut dyn Restartable) -> Result<(), String> {
+async fn reconnect_scenario(server: &dyn Restartable) -> Result<(), String> {
     let broker = server
         .connect()
         .await

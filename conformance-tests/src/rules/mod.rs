@@ -3,6 +3,8 @@
 use std::future::Future;
 use std::pin::Pin;
 
+use ticketrail_core::Capabilities;
+
 use crate::harness::{Harness, Verdict};
 use crate::support::Check;
 
@@ -21,6 +23,9 @@ pub struct Rule {
     pub id: &'static str,
     /// The rule's name in DESIGN.md.
     pub name: &'static str,
+    /// The capability a backend must declare for the rule to apply; the
+    /// rule is not applicable (and must say so) on a backend without it.
+    pub needs: Option<fn(&Capabilities) -> bool>,
     /// Runs the rule against a backend.
     pub run: for<'a> fn(&'a dyn Harness) -> RuleFuture<'a>,
 }
@@ -29,16 +34,6 @@ impl std::fmt::Debug for Rule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.id, self.name)
     }
-}
-
-macro_rules! rule {
-    ($id:literal, $name:literal, $f:path) => {
-        Rule {
-            id: $id,
-            name: $name,
-            run: |h| Box::pin(async move { verdict($f(h).await) }),
-        }
-    };
 }
 
 /// A rule body's result: passed, failed with what was seen, or not
@@ -66,47 +61,89 @@ fn checked(check: Check) -> Result<(), Skip> {
     check.map_err(Skip::Failed)
 }
 
-/// Every rule, in order.
-pub const RULES: [Rule; 17] = [
-    rule!(
-        "C01",
-        "confirmed publish",
-        publishing::c01_confirmed_publish
-    ),
-    rule!("C02", "round trip", publishing::c02_round_trip),
-    rule!("C03", "ack is final", deliveries::c03_ack_is_final),
-    rule!("C04", "at least once", deliveries::c04_at_least_once),
-    rule!("C05", "prefetch", deliveries::c05_prefetch),
-    rule!(
-        "C06",
-        "competing consumers",
-        deliveries::c06_competing_consumers
-    ),
-    rule!("C07", "delayed retry", retries::c07_delayed_retry),
-    rule!("C08", "exhaustion", retries::c08_exhaustion),
-    rule!(
-        "C09",
-        "no pointless retries",
-        retries::c09_no_pointless_retries
-    ),
-    rule!(
-        "C10",
-        "dead-letter record",
-        dead_letters::c10_dead_letter_record
-    ),
-    rule!("C11", "DLQ operations", dead_letters::c11_dlq_operations),
-    rule!("C12", "crash-safe backoff", retries::c12_crash_safe_backoff),
-    rule!("C13", "crash loops end", retries::c13_crash_loops_end),
-    rule!("C14", "graceful shutdown", lifecycle::c14_graceful_shutdown),
-    rule!("C15", "reconnect", lifecycle::c15_reconnect),
-    rule!("C16", "topic routing", publishing::c16_topic_routing),
-    rule!("C17", "foreign messages", publishing::c17_foreign_messages),
-];
+macro_rules! rules {
+    ($($id:literal, $name:literal, $f:path $(, needs $needs:expr)?;)*) => {
+        /// Every rule, in order.
+        pub const RULES: &[Rule] = &[$(
+            Rule {
+                id: $id,
+                name: $name,
+                needs: rules!(@needs $($needs)?),
+                run: |h| Box::pin(async move { verdict($f(h).await) }),
+            },
+        )*];
+    };
+    (@needs) => { None };
+    (@needs $needs:expr) => { Some($needs) };
+}
+
+rules! {
+    "C01", "confirmed publish", publishing::c01_confirmed_publish;
+    "C02", "round trip", publishing::c02_round_trip;
+    "C03", "ack is final", deliveries::c03_ack_is_final;
+    "C04", "at least once", deliveries::c04_at_least_once;
+    "C05", "prefetch", deliveries::c05_prefetch;
+    "C06", "competing consumers", deliveries::c06_competing_consumers;
+    "C07", "delayed retry", retries::c07_delayed_retry;
+    "C08", "exhaustion", retries::c08_exhaustion;
+    "C09", "no pointless retries", retries::c09_no_pointless_retries;
+    "C10", "dead-letter record", dead_letters::c10_dead_letter_record;
+    "C11", "DLQ operations", dead_letters::c11_dlq_operations;
+    "C12", "crash-safe backoff", retries::c12_crash_safe_backoff;
+    "C13", "crash loops end", retries::c13_crash_loops_end;
+    "C14", "graceful shutdown", lifecycle::c14_graceful_shutdown;
+    "C15", "reconnect", lifecycle::c15_reconnect, needs |c: &Capabilities| c.reconnect;
+    "C16", "topic routing", publishing::c16_topic_routing;
+    "C17", "foreign messages", publishing::c17_foreign_messages;
+}
 
 /// Runs one rule by id (`C07` or `c07`).
 pub async fn run_rule(harness: &dyn Harness, id: &str) -> Option<Verdict> {
     let rule = RULES.iter().find(|r| r.id.eq_ignore_ascii_case(id))?;
     Some((rule.run)(harness).await)
+}
+
+/// Runs rule `id` and panics unless it passed, or is not applicable on a
+/// backend that declares it lacks the rule's capability: what every
+/// generated per-rule test does.
+pub async fn assert_rule(harness: &dyn Harness, id: &str) {
+    let rule = RULES
+        .iter()
+        .find(|r| r.id == id)
+        .unwrap_or_else(|| panic!("no rule {id}"));
+    let verdict = (rule.run)(harness).await;
+    println!("conformance {} {} {verdict}", harness.name(), rule.id);
+    match verdict {
+        Verdict::Passed => {}
+        Verdict::NotApplicable(why) => {
+            let capable = match rule.needs {
+                Some(needs) => {
+                    let broker = harness.connect().await.expect("connecting");
+                    let capable = needs(&broker.capabilities());
+                    let _ = broker.close().await;
+                    capable
+                }
+                None => true,
+            };
+            assert!(
+                !capable,
+                "{id} was reported not applicable on {}, which declares the capability: {why}",
+                harness.name()
+            );
+        }
+        Verdict::Failed(what) => panic!("{id} failed on {}: {what}", harness.name()),
+    }
+}
+
+/// Panics unless `tested` names every rule of the suite once.
+pub fn assert_every_rule(tested: &[&str]) {
+    let mut tested: Vec<&str> = tested.to_vec();
+    tested.sort_unstable();
+    let all: Vec<&str> = RULES.iter().map(|r| r.id).collect();
+    assert_eq!(
+        tested, all,
+        "the tests must cover every rule of the suite, once"
+    );
 }
 
 /// Counts of a suite run.
@@ -121,7 +158,7 @@ pub struct Summary {
 }
 
 /// Runs every rule in order, printing `conformance <backend> <rule> <verdict>`
-/// per rule and the summary line.
+/// per rule and the summary line, which names the broker's server.
 pub async fn run_suite(harness: &dyn Harness) -> Summary {
     let mut summary = Summary::default();
     for rule in RULES {
@@ -133,8 +170,18 @@ pub async fn run_suite(harness: &dyn Harness) -> Summary {
         }
         println!("conformance {} {} {verdict}", harness.name(), rule.id);
     }
+    let server = match harness.connect().await {
+        Ok(broker) => {
+            let described = broker.describe();
+            let _ = broker.close().await;
+            described
+                .split_once(" at ")
+                .map_or(described.clone(), |(server, _)| server.to_owned())
+        }
+        Err(e) => format!("unreachable: {e}"),
+    };
     println!(
-        "conformance {}: {} passed, {} n/a, {} failed",
+        "conformance {}: {} passed, {} n/a, {} failed ({server})",
         harness.name(),
         summary.passed,
         summary.not_applicable,

@@ -275,9 +275,18 @@ pub(crate) async fn c12_crash_safe_backoff(h: &dyn Harness) -> Result<(), Skip> 
             let doomed = h.connect().await.doing("connecting the doomed consumer")?;
             let consumer = start(doomed.clone(), sc.queue("q"), &handler, fixed(delay, 3), 5);
             let id = sc.publish_job("jobs.a", "waits").await?;
-            wait_until(WAIT, || handler.finished("waits"), || handler.describe()).await?;
-            // Give the retry a moment to be settled, well inside its delay.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            // The retry is settled (handed to the broker) once the consumer
+            // counts it and has nothing in flight; then it is killed, well
+            // inside the retry's delay.
+            wait_until(
+                WAIT,
+                || {
+                    let health = consumer.health();
+                    health.retried >= 1 && health.in_flight == 0
+                },
+                || format!("the retry was never settled; {}", handler.describe()),
+            )
+            .await?;
             let killed_at = Instant::now();
             consumer.abort();
             doomed
