@@ -10,13 +10,17 @@ use ticketrail_core::{
 use super::{checked, Skip};
 use crate::harness::Harness;
 use crate::support::{
-    ensure, job_message, wait_for_dead_letters, wait_until, Act, Doing, Scenario, Scripted,
+    ensure, job_message, wait_for_dead_letters, wait_until, Act, Check, Doing, Scenario, Scripted,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn c10_dead_letter_record(h: &dyn Harness) -> Result<(), Skip> {
-    let sc = Scenario::new(h, "c10", vec![QueueSpec::new("q").bind("jobs.#")]).await?;
+    let queues = vec![
+        QueueSpec::new("q").bind("jobs.#"),
+        QueueSpec::new("cross").bind("cross.#"),
+    ];
+    let sc = Scenario::new(h, "c10", queues).await?;
     checked(
         sc.run(|sc| async move {
             let huge = "x".repeat(3 * MAX_ERROR_LEN);
@@ -127,10 +131,90 @@ pub(crate) async fn c10_dead_letter_record(h: &dyn Harness) -> Result<(), Skip> 
                     r.last_failed_at
                 );
             }
-            Ok(())
+            records_across_processes(h, &sc).await
         })
         .await,
     )
+}
+
+/// The record is right when the failures happened in different processes:
+/// the first attempt fails in consumer A, which is killed while the retry
+/// waits; consumer B, on a connection of its own, fails the rest.
+async fn records_across_processes(h: &dyn Harness, sc: &Scenario) -> Check {
+    let queue = sc.queue("cross");
+    let handler = Scripted::new(|_, attempt, _| Act::Retry(format!("attempt {attempt} failed")));
+    let policy = || Fixed::new(Duration::from_millis(700), 3).expect("valid");
+    let a = h.connect().await.doing("connecting consumer A")?;
+    let consumer_a = Consumer::new(a.clone(), queue.clone(), handler.clone())
+        .retry_policy(policy())
+        .spawn();
+    let before_first = SystemTime::now();
+    let id = sc.publish_job("cross.a", "across").await?;
+    wait_until(
+        WAIT,
+        || {
+            let health = consumer_a.health();
+            health.retried >= 1 && health.in_flight == 0
+        },
+        || format!("consumer A never retried; {}", handler.describe()),
+    )
+    .await?;
+    let first_failed = handler.calls("across")[0]
+        .finished
+        .ok_or("the first attempt never finished")?;
+    consumer_a.abort();
+    a.close().await.doing("dropping consumer A's connection")?;
+
+    let b = h.connect().await.doing("connecting consumer B")?;
+    let consumer_b = Consumer::new(b.clone(), queue.clone(), handler.clone())
+        .retry_policy(policy())
+        .spawn();
+    let records = wait_for_dead_letters(&sc.broker, &queue, 1, WAIT).await?;
+    consumer_b
+        .shutdown()
+        .await
+        .doing("shutting down consumer B")?;
+    let _ = b.close().await;
+    let after_last = SystemTime::now();
+    let record = &records[0];
+    let attempts: Vec<u32> = handler.calls("across").iter().map(|c| c.attempt).collect();
+    ensure!(
+        record.envelope.id == id,
+        "the DLQ holds {}, expected {id}",
+        record.envelope.id
+    );
+    ensure!(
+        attempts == [1, 2, 3],
+        "across two consumers the handler saw attempts {attempts:?}, expected [1, 2, 3]"
+    );
+    ensure!(
+        record.reason == DeadLetterReason::Exhausted && record.attempts == 3,
+        "the record says {} after {} attempts, expected exhausted after 3",
+        record.reason,
+        record.attempts
+    );
+    ensure!(
+        record.last_error.contains("attempt 3 failed"),
+        "last error {:?}",
+        record.last_error
+    );
+    // The first failure happened in consumer A: the record must say when,
+    // not when consumer B first saw the message.
+    let slack = Duration::from_millis(500);
+    let first = record.first_failed_at;
+    let a_failed = SystemTime::now() - first_failed.elapsed();
+    ensure!(
+        first + slack >= before_first && first <= a_failed + slack,
+        "the record's first failure is {:?} after the first attempt failed in consumer A \
+         (a record made in another process lost it)",
+        first.duration_since(a_failed).unwrap_or_default()
+    );
+    ensure!(
+        record.last_failed_at >= first && record.last_failed_at <= after_last + slack,
+        "the last failure {:?} is not between the first {first:?} and the end of the run",
+        record.last_failed_at
+    );
+    Ok(())
 }
 
 pub(crate) async fn c11_dlq_operations(h: &dyn Harness) -> Result<(), Skip> {
