@@ -350,9 +350,8 @@ impl Broker for NatsBroker {
         let info = self.conn.locate(queue).await?;
         let counts: ConsumerCounts = self
             .conn
-            .api(
+            .api_empty(
                 &format!("CONSUMER.INFO.{}.{}", info.stream, info.consumer),
-                &(),
                 &format!("reading the state of `{queue}`"),
             )
             .await?;

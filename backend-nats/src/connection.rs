@@ -239,17 +239,47 @@ impl Connection {
         self.closed.store(true, Ordering::Release);
     }
 
-    /// A JetStream API request (`STREAM.INFO.<name>`, ...) and its typed answer.
+    /// A JetStream API request (`STREAM.INFO.<name>`, ...) with a JSON body,
+    /// and its typed answer.
     pub(crate) async fn api<T, V>(&self, subject: &str, payload: &T, doing: &str) -> Result<V>
     where
         T: ?Sized + Serialize,
         V: DeserializeOwned,
     {
-        let response: Response<V> = self
-            .js
-            .request(subject.to_owned(), payload)
+        let body = serde_json::to_vec(payload).expect("API requests always encode");
+        self.api_raw(subject, body.into(), doing).await
+    }
+
+    /// A JetStream API request with no body (`CONSUMER.INFO.<s>.<c>`).
+    pub(crate) async fn api_empty<V: DeserializeOwned>(
+        &self,
+        subject: &str,
+        doing: &str,
+    ) -> Result<V> {
+        self.api_raw(subject, bytes::Bytes::new(), doing).await
+    }
+
+    async fn api_raw<V: DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: bytes::Bytes,
+        doing: &str,
+    ) -> Result<V> {
+        let request = async_nats::Request::new()
+            .payload(body)
+            .timeout(Some(self.config.request_timeout));
+        let message = self
+            .client
+            .send_request(format!("$JS.API.{subject}"), request)
             .await
             .map_err(|e| error::request(doing, e))?;
+        let response: Response<V> = serde_json::from_slice(&message.payload).map_err(|e| {
+            Error::new(
+                ErrorKind::Broker,
+                format!("{doing}: an answer that is not JSON"),
+            )
+            .with_source(e)
+        })?;
         match response {
             Response::Ok(value) => Ok(value),
             Response::Err { error } => Err(error::api(doing, error)),

@@ -1,7 +1,7 @@
 //! async-nats' errors as ticketrail's: by async-nats' error kinds and
 //! JetStream's API error codes, never by their text.
 
-use async_nats::jetstream::context::{PublishErrorKind, RequestErrorKind};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::ErrorCode;
 use async_nats::ConnectErrorKind;
 use ticketrail_core::{Error, ErrorKind};
@@ -29,14 +29,13 @@ pub(crate) fn api(doing: &str, error: async_nats::jetstream::Error) -> Error {
 }
 
 /// A failed request to the JetStream API (no answer, a timeout).
-pub(crate) fn request(doing: &str, error: async_nats::jetstream::context::RequestError) -> Error {
+pub(crate) fn request(doing: &str, error: async_nats::RequestError) -> Error {
     let kind = match error.kind() {
         // No server answered for JetStream: it is restarting or has no
         // leader for the stream right now.
-        RequestErrorKind::NoResponders => ErrorKind::Connection,
-        RequestErrorKind::TimedOut => ErrorKind::Timeout,
-        RequestErrorKind::InvalidSubject => ErrorKind::InvalidName,
-        _ => ErrorKind::Broker,
+        async_nats::RequestErrorKind::NoResponders => ErrorKind::Connection,
+        async_nats::RequestErrorKind::TimedOut => ErrorKind::Timeout,
+        _ => ErrorKind::Connection,
     };
     Error::new(kind, doing.to_owned()).with_source(error)
 }

@@ -59,9 +59,8 @@ struct Deleted {}
 /// the client cannot parse to the DLQ. Returns how many it moved.
 pub(crate) async fn scan(conn: &Connection, info: &QueueInfo) -> Result<usize> {
     let state: ConsumerState = conn
-        .api(
+        .api_empty(
             &format!("CONSUMER.INFO.{}.{}", info.stream, info.consumer),
-            &(),
             &format!("reading the state of `{}`", info.name),
         )
         .await?;

@@ -14,7 +14,7 @@ use ticketrail_core::{
 use tokio::sync::Mutex;
 
 use crate::connection::{open_raw, Link};
-use crate::headers::{self, Source};
+use crate::headers::{self, Source, DELIVERY_LIMIT, EXPIRED, MAXLEN, REJECTED};
 use crate::publish;
 use crate::raw::{RawConnection, RawDelivery};
 use crate::topology::dlq_name;
@@ -110,11 +110,7 @@ fn record(delivery: RawDelivery, queue: &str) -> DeadLetter {
         Source::DeadLetters,
     )
     .decode();
-    let broker_says = death
-        .as_ref()
-        .and_then(|d| d.reason.clone())
-        .unwrap_or_else(|| "no reason given".into());
-    let mut fallback = RecordFallback::delivery_limit(queue, &broker_says);
+    let mut fallback = fallback(queue, death.as_ref().and_then(|d| d.reason.as_deref()));
     fallback.failed_at = death.as_ref().and_then(|d| d.time);
     let mut record = DeadLetter::from_wire(decoded, fallback);
     if !problems.is_empty() {
@@ -131,6 +127,29 @@ fn record(delivery: RawDelivery, queue: &str) -> DeadLetter {
         );
     }
     record
+}
+
+/// What a record RabbitMQ dead-lettered itself says, by its `x-death` reason.
+fn fallback(queue: &str, reason: Option<&str>) -> RecordFallback {
+    match reason {
+        Some(DELIVERY_LIMIT) | None => {
+            RecordFallback::delivery_limit(queue, reason.unwrap_or("no reason given"))
+        }
+        Some(EXPIRED) => RecordFallback::broker(
+            queue,
+            "its message TTL ran out in the work queue (an `expiration` its publisher set, or \
+             a `message-ttl` policy on the queue)",
+        ),
+        Some(MAXLEN) => RecordFallback::broker(
+            queue,
+            "the work queue was over a length limit (a `max-length` policy on the queue)",
+        ),
+        Some(REJECTED) => RecordFallback::broker(
+            queue,
+            "a client other than ticketrail rejected it without requeueing",
+        ),
+        Some(other) => RecordFallback::broker(queue, &format!("RabbitMQ says `{other}`")),
+    }
 }
 
 /// One record of the DLQ, taken and not yet acknowledged.

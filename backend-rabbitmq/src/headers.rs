@@ -14,8 +14,13 @@ use crate::topology;
 
 /// The header in which RabbitMQ records each dead-lettering of a message.
 const X_DEATH: &str = "x-death";
-/// The `x-death` reason of a message whose TTL ran out (a wait queue).
-const EXPIRED: &str = "expired";
+/// `x-death` reasons: a message's TTL ran out (a wait queue's, or one a
+/// publisher or policy set); the queue's delivery limit; its length limit;
+/// a reject without requeue.
+pub(crate) const EXPIRED: &str = "expired";
+pub(crate) const DELIVERY_LIMIT: &str = "delivery_limit";
+pub(crate) const MAXLEN: &str = "maxlen";
+pub(crate) const REJECTED: &str = "rejected";
 
 /// Headers RabbitMQ adds on its own, which are not the application's.
 const BROKER_HEADERS: [&str; 9] = [

@@ -16,6 +16,13 @@ pub struct MemoryHarness {
     broker: MemoryBroker,
 }
 
+impl MemoryHarness {
+    /// The broker every connection of this harness reaches.
+    pub fn broker(&self) -> &MemoryBroker {
+        &self.broker
+    }
+}
+
 #[async_trait]
 impl Harness for MemoryHarness {
     fn name(&self) -> &'static str {

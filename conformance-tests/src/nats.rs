@@ -26,6 +26,11 @@ pub struct NatsHarness {
 }
 
 impl NatsHarness {
+    /// The URL this harness connects to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The harness for `NATS_URL`.
     pub fn from_env() -> Self {
         NatsHarness {

@@ -23,6 +23,11 @@ pub struct RabbitHarness {
 }
 
 impl RabbitHarness {
+    /// The URL this harness connects to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// The harness for `AMQP_URL`.
     pub fn from_env() -> Self {
         RabbitHarness {

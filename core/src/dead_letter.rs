@@ -30,20 +30,26 @@ pub enum DeadLetterReason {
     /// headers or properties that a plain or raw client wrote); the record
     /// says what was wrong with it.
     Unreadable,
+    /// The broker dead-lettered it for a reason of its own, before any
+    /// handler saw it: a message TTL its publisher or a policy set, a queue
+    /// length limit, a reject by a client other than ticketrail. The last
+    /// error says which.
+    Broker,
 }
 
 impl DeadLetterReason {
     /// Every reason, in wire-form order.
-    pub const ALL: [DeadLetterReason; 5] = [
+    pub const ALL: [DeadLetterReason; 6] = [
         DeadLetterReason::Exhausted,
         DeadLetterReason::Permanent,
         DeadLetterReason::Undecodable,
         DeadLetterReason::DeliveryLimit,
         DeadLetterReason::Unreadable,
+        DeadLetterReason::Broker,
     ];
 
     /// The wire form: `exhausted`, `permanent`, `undecodable`,
-    /// `delivery-limit`, `unreadable`.
+    /// `delivery-limit`, `unreadable`, `broker`.
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Exhausted => "exhausted",
@@ -51,6 +57,7 @@ impl DeadLetterReason {
             DeadLetterReason::Undecodable => "undecodable",
             DeadLetterReason::DeliveryLimit => "delivery-limit",
             DeadLetterReason::Unreadable => "unreadable",
+            DeadLetterReason::Broker => "broker",
         }
     }
 }
@@ -71,7 +78,7 @@ impl FromStr for DeadLetterReason {
             .ok_or_else(|| {
                 Error::config(format!(
                     "unknown dead-letter reason `{s}` (one of exhausted, permanent, \
-                     undecodable, delivery-limit, unreadable)"
+                     undecodable, delivery-limit, unreadable, broker)"
                 ))
             })
     }

@@ -632,6 +632,17 @@ pub struct RecordFallback {
 }
 
 impl RecordFallback {
+    /// A fallback for a dead letter of `queue` the broker moved there for a
+    /// reason of its own (`why`), not its delivery limit.
+    pub fn broker(queue: impl Into<String>, why: &str) -> Self {
+        RecordFallback {
+            queue: queue.into(),
+            reason: crate::DeadLetterReason::Broker,
+            last_error: format!("dead-lettered by the broker before a handler saw it: {why}"),
+            failed_at: None,
+        }
+    }
+
     /// A fallback for a dead letter of `queue` the broker moved there after
     /// its delivery limit.
     pub fn delivery_limit(queue: impl Into<String>, broker_says: &str) -> Self {
