@@ -211,9 +211,7 @@ impl Connection {
             .timeout(config.request_timeout)
             .build(client.clone());
         let info = client.server_info();
-        let progress_acks = config
-            .progress_acks
-            .unwrap_or_else(|| !version_before(&info.version, (2, 10)));
+        let progress_acks = config.progress_acks.unwrap_or(true);
         let server = ServerFacts {
             several_filters: !version_before(&info.version, (2, 10)),
             version: info.version,

@@ -181,3 +181,82 @@ async fn wrong_nats_credentials_are_an_auth_error_not_a_hang() {
     );
     server.remove().await.unwrap();
 }
+
+/// A message whose consumer crashes after sending work-in-progress acks
+/// still reaches the DLQ at the queue's delivery limit (C13): the server
+/// keeps counting its deliveries. (nats-server 2.9.10 was once thought to
+/// reset the count on a `+WPI`; measured again, it does not.)
+#[tokio::test]
+async fn nats_crash_loops_end_also_after_progress_acks() {
+    use std::sync::atomic::AtomicBool;
+    use ticketrail_core::{Consumer, DeadLetterReason, QueueSpec, Topology};
+    let mut server = NatsServer::start().await.unwrap();
+    let config = || {
+        NatsConfig::from_url(&server.url())
+            .unwrap()
+            .ack_wait(Duration::from_millis(1000))
+            .progress_acks(true)
+    };
+    let admin: ticketrail_core::SharedBroker =
+        Arc::new(NatsBroker::connect(config()).await.unwrap());
+    let topology =
+        Topology::new("crash.events").queue(QueueSpec::new("crash.q").bind("#").delivery_limit(2));
+    admin.declare(&topology).await.unwrap();
+    admin
+        .publish("crash.events", Message::new("a.b", "{}"))
+        .await
+        .unwrap();
+    // Each consumer works past one work-in-progress ack (every 500 ms),
+    // then is killed with the message in hand.
+    let mut crashes = 0;
+    let records = loop {
+        let records = admin.dead_letters("crash.q", 10).await.unwrap();
+        if !records.is_empty() {
+            break records;
+        }
+        assert!(
+            crashes < 8,
+            "still not dead-lettered after {crashes} crashes"
+        );
+        let started = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let started = Arc::clone(&started);
+            handler_fn(move |_: serde_json::Value, _ctx: Context| {
+                let started = Arc::clone(&started);
+                async move {
+                    started.store(true, Ordering::SeqCst);
+                    std::future::pending::<Result<(), HandlerError>>().await
+                }
+            })
+        };
+        let broker: ticketrail_core::SharedBroker =
+            Arc::new(NatsBroker::connect(config()).await.unwrap());
+        let consumer = Consumer::new(broker.clone(), "crash.q", handler).spawn();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !started.load(Ordering::SeqCst) {
+            if !admin.dead_letters("crash.q", 1).await.unwrap().is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no redelivery after crash {crashes}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        consumer.abort();
+        let _ = broker.close().await;
+        crashes += 1;
+    };
+    assert_eq!(
+        records[0].reason,
+        DeadLetterReason::DeliveryLimit,
+        "{:?}",
+        records[0]
+    );
+    assert!(
+        crashes <= 4,
+        "it took {crashes} crashes with a delivery limit of 2"
+    );
+    server.remove().await.unwrap();
+}

@@ -107,7 +107,10 @@ fn every_backend_has_the_skeleton_and_documents_its_extras() {
             assert!(modules.contains_key(name), "{backend} has no {file}");
         }
         let lib = &modules["lib"];
-        for extra in modules.keys().filter(|m| !SKELETON.contains(&format!("{m}.rs").as_str())) {
+        for extra in modules
+            .keys()
+            .filter(|m| !SKELETON.contains(&format!("{m}.rs").as_str()))
+        {
             assert!(
                 lib.contains(&format!("`{extra}.rs`")),
                 "{backend}: the crate doc does not name its extra file {extra}.rs"
@@ -142,14 +145,11 @@ fn no_backend_module_imports_one_that_imports_it() {
 
 #[test]
 fn the_cycle_finder_finds_cycles() {
-    let graph: BTreeMap<String, BTreeSet<String>> = [
-        ("a", vec!["b"]),
-        ("b", vec!["c"]),
-        ("c", vec!["a"]),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.into_iter().map(str::to_owned).collect()))
-    .collect();
+    let graph: BTreeMap<String, BTreeSet<String>> =
+        [("a", vec!["b"]), ("b", vec!["c"]), ("c", vec!["a"])]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into_iter().map(str::to_owned).collect()))
+            .collect();
     assert_eq!(
         cycle(&graph),
         Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
