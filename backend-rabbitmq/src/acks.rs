@@ -13,10 +13,11 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::{Channel, Connection};
+use lapin::Channel;
 use ticketrail_core::{Error, Result};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::connection::Owned;
 use crate::error::map;
 
 type Reply = oneshot::Sender<Result<()>>;
@@ -24,7 +25,8 @@ type Reply = oneshot::Sender<Result<()>>;
 /// The ack pipeline of one consumer channel, on a connection of its own
 /// that is closed once the last delivery taken from it is settled.
 pub(crate) struct Acks {
-    connection: Arc<Connection>,
+    /// Closed (on drop) once nothing taken from it is unsettled.
+    _connection: Owned,
     channel: Channel,
     /// Delivery tags handed out and not yet acked or nacked.
     in_hand: Arc<Mutex<BTreeSet<u64>>>,
@@ -34,7 +36,7 @@ pub(crate) struct Acks {
 impl Acks {
     /// The ack pipeline of `channel` (of `connection`), whose prefetch
     /// limit is `prefetch`.
-    pub(crate) fn new(connection: Connection, channel: Channel, prefetch: u16) -> Arc<Self> {
+    pub(crate) fn new(connection: Owned, channel: Channel, prefetch: u16) -> Arc<Self> {
         let (requests, incoming) = mpsc::unbounded_channel();
         let in_hand = Arc::new(Mutex::new(BTreeSet::new()));
         let enough = usize::from(prefetch / 2).max(1);
@@ -45,7 +47,7 @@ impl Acks {
             incoming,
         ));
         Arc::new(Acks {
-            connection: Arc::new(connection),
+            _connection: connection,
             channel,
             in_hand,
             requests,
@@ -83,21 +85,6 @@ impl Acks {
         let sent = self.channel.basic_nack(tag, options).await;
         self.in_hand.lock().expect("not poisoned").remove(&tag);
         sent.map_err(|e| map("nacking", e))
-    }
-}
-
-impl Drop for Acks {
-    fn drop(&mut self) {
-        // Nothing taken from this connection is unsettled any more: close
-        // it (lapin keeps a connection open until told).
-        let connection = Arc::clone(&self.connection);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if connection.status().connected() {
-                    let _ = connection.close(200, "subscription done".into()).await;
-                }
-            });
-        }
     }
 }
 

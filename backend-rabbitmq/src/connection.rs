@@ -18,6 +18,49 @@ use crate::error::{is_untrusted_certificate, kind_of, map};
 use crate::raw::{RawConnection, RawTls};
 use crate::topology;
 
+/// Which node a new client tries first: a random one, so the connections
+/// of many processes (and their quorum queue leaders, placed on the node
+/// that declares them) spread over a cluster instead of all landing on the
+/// first node of the list.
+pub(crate) fn first_node(config: &RabbitConfig) -> usize {
+    fastrand::usize(..config.nodes.len())
+}
+
+/// A connection that is closed when dropped. lapin keeps a connection (and
+/// its consumers, with the deliveries they hold) open until told, so one
+/// dropped half-way, e.g. by a subscription cancelled while it opens, would
+/// otherwise keep its prefetch window of messages from every other consumer
+/// for as long as the process lives.
+pub(crate) struct Owned(Option<Connection>);
+
+impl std::ops::Deref for Owned {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.0.as_ref().expect("taken only on drop")
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let Some(connection) = self.0.take() else {
+            return;
+        };
+        if !connection.status().connected() {
+            return;
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = connection.close(200, "ticketrail: done".into()).await;
+                });
+            }
+            // No runtime to close it on: the socket goes when the process does.
+            Err(_) => tracing::debug!("a RabbitMQ connection dropped outside a runtime"),
+        }
+    }
+}
+
 /// Opens a connection to the first node of `config` that answers, starting
 /// after the one `next` points at, so successive connections spread over a
 /// cluster and a node that went away is skipped. A refusal of the
@@ -26,13 +69,13 @@ pub(crate) async fn open(
     config: &RabbitConfig,
     next: &AtomicUsize,
     purpose: &str,
-) -> Result<(Connection, String)> {
+) -> Result<(Owned, String)> {
     let start = next.fetch_add(1, Ordering::Relaxed);
     let mut last = None;
     for i in 0..config.nodes.len() {
         let node = &config.nodes[(start + i) % config.nodes.len()];
         match open_node(config, &node.url, &node.address, purpose).await {
-            Ok(connection) => return Ok((connection, node.address.clone())),
+            Ok(connection) => return Ok((Owned(Some(connection)), node.address.clone())),
             Err(e) if e.kind() == ErrorKind::Auth => return Err(e),
             Err(e) => {
                 tracing::debug!(node = %node.address, error = %e, "node did not answer; trying the next");
@@ -102,7 +145,7 @@ pub(crate) async fn open_raw(config: &RabbitConfig) -> Result<RawConnection> {
 
 /// One live connection with its confirm-mode publishing channel.
 pub(crate) struct Session {
-    pub(crate) connection: Arc<Connection>,
+    pub(crate) connection: Arc<Owned>,
     publish: Channel,
 }
 
@@ -136,9 +179,10 @@ impl Link {
         let raw = open_raw(&config).await?;
         let server = raw.server.clone();
         raw.close().await;
+        let first = first_node(&config);
         let link = Arc::new(Link {
             config,
-            next_node: AtomicUsize::new(0),
+            next_node: AtomicUsize::new(first),
             current: Mutex::new(None),
             closed: AtomicBool::new(false),
             declared: SyncMutex::default(),

@@ -51,11 +51,12 @@ struct Open {
 
 impl RabbitSubscription {
     pub(crate) async fn open(link: Arc<Link>, queue: &str, prefetch: u16) -> Result<Self> {
+        let first = connection::first_node(&link.config);
         let mut subscription = RabbitSubscription {
             link,
             queue: Arc::from(queue),
             prefetch,
-            next_node: AtomicUsize::new(0),
+            next_node: AtomicUsize::new(first),
             open: None,
             isolating: None,
         };

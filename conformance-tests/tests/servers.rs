@@ -260,3 +260,71 @@ async fn nats_crash_loops_end_also_after_progress_acks() {
     );
     server.remove().await.unwrap();
 }
+
+/// A consumer stopped at any moment, also half-way through opening its
+/// subscription, leaves no connection behind: lapin keeps a connection
+/// open until told, and one left with a consumer on it would hold that
+/// consumer's prefetch window of messages for as long as the process lives.
+#[tokio::test]
+async fn rabbitmq_consumers_stopped_while_subscribing_leave_no_connection() {
+    use ticketrail_core::{Broker, Consumer, QueueSpec, Topology};
+    use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
+    let mut node = RabbitNode::start().await.unwrap();
+    let config = RabbitConfig::from_url(&node.url()).unwrap();
+    let broker = RabbitBroker::connect(config.clone()).await.unwrap();
+    let topology = Topology::new("abort.events").queue(QueueSpec::new("abort.q").bind("#"));
+    broker.declare(&topology).await.unwrap();
+    for i in 0..50 {
+        broker
+            .publish("abort.events", Message::new("k", i.to_string()))
+            .await
+            .unwrap();
+    }
+    let handled = Arc::new(AtomicUsize::new(0));
+    let count = {
+        let handled = Arc::clone(&handled);
+        handler_fn(move |_: u32, _: Context| {
+            let handled = Arc::clone(&handled);
+            async move {
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, HandlerError>(())
+            }
+        })
+    };
+    // Stopped after 0..25 ms: many while connecting, some while the
+    // channel, its prefetch limit or the consumer is being set up.
+    let mut rng = fastrand::Rng::with_seed(3);
+    for _ in 0..60 {
+        let consumer = Consumer::new(Arc::new(broker.clone()), "abort.q", count.clone())
+            .prefetch(10)
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..25))).await;
+        consumer.abort();
+    }
+    // Closing takes a round trip; then only the publishing connection is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let connections = loop {
+        let listed = node.ctl(&["list_connections", "-q", "name"]).await.unwrap();
+        let connections = listed.lines().filter(|l| l.contains("->")).count();
+        if connections <= 1 || Instant::now() > deadline {
+            break connections;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(connections, 1, "connections left open by stopped consumers");
+
+    // And every message is still there for a consumer that stays.
+    let before = handled.load(Ordering::SeqCst);
+    let stays = Consumer::new(Arc::new(broker.clone()), "abort.q", count.clone()).spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handled.load(Ordering::SeqCst) < 50 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        handled.load(Ordering::SeqCst) >= 50,
+        "handled {} of 50 ({before} before the consumer that stays)",
+        handled.load(Ordering::SeqCst)
+    );
+    stays.shutdown().await.unwrap();
+    node.remove().await.unwrap();
+}

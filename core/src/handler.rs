@@ -180,6 +180,16 @@ pub struct HandlerFn<F, M> {
     _message: std::marker::PhantomData<fn(M)>,
 }
 
+// By hand: a derive would ask for `M: Clone` too.
+impl<F: Clone, M> Clone for HandlerFn<F, M> {
+    fn clone(&self) -> Self {
+        HandlerFn {
+            f: self.f.clone(),
+            _message: std::marker::PhantomData,
+        }
+    }
+}
+
 /// Turns `async |message, ctx| -> Result<(), HandlerError>` into a [`Handler`].
 ///
 /// ```
