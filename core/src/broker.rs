@@ -12,7 +12,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterCursor, Replay};
 use crate::delivery::Delivery;
 use crate::envelope::Message;
 use crate::error::{Error, ErrorKind, Result};
-use crate::topology::Topology;
+use crate::topology::{Finding, Topology};
 
 /// A shared, dynamically chosen broker: what a program holds when it picks
 /// its backend at run time from a URL.
@@ -105,15 +105,24 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// connection) come back from `send` itself. Many sends can be in flight
     /// at once; a backend whose client bounds unconfirmed publishes waits
     /// here for room.
+    ///
+    /// This is the backend's primitive: it neither traces nor counts.
+    /// Applications publish through a [`Publisher`](crate::Publisher) or
+    /// [`publish`](Broker::publish), which do both.
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation>;
 
     /// Publishes a message and returns once the broker has confirmed it.
     ///
     /// # Behavior
     /// C1 and C2, as [`send`](Broker::send) followed by awaiting its
-    /// confirmation.
+    /// confirmation; and, unlike a bare `send`, the publish is traced (C18)
+    /// and counted in the [`metrics`](crate::metrics), as through a
+    /// [`Publisher`](crate::Publisher).
     async fn publish(&self, topic_space: &str, message: Message) -> Result<()> {
-        self.send(topic_space, message).await?.await
+        let metrics = crate::metrics::PublisherMetrics::new(self.backend(), topic_space);
+        crate::publisher::send_observed(self, topic_space, message, &metrics)
+            .await?
+            .await
     }
 
     /// Opens a subscription on a work queue.
@@ -187,6 +196,20 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
             purged += 1;
         }
         Ok(purged)
+    }
+
+    /// Compares what the broker has with what declaring `topology` would
+    /// make, object by object, changing nothing: for an operator checking a
+    /// broker before going live, or migrating queues made by other code.
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot inspect topic space `{}`",
+                self.backend(),
+                topology.topic_space
+            ),
+        ))
     }
 
     /// What the broker can tell about a work queue: ready, in flight,

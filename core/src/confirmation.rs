@@ -6,9 +6,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use metrics::Counter;
 
 use crate::error::Result;
+use crate::metrics::PublisherMetrics;
+use crate::trace::PublishSpan;
 
 /// The broker's confirm of one message handed over by
 /// [`Broker::send`](crate::Broker::send) or [`Publisher::send`](crate::Publisher::send).
@@ -24,8 +25,15 @@ use crate::error::Result;
 pub struct Confirmation {
     id: String,
     confirm: BoxFuture<'static, Result<()>>,
-    /// Counts the message once confirmed.
-    published: Option<Counter>,
+    /// Counts the message and ends its publish span once settled.
+    observed: Option<Observed>,
+}
+
+/// What a publish through [`Publisher`](crate::Publisher) or
+/// [`Broker::publish`](crate::Broker::publish) records once the broker answers.
+struct Observed {
+    metrics: PublisherMetrics,
+    span: PublishSpan,
 }
 
 impl Confirmation {
@@ -34,7 +42,7 @@ impl Confirmation {
         Confirmation {
             id,
             confirm: Box::pin(confirm),
-            published: None,
+            observed: None,
         }
     }
 
@@ -49,9 +57,10 @@ impl Confirmation {
         &self.id
     }
 
-    /// The same confirmation, incrementing `published` once confirmed.
-    pub(crate) fn counted(mut self, published: Counter) -> Self {
-        self.published = Some(published);
+    /// The same confirmation, counted in `metrics` and ending `span` once
+    /// the broker answers.
+    pub(crate) fn observed(mut self, metrics: PublisherMetrics, span: PublishSpan) -> Self {
+        self.observed = Some(Observed { metrics, span });
         self
     }
 }
@@ -62,9 +71,11 @@ impl Future for Confirmation {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
         let confirmed = this.confirm.as_mut().poll(cx);
-        if let Poll::Ready(Ok(())) = confirmed {
-            if let Some(published) = this.published.take() {
-                published.increment(1);
+        if let Poll::Ready(result) = &confirmed {
+            if let Some(Observed { metrics, span }) = this.observed.take() {
+                let error = result.as_ref().err();
+                metrics.sent(error.map(|e| e.kind()));
+                span.end(error);
             }
         }
         confirmed

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 
 use crate::envelope::Envelope;
 use crate::error::{Error, Result};
+use crate::trace::PublishSpan;
 
 /// The longest last-error text kept in a dead-letter record, in bytes.
 pub const MAX_ERROR_LEN: usize = 4096;
@@ -157,6 +158,7 @@ pub fn bound_text(text: &str, max: usize) -> String {
 /// One record of a DLQ met by a [`DeadLetterCursor`], and what can be done
 /// with it: replayed, removed, or kept (dropped).
 pub struct DeadLetterEntry {
+    backend: &'static str,
     record: DeadLetter,
     handle: Box<dyn DeadLetterHandle>,
 }
@@ -170,9 +172,18 @@ impl fmt::Debug for DeadLetterEntry {
 }
 
 impl DeadLetterEntry {
-    /// For backends: a record and how to act on it.
-    pub fn new(record: DeadLetter, handle: Box<dyn DeadLetterHandle>) -> Self {
-        DeadLetterEntry { record, handle }
+    /// For backends: a record of the DLQ of `backend` (its
+    /// [`Broker::backend`](crate::Broker::backend) name) and how to act on it.
+    pub fn new(
+        backend: &'static str,
+        record: DeadLetter,
+        handle: Box<dyn DeadLetterHandle>,
+    ) -> Self {
+        DeadLetterEntry {
+            backend,
+            record,
+            handle,
+        }
     }
 
     /// The record (C10).
@@ -188,9 +199,19 @@ impl DeadLetterEntry {
     /// Publishes the message back to its work queue with the same id and
     /// attempt 1; the record leaves the DLQ only once the broker has
     /// confirmed the republish (C11). On an error the record stays.
+    ///
+    /// The republish is traced in a new `publish` span linked to the trace
+    /// the message was in (C18), and counted in
+    /// [`REPLAYS`](crate::metrics::REPLAYS).
     pub async fn replay(self) -> Result<()> {
-        let envelope = self.record.replay_envelope();
-        self.handle.replay(envelope).await
+        let mut envelope = self.record.replay_envelope();
+        let span = PublishSpan::replay(self.backend, &self.record.queue, &mut envelope);
+        let replayed = self.handle.replay(envelope).await;
+        if replayed.is_ok() {
+            crate::metrics::replayed(self.backend, &self.record.queue);
+        }
+        span.end(replayed.as_ref().err());
+        replayed
     }
 
     /// Removes the record from the DLQ for good.

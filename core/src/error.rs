@@ -41,6 +41,26 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// A short snake_case name for machines: metric labels, the
+    /// `error.type` of spans, JSON output (`payload_too_large`).
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::Connection => "connection",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Unroutable => "unroutable",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::InvalidName => "invalid_name",
+            ErrorKind::Config => "config",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Closed => "closed",
+            ErrorKind::AlreadySettled => "already_settled",
+            ErrorKind::Encode => "encode",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Broker => "broker",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Connection => "connection error",

@@ -22,17 +22,19 @@ mod envelope;
 mod error;
 mod handler;
 mod id;
+pub mod metrics;
 mod publisher;
 mod redact;
 mod retry;
 mod topology;
+pub mod trace;
 pub mod wire;
 
 pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscription};
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
 pub use confirmation::Confirmation;
-pub use consumer::{Consumer, ConsumerState, Health, RunningConsumer};
+pub use consumer::{Consumer, ConsumerState, Health, HealthProbe, RunningConsumer};
 pub use dead_letter::{
     bound_error_text, bound_text, DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle,
     DeadLetterReason, Replay, MAX_ERROR_LEN,
@@ -46,8 +48,8 @@ pub use publisher::Publisher;
 pub use redact::redact_url;
 pub use retry::{Exponential, ExponentialBuilder, Fixed, NoRetry, RetryDecision, RetryPolicy};
 pub use topology::{
-    topic_matches, validate_name, validate_pattern, validate_routing_key, QueueSpec, Topology,
-    MAX_NAME_LEN,
+    topic_matches, validate_name, validate_pattern, validate_routing_key, Finding, FindingStatus,
+    QueueSpec, Topology, MAX_NAME_LEN,
 };
 
 /// Re-exported for backends implementing [`Broker`], [`Subscription`] and [`Settle`].

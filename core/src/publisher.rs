@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use metrics::Counter;
 use serde::Serialize;
 
-use crate::broker::SharedBroker;
+use crate::broker::{Broker, SharedBroker};
 use crate::codec::{Codec, Json};
 use crate::confirmation::Confirmation;
 use crate::envelope::Message;
 use crate::error::Result;
+use crate::metrics::PublisherMetrics;
+use crate::trace::PublishSpan;
 
 /// Publishes typed messages to one topic space. Cheap to clone; clones share
 /// the broker connection, so many publishes can be in flight at once.
@@ -28,7 +29,7 @@ pub struct Publisher<C: Codec = Json> {
     broker: SharedBroker,
     topic_space: Arc<str>,
     codec: C,
-    published: Counter,
+    metrics: PublisherMetrics,
 }
 
 impl std::fmt::Debug for Publisher {
@@ -44,13 +45,12 @@ impl Publisher<Json> {
     /// A JSON publisher to `topic_space`.
     pub fn new(broker: SharedBroker, topic_space: impl Into<String>) -> Self {
         let topic_space: String = topic_space.into();
-        let published =
-            metrics::counter!("ticketrail_published_total", "topic_space" => topic_space.clone());
+        let metrics = PublisherMetrics::new(broker.backend(), &topic_space);
         Publisher {
             broker,
             topic_space: Arc::from(topic_space),
             codec: Json,
-            published,
+            metrics,
         }
     }
 }
@@ -62,7 +62,7 @@ impl<C: Codec> Publisher<C> {
             broker: self.broker,
             topic_space: self.topic_space,
             codec,
-            published: self.published,
+            metrics: self.metrics,
         }
     }
 
@@ -81,9 +81,7 @@ impl<C: Codec> Publisher<C> {
 
     /// Publishes a prepared message (C1).
     pub async fn publish_message(&self, message: Message) -> Result<()> {
-        self.broker.publish(&self.topic_space, message).await?;
-        self.published.increment(1);
-        Ok(())
+        self.send_message(message).await?.await
     }
 
     /// Encodes `message` and hands it to the broker with a fresh id; returns
@@ -127,7 +125,32 @@ impl<C: Codec> Publisher<C> {
 
     /// Hands a prepared message to the broker; see [`Publisher::send`].
     pub async fn send_message(&self, message: Message) -> Result<Confirmation> {
-        let confirmation = self.broker.send(&self.topic_space, message).await?;
-        Ok(confirmation.counted(self.published.clone()))
+        send_observed(&*self.broker, &self.topic_space, message, &self.metrics).await
+    }
+}
+
+/// Hands `message` to `broker` inside a `publish` span whose context goes
+/// into the message's headers (C18), and counts it in `metrics` once the
+/// broker answers.
+pub(crate) async fn send_observed(
+    broker: &(impl Broker + ?Sized),
+    topic_space: &str,
+    mut message: Message,
+    metrics: &PublisherMetrics,
+) -> Result<Confirmation> {
+    let span = PublishSpan::start(
+        broker.backend(),
+        topic_space,
+        &message.id,
+        &message.routing_key,
+        &mut message.headers,
+    );
+    match broker.send(topic_space, message).await {
+        Ok(confirmation) => Ok(confirmation.observed(metrics.clone(), span)),
+        Err(e) => {
+            metrics.sent(Some(e.kind()));
+            span.end(Some(&e));
+            Err(e)
+        }
     }
 }

@@ -62,6 +62,69 @@ impl Topology {
     }
 }
 
+/// What a broker already has of one object a [`Topology`] would declare
+/// (see [`Broker::inspect`](crate::Broker::inspect)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Finding {
+    /// The object, as the broker calls it: `exchange app.events`,
+    /// `queue email.notifications`, `stream APP_EVENTS`.
+    pub object: String,
+    /// Whether the broker has it as ticketrail would declare it.
+    pub status: FindingStatus,
+    /// What the broker said, and what to do about a difference.
+    pub detail: String,
+}
+
+impl Finding {
+    /// A finding about `object`.
+    pub fn new(
+        object: impl Into<String>,
+        status: FindingStatus,
+        detail: impl Into<String>,
+    ) -> Self {
+        Finding {
+            object: object.into(),
+            status,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The verdict on one object of a topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FindingStatus {
+    /// There, as ticketrail would declare it.
+    Matches,
+    /// Not there: declaring the topology creates it.
+    Missing,
+    /// There, but not as ticketrail would declare it: declaring fails (or
+    /// would not give ticketrail's guarantees) until it is migrated.
+    Differs,
+    /// The broker's protocol cannot tell (AMQP cannot list bindings);
+    /// declaring makes sure of it, idempotently.
+    Unknown,
+}
+
+impl FindingStatus {
+    /// `matches`, `missing`, `differs`, `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FindingStatus::Matches => "matches",
+            FindingStatus::Missing => "missing",
+            FindingStatus::Differs => "differs",
+            FindingStatus::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for FindingStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A work queue: its name, the patterns that bind it to the topic space, and
 /// the broker-side backstop for messages that crash their consumer (C13).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -97,6 +97,19 @@ impl Health {
     }
 }
 
+/// A cheap, cloneable handle on a running consumer's [`Health`], for a
+/// platform's probe endpoint or a metrics task; see
+/// [`RunningConsumer::probe`](crate::RunningConsumer::probe).
+#[derive(Debug, Clone)]
+pub struct HealthProbe(pub(crate) Arc<HealthState>);
+
+impl HealthProbe {
+    /// The consumer's health now.
+    pub fn health(&self) -> Health {
+        self.0.snapshot()
+    }
+}
+
 /// The counters behind [`Health`], shared by the consumer's loop and its
 /// handle.
 #[derive(Debug)]

@@ -24,11 +24,12 @@ use crate::codec::{Codec, Json};
 use crate::delivery::Delivery;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::Handler;
+use crate::metrics::ConsumerMetrics;
 use crate::retry::{Exponential, RetryPolicy};
 
 use health::{Backoff, HealthState};
-pub use health::{ConsumerState, Health};
-use worker::{Worker, WorkerMetrics};
+pub use health::{ConsumerState, Health, HealthProbe};
+use worker::Worker;
 
 /// The longest wait between attempts to resume a subscription that the
 /// broker interrupted (a reconnect in progress).
@@ -187,6 +188,11 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let options = SubscribeOptions::prefetch(prefetch);
         let subscription = self.broker.subscribe(&self.queue, options).await?;
         health.resumed();
+        let metrics = Arc::new(ConsumerMetrics::new(self.broker.backend(), &self.queue));
+        let in_flight = |n: usize| {
+            health.set_in_flight(n);
+            metrics.in_flight.set(n as f64);
+        };
         let worker = Arc::new(Worker {
             queue: Arc::clone(&self.queue),
             handler: Arc::clone(&self.handler),
@@ -194,7 +200,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             policy: Arc::clone(&self.policy),
             handler_timeout: self.handler_timeout,
             health: Arc::clone(health),
-            metrics: WorkerMetrics::new(&self.queue),
+            metrics: Arc::clone(&metrics),
         });
         let mut running = Running::new(self.parallel);
         let limit = usize::from(prefetch.get());
@@ -225,9 +231,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             tokio::select! {
                 biased;
                 () = &mut signal => break Ok(()),
-                () = running.next(), if !running.is_empty() => {
-                    health.set_in_flight(running.len());
-                }
+                () = running.next(), if !running.is_empty() => in_flight(running.len()),
                 (subscription, got) = async { next.as_mut().expect("checked").await }, if next.is_some() => {
                     next = None;
                     idle = Some(subscription);
@@ -236,16 +240,19 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resume.reset();
                             resubscribe.reset();
                             health.delivered();
+                            metrics.consumed.increment(1);
                             let worker = Arc::clone(&worker);
                             running.push(async move { worker.process(delivery).await });
-                            health.set_in_flight(running.len());
+                            in_flight(running.len());
                         }
                         Got::Interrupted(e) => {
+                            metrics.reconnects.increment(1);
                             let failures = health.failed(&e);
                             pause = resume.next_wait();
                             tracing::warn!(queue = %self.queue, error = %e, failures, retry_in = ?pause, "subscription interrupted; resuming");
                         }
                         Got::Broken(e) => {
+                            metrics.reconnects.increment(1);
                             let failures = health.failed(&e);
                             pause = resubscribe.next_wait();
                             tracing::error!(queue = %self.queue, error = %e, failures, retry_in = ?pause, "subscription failed; opening a new one");
@@ -276,7 +283,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             );
             running.abandon().await;
         }
-        health.set_in_flight(0);
+        in_flight(0);
         ended
     }
 
@@ -388,6 +395,12 @@ impl RunningConsumer {
             health.state = ConsumerState::Stopped;
         }
         health
+    }
+
+    /// A handle that reports the same health and can be cloned and moved
+    /// into a probe endpoint while this handle keeps the consumer.
+    pub fn probe(&self) -> HealthProbe {
+        HealthProbe(Arc::clone(&self.health))
     }
 }
 

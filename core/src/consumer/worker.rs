@@ -8,15 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use metrics::{Counter, Histogram};
 use tracing::{field, Instrument};
 
 use super::decision::{decide, over_limit, Outcome, Settlement};
 use super::health::HealthState;
 use crate::codec::Codec;
 use crate::delivery::Delivery;
-use crate::handler::{Context, Handler, HandlerError};
+use crate::handler::{Context, FailureKind, Handler, HandlerError};
+use crate::metrics::ConsumerMetrics;
 use crate::retry::RetryPolicy;
+use crate::trace::ProcessSpan;
 
 /// The per-queue state shared by the tasks that process deliveries.
 pub(crate) struct Worker<H: Handler, C: Codec> {
@@ -26,28 +27,11 @@ pub(crate) struct Worker<H: Handler, C: Codec> {
     pub(crate) policy: Arc<dyn RetryPolicy>,
     pub(crate) handler_timeout: Option<Duration>,
     pub(crate) health: Arc<HealthState>,
-    pub(crate) metrics: WorkerMetrics,
+    pub(crate) metrics: Arc<ConsumerMetrics>,
 }
 
-/// The metrics one consumer records.
-pub(crate) struct WorkerMetrics {
-    pub(crate) acked: Counter,
-    pub(crate) retried: Counter,
-    pub(crate) dead_lettered: Counter,
-    pub(crate) handler_seconds: Histogram,
-}
-
-impl WorkerMetrics {
-    pub(crate) fn new(queue: &str) -> Self {
-        let queue = queue.to_owned();
-        WorkerMetrics {
-            acked: metrics::counter!("ticketrail_acked_total", "queue" => queue.clone()),
-            retried: metrics::counter!("ticketrail_retried_total", "queue" => queue.clone()),
-            dead_lettered: metrics::counter!("ticketrail_dead_lettered_total", "queue" => queue.clone()),
-            handler_seconds: metrics::histogram!("ticketrail_handler_seconds", "queue" => queue),
-        }
-    }
-}
+/// The `error.type` of a failed attempt (see [`crate::metrics::ERROR_TYPE`]).
+type ErrorType = &'static str;
 
 impl<H: Handler, C: Codec> Worker<H, C> {
     pub(crate) async fn process(&self, mut delivery: Delivery) {
@@ -60,21 +44,19 @@ impl<H: Handler, C: Codec> Worker<H, C> {
             outcome = field::Empty,
         );
         async {
+            let otel = ProcessSpan::start(self.metrics.system(), &self.queue, &envelope);
             let started = std::time::Instant::now();
-            let outcome = self.attempt(&delivery).await;
+            let (outcome, error_type) = otel.within(self.attempt(&delivery)).await;
             self.metrics
-                .handler_seconds
-                .record(started.elapsed().as_secs_f64());
+                .duration(started.elapsed().as_secs_f64(), error_type);
             let attempt = envelope.attempt;
-            let settled = match decide(outcome, attempt, &*self.policy) {
+            let (settled, settlement, error) = match decide(outcome, attempt, &*self.policy) {
                 Settlement::Ack => {
-                    tracing::Span::current().record("outcome", "acked");
-                    self.metrics.acked.increment(1);
+                    self.metrics.handled.increment(1);
                     self.health.handled.fetch_add(1, Ordering::Relaxed);
-                    delivery.ack().await
+                    (delivery.ack().await, "acked", None)
                 }
                 Settlement::Retry { after, error } => {
-                    tracing::Span::current().record("outcome", "retried");
                     tracing::warn!(
                         queue = %self.queue,
                         id = %envelope.id,
@@ -85,10 +67,9 @@ impl<H: Handler, C: Codec> Worker<H, C> {
                     );
                     self.metrics.retried.increment(1);
                     self.health.retried.fetch_add(1, Ordering::Relaxed);
-                    delivery.retry(after, &error).await
+                    (delivery.retry(after, &error).await, "retried", Some(error))
                 }
                 Settlement::DeadLetter { reason, error } => {
-                    tracing::Span::current().record("outcome", "dead-lettered");
                     tracing::error!(
                         queue = %self.queue,
                         id = %envelope.id,
@@ -97,36 +78,45 @@ impl<H: Handler, C: Codec> Worker<H, C> {
                         error = %error,
                         "message dead-lettered"
                     );
-                    self.metrics.dead_lettered.increment(1);
+                    self.metrics.dead_lettered(reason);
                     self.health.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    delivery.dead_letter(reason, &error).await
+                    let settled = delivery.dead_letter(reason, &error).await;
+                    (settled, "dead-lettered", Some(error))
                 }
             };
-            if let Err(e) = settled {
-                // The delivery is dropped unsettled below, so the broker
-                // delivers it again: nothing is lost.
-                tracing::error!(
-                    queue = %self.queue,
-                    id = %envelope.id,
-                    error = %e,
-                    "settling failed; the message will be redelivered"
-                );
+            tracing::Span::current().record("outcome", settlement);
+            let failure = error_type.zip(error.as_deref());
+            match settled {
+                Ok(()) => otel.end(settlement, failure),
+                Err(e) => {
+                    // The delivery is dropped unsettled below, so the broker
+                    // delivers it again: nothing is lost.
+                    tracing::error!(
+                        queue = %self.queue,
+                        id = %envelope.id,
+                        error = %e,
+                        "settling failed; the message will be redelivered"
+                    );
+                    otel.end("redelivered", Some(("settle", &e.to_string())));
+                }
             }
         }
         .instrument(span)
         .await
     }
 
-    async fn attempt(&self, delivery: &Delivery) -> Outcome {
+    /// Runs one attempt; a failure comes with its `error.type`.
+    async fn attempt(&self, delivery: &Delivery) -> (Outcome, Option<ErrorType>) {
         let envelope = delivery.shared_envelope();
         if over_limit(envelope.attempt, delivery.attempt_counted(), &*self.policy) {
-            return Outcome::OverLimit {
+            let outcome = Outcome::OverLimit {
                 delivered: envelope.attempt,
             };
+            return (outcome, Some("delivery_limit"));
         }
         let message = match self.codec.decode::<H::Message>(&envelope.payload) {
             Ok(message) => message,
-            Err(why) => return Outcome::Undecodable(why),
+            Err(why) => return (Outcome::Undecodable(why), Some("undecodable")),
         };
         let ctx = Context::new(envelope, Arc::clone(&self.queue));
         let run = AssertUnwindSafe(self.handler.handle(message, &ctx)).catch_unwind();
@@ -135,19 +125,28 @@ impl<H: Handler, C: Codec> Worker<H, C> {
             Some(limit) => match tokio::time::timeout(limit, run).await {
                 Ok(result) => result,
                 Err(_) => {
-                    return Outcome::Failed(HandlerError::retryable(format!(
-                        "handler timed out after {limit:?}"
-                    )))
+                    let error =
+                        HandlerError::retryable(format!("handler timed out after {limit:?}"));
+                    return (Outcome::Failed(error), Some("timeout"));
                 }
             },
         };
         match result {
-            Ok(Ok(())) => Outcome::Handled,
-            Ok(Err(error)) => Outcome::Failed(error),
-            Err(panic) => Outcome::Failed(HandlerError::retryable(format!(
-                "handler panicked: {}",
-                panic_message(&*panic)
-            ))),
+            Ok(Ok(())) => (Outcome::Handled, None),
+            Ok(Err(error)) => {
+                let kind = match error.kind() {
+                    FailureKind::Retryable => "retryable",
+                    FailureKind::Permanent => "permanent",
+                };
+                (Outcome::Failed(error), Some(kind))
+            }
+            Err(panic) => {
+                let error = HandlerError::retryable(format!(
+                    "handler panicked: {}",
+                    panic_message(&*panic)
+                ));
+                (Outcome::Failed(error), Some("panic"))
+            }
         }
     }
 }
