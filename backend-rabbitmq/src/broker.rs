@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use ticketrail_core::{
-    validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, ErrorKind, Message,
-    QueueStats, Result, SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, ErrorKind, Finding,
+    Message, QueueStats, Result, SubscribeOptions, Subscription, Topology,
 };
 
 use crate::config::RabbitConfig;
@@ -61,7 +61,7 @@ impl RabbitBroker {
 #[async_trait]
 impl Broker for RabbitBroker {
     fn backend(&self) -> &'static str {
-        "rabbitmq"
+        crate::BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -99,6 +99,11 @@ impl Broker for RabbitBroker {
         }
         self.link.forget(topology);
         Ok(())
+    }
+
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        let session = self.link.session().await?;
+        topology::inspect(&session.connection, topology).await
     }
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
@@ -147,11 +152,8 @@ impl Broker for RabbitBroker {
         let (ready, consumers) = raw.queue_counts(queue).await?;
         let (dead, _) = raw.queue_counts(&topology::dlq_name(queue)).await?;
         let mut waiting = 0u64;
-        for tier in topology::tiers() {
-            match raw
-                .queue_counts(&topology::wait_queue_name(queue, tier))
-                .await
-            {
+        for name in topology::wait_queue_names(queue) {
+            match raw.queue_counts(&name).await {
                 Ok((n, _)) => waiting += u64::from(n),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => return Err(e),

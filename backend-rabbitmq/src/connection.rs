@@ -1,11 +1,11 @@
 //! Connections to RabbitMQ: opened on the first node of the list that
 //! answers, and the publishing link, re-established after it breaks (C15).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
@@ -166,7 +166,7 @@ pub(crate) struct Link {
     current: Mutex<Option<Arc<Session>>>,
     closed: AtomicBool,
     declared: SyncMutex<Vec<Topology>>,
-    wait_queues: SyncMutex<HashMap<String, Instant>>,
+    wait_queues: SyncMutex<HashSet<String>>,
     /// The broker's product and version, read at connect.
     pub(crate) server: String,
 }
@@ -329,25 +329,22 @@ impl Link {
         self.send("", queue, payload, properties).await?.await
     }
 
-    /// Makes sure the wait queue of `queue` for `tier` exists and will not
-    /// expire while a message may still enter it.
+    /// Makes sure the wait queue of `queue` for `tier` exists: declared
+    /// once per connection (a reconnect forgets, so it is declared again
+    /// after the queue may have been deleted).
     pub(crate) async fn ensure_wait_queue(&self, queue: &str, tier: Duration) -> Result<()> {
         let name = topology::wait_queue_name(queue, tier);
-        let fresh = self
+        if self
             .wait_queues
             .lock()
             .expect("not poisoned")
-            .get(&name)
-            .is_some_and(|at| at.elapsed() < topology::WAIT_QUEUE_REFRESH);
-        if fresh {
+            .contains(&name)
+        {
             return Ok(());
         }
         let session = self.session().await?;
         topology::declare_wait_queue(&session.publish, queue, tier).await?;
-        self.wait_queues
-            .lock()
-            .expect("not poisoned")
-            .insert(name, Instant::now());
+        self.wait_queues.lock().expect("not poisoned").insert(name);
         Ok(())
     }
 

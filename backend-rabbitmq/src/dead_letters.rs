@@ -3,13 +3,14 @@
 //! returned as a record with reason `unreadable`, saying why.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use ticketrail_core::wire::{self, RecordFallback};
 use ticketrail_core::{
     DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle, DeadLetterReason, Envelope,
-    Error, Result,
+    Error, ErrorKind, Result,
 };
 use tokio::sync::Mutex;
 
@@ -29,7 +30,22 @@ pub(crate) struct RabbitCursor {
     raw: Arc<Mutex<RawConnection>>,
     /// Records in the DLQ when the cursor was opened, not yet met.
     left: u32,
+    /// The channel the DLQ is being delivered on (0 before the first
+    /// record), and how many records it has delivered.
+    channel: u16,
+    taken_on_channel: u16,
 }
+
+/// Records delivered unsettled on one channel: the cursor then consumes on
+/// a new channel, as it holds every record it has met until it is closed.
+/// Set explicitly, as quorum queues cap an unlimited prefetch at 2,000.
+const PER_CHANNEL: u16 = 5_000;
+
+/// How long a cursor waits for the next of the records the DLQ held when it
+/// was opened before it asks whether any are left: the broker pushes them
+/// without pause, so a silence means someone else took them meanwhile, or a
+/// busy broker.
+const SILENCE: Duration = Duration::from_secs(5);
 
 impl RabbitCursor {
     pub(crate) async fn open(link: Arc<Link>, queue: &str) -> Result<Self> {
@@ -45,6 +61,8 @@ impl RabbitCursor {
             dlq,
             raw: Arc::new(Mutex::new(raw)),
             left,
+            channel: 0,
+            taken_on_channel: 0,
         })
     }
 }
@@ -56,9 +74,62 @@ impl DeadLetterCursor for RabbitCursor {
             return None;
         }
         self.left -= 1;
-        let taken = self.raw.lock().await.get(&self.dlq).await;
+        let taken = {
+            let mut raw = self.raw.lock().await;
+            if self.channel == 0 || self.taken_on_channel == PER_CHANNEL {
+                if self.channel == raw.channel_max() {
+                    return Some(Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "the DLQ `{}` holds more records than one pass can read \
+                             ({} channels of {PER_CHANNEL}); replay or purge some first",
+                            self.dlq,
+                            raw.channel_max()
+                        ),
+                    )));
+                }
+                self.channel += 1;
+                self.taken_on_channel = 0;
+                if let Err(e) = raw.consume(self.channel, &self.dlq, PER_CHANNEL).await {
+                    return Some(Err(Error::new(
+                        e.kind(),
+                        format!("reading the DLQ `{}`", self.dlq),
+                    )
+                    .with_source(e)));
+                }
+            }
+            self.taken_on_channel += 1;
+            let mut silences = 0;
+            loop {
+                match raw.next_delivery_within(SILENCE).await {
+                    Ok(Some(delivery)) => break Ok(delivery),
+                    Ok(None) => {}
+                    Err(e) => break Err(e),
+                }
+                // Nothing for a while: are records left to deliver, or did
+                // someone else take them meanwhile?
+                let ready = match raw.queue_counts(&self.dlq).await {
+                    Ok((ready, _)) => ready,
+                    Err(e) => break Err(e),
+                };
+                if raw.has_pending() {
+                    continue;
+                }
+                if ready == 0 {
+                    self.left = 0;
+                    return None;
+                }
+                silences += 1;
+                if silences == 3 {
+                    break Err(Error::new(
+                        ErrorKind::Broker,
+                        format!("RabbitMQ stopped delivering records ({ready} ready)"),
+                    ));
+                }
+            }
+        };
         let delivery = match taken {
-            Ok(delivery) => delivery?,
+            Ok(delivery) => delivery,
             Err(e) => {
                 return Some(Err(Error::new(
                     e.kind(),
@@ -67,15 +138,20 @@ impl DeadLetterCursor for RabbitCursor {
                 .with_source(e)))
             }
         };
-        let tag = delivery.delivery_tag;
+        let (channel, tag) = (delivery.channel, delivery.delivery_tag);
         let record = record(delivery, &self.queue);
         let handle = RabbitDeadLetter {
             link: Arc::clone(&self.link),
             queue: Arc::clone(&self.queue),
             raw: Arc::clone(&self.raw),
+            channel,
             tag,
         };
-        Some(Ok(DeadLetterEntry::new(record, Box::new(handle))))
+        Some(Ok(DeadLetterEntry::new(
+            crate::BACKEND,
+            record,
+            Box::new(handle),
+        )))
     }
 }
 
@@ -157,6 +233,8 @@ struct RabbitDeadLetter {
     link: Arc<Link>,
     queue: Arc<str>,
     raw: Arc<Mutex<RawConnection>>,
+    /// Where it was delivered: tags count per channel.
+    channel: u16,
     tag: u64,
 }
 
@@ -167,20 +245,25 @@ impl DeadLetterHandle for RabbitDeadLetter {
         // DLQ only once the republish is confirmed.
         let bookkeeping = wire::copy_headers(&envelope);
         publish::publish_copy(&self.link, &self.queue, &envelope, bookkeeping).await?;
-        self.raw.lock().await.ack(self.tag).await.map_err(|e| {
-            Error::new(
-                e.kind(),
-                format!(
-                    "message {} was replayed, but removing it from the DLQ of `{}` failed; it \
+        self.raw
+            .lock()
+            .await
+            .ack(self.channel, self.tag)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!(
+                        "message {} was replayed, but removing it from the DLQ of `{}` failed; it \
                      may be replayed twice",
-                    envelope.id, self.queue
-                ),
-            )
-            .with_source(e)
-        })
+                        envelope.id, self.queue
+                    ),
+                )
+                .with_source(e)
+            })
     }
 
     async fn remove(self: Box<Self>) -> Result<()> {
-        self.raw.lock().await.ack(self.tag).await
+        self.raw.lock().await.ack(self.channel, self.tag).await
     }
 }

@@ -63,3 +63,12 @@ pub(crate) fn is_untrusted_certificate(error: &lapin::Error) -> bool {
     }
     false
 }
+
+/// The broker's reply text of a channel or connection close, e.g.
+/// `PRECONDITION_FAILED - inequivalent arg 'x-queue-type' ...`.
+pub(crate) fn reply_text(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => Some(amqp.get_message().to_string()),
+        _ => None,
+    }
+}

@@ -38,5 +38,8 @@ mod subscription;
 mod topology;
 mod versions;
 
+/// The name this backend goes by: [`Broker::backend`](ticketrail_core::Broker::backend), metric labels, span attributes.
+pub(crate) const BACKEND: &str = "rabbitmq";
+
 pub use broker::RabbitBroker;
 pub use config::RabbitConfig;

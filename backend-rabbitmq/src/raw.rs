@@ -12,6 +12,7 @@
 //! channel, `basic.get` / `ack` / `reject`, `queue.declare` (passive), and
 //! `basic.publish` in confirm mode. No heartbeats: sessions are short.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
@@ -53,8 +54,13 @@ mod method {
     pub(super) const CHANNEL_CLOSE_OK: (u16, u16) = (20, 41);
     pub(super) const QUEUE_DECLARE: (u16, u16) = (50, 10);
     pub(super) const QUEUE_DECLARE_OK: (u16, u16) = (50, 11);
+    pub(super) const BASIC_QOS: (u16, u16) = (60, 10);
+    pub(super) const BASIC_QOS_OK: (u16, u16) = (60, 11);
+    pub(super) const BASIC_CONSUME: (u16, u16) = (60, 20);
+    pub(super) const BASIC_CONSUME_OK: (u16, u16) = (60, 21);
     pub(super) const BASIC_PUBLISH: (u16, u16) = (60, 40);
     pub(super) const BASIC_RETURN: (u16, u16) = (60, 50);
+    pub(super) const BASIC_DELIVER: (u16, u16) = (60, 60);
     pub(super) const BASIC_GET: (u16, u16) = (60, 70);
     pub(super) const BASIC_GET_OK: (u16, u16) = (60, 71);
     pub(super) const BASIC_GET_EMPTY: (u16, u16) = (60, 72);
@@ -139,6 +145,8 @@ pub struct RawProperties {
 /// A message taken with `basic.get`.
 #[derive(Debug, Clone)]
 pub struct RawDelivery {
+    /// The channel it came on: its delivery tag counts on that channel.
+    pub channel: u16,
     /// The delivery tag, for `ack` and `reject`.
     pub delivery_tag: u64,
     /// The exchange it was published to.
@@ -585,7 +593,8 @@ pub(crate) struct RawTls {
     pub(crate) ca_pem: Option<String>,
 }
 
-/// One connection with one open channel.
+/// One connection, with channel 1 open (and more opened by
+/// [`consume`](RawConnection::consume)).
 pub struct RawConnection {
     /// The broker's product and version, from `connection.start`
     /// (`RabbitMQ 3.10.8`).
@@ -593,8 +602,18 @@ pub struct RawConnection {
     stream: Pin<Box<dyn Stream>>,
     read: BytesMut,
     frame_max: u32,
+    channel_max: u16,
+    /// Deliveries read while waiting for a reply.
+    pending: VecDeque<RawDelivery>,
     confirming: bool,
     published: u64,
+}
+
+impl RawConnection {
+    /// The highest channel number the broker allows.
+    pub fn channel_max(&self) -> u16 {
+        self.channel_max
+    }
 }
 
 impl fmt::Debug for RawConnection {
@@ -663,6 +682,8 @@ impl RawConnection {
             stream,
             read: BytesMut::with_capacity(8192),
             frame_max: FRAME_MAX,
+            channel_max: u16::MAX,
+            pending: VecDeque::new(),
             confirming: false,
             published: 0,
         };
@@ -718,6 +739,10 @@ impl RawConnection {
         };
         let mut r = Reader(&tune);
         let channel_max = r.u16()?;
+        self.channel_max = match channel_max {
+            0 => u16::MAX,
+            n => n,
+        };
         let frame_max = r.u32()?;
         self.frame_max = match frame_max {
             0 => FRAME_MAX,
@@ -834,7 +859,14 @@ impl RawConnection {
     }
 
     async fn expect(&mut self, channel: u16, id: (u16, u16)) -> Result<Vec<u8>> {
-        let (got, on, args) = self.read_method().await?;
+        let (mut got, mut on, mut args) = self.read_method().await?;
+        while got == method::BASIC_DELIVER {
+            // A consumer's delivery came first (settling freed its
+            // prefetch): keep it for `next_delivery`.
+            let delivery = self.read_delivery(on, &args).await?;
+            self.pending.push_back(delivery);
+            (got, on, args) = self.read_method().await?;
+        }
         if got != id || on != channel {
             return Err(malformed(&format!(
                 "expected method {id:?} on channel {channel}, got {got:?} on {on}"
@@ -865,9 +897,100 @@ impl RawConnection {
         let _redelivered = r.u8()?;
         let exchange = r.short_string()?;
         let routing_key = r.short_string()?;
+        self.read_content(CHANNEL, delivery_tag, exchange, routing_key)
+            .await
+            .map(Some)
+    }
+
+    /// Starts delivering `queue`'s messages on `channel` (opened here
+    /// unless it is the first), unacknowledged, at most `prefetch` of them;
+    /// read them with [`next_delivery`](RawConnection::next_delivery). On a
+    /// quorum queue this is far faster than [`get`](RawConnection::get),
+    /// where every get is a replicated command; and as nothing is read
+    /// before it is asked for, TCP flow control bounds what waits in this
+    /// process. To read past `prefetch` messages without settling them,
+    /// consume again on a new channel.
+    pub async fn consume(&mut self, channel: u16, queue: &str, prefetch: u16) -> Result<()> {
+        if channel != CHANNEL {
+            self.send_method(channel, Writer::method(method::CHANNEL_OPEN).short(b""))
+                .await?;
+            self.expect(channel, method::CHANNEL_OPEN_OK).await?;
+        }
+        let qos = Writer::method(method::BASIC_QOS).u32(0).u16(prefetch).u8(0);
+        self.send_method(channel, qos).await?;
+        self.expect(channel, method::BASIC_QOS_OK).await?;
+        let consume = Writer::method(method::BASIC_CONSUME)
+            .u16(0)
+            .short(queue.as_bytes())
+            .short(b"")
+            .u8(0)
+            .table(&[]);
+        self.send_method(channel, consume).await?;
+        self.expect(channel, method::BASIC_CONSUME_OK).await?;
+        Ok(())
+    }
+
+    /// The next message delivered on any channel after
+    /// [`consume`](RawConnection::consume).
+    pub async fn next_delivery(&mut self) -> Result<RawDelivery> {
+        if let Some(delivery) = self.pending.pop_front() {
+            return Ok(delivery);
+        }
+        let (id, channel, args) = self.read_method().await?;
+        if id != method::BASIC_DELIVER {
+            return Err(malformed(&format!("expected a delivery, got {id:?}")));
+        }
+        self.read_delivery(channel, &args).await
+    }
+
+    /// Like [`next_delivery`](RawConnection::next_delivery), but `None` if
+    /// nothing at all arrives within `wait`.
+    pub async fn next_delivery_within(&mut self, wait: Duration) -> Result<Option<RawDelivery>> {
+        if self.pending.is_empty() && self.read.is_empty() {
+            // Cancel-safe: bytes are either read into the buffer or not.
+            match tokio::time::timeout(wait, self.stream.read_buf(&mut self.read)).await {
+                Err(_) => return Ok(None),
+                Ok(Ok(0)) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        "RabbitMQ closed the connection",
+                    ))
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(io_error("reading from RabbitMQ")(e)),
+            }
+        }
+        self.next_delivery().await.map(Some)
+    }
+
+    /// Whether deliveries read while waiting for a reply are waiting.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The rest of a delivery whose `basic.deliver` came on `channel`.
+    async fn read_delivery(&mut self, channel: u16, args: &[u8]) -> Result<RawDelivery> {
+        let mut r = Reader(args);
+        let _consumer_tag = r.short_string()?;
+        let delivery_tag = r.u64()?;
+        let _redelivered = r.u8()?;
+        let exchange = r.short_string()?;
+        let routing_key = r.short_string()?;
+        self.read_content(channel, delivery_tag, exchange, routing_key)
+            .await
+    }
+
+    /// The content header and body frames after a get-ok or a deliver.
+    async fn read_content(
+        &mut self,
+        channel: u16,
+        delivery_tag: u64,
+        exchange: RawText,
+        routing_key: RawText,
+    ) -> Result<RawDelivery> {
         let header = self.read_frame().await?;
         if header.kind != FRAME_HEADER {
-            return Err(malformed("expected a content header after get-ok"));
+            return Err(malformed("expected a content header after a delivery"));
         }
         let mut r = Reader(&header.payload);
         let _class = r.u16()?;
@@ -882,28 +1005,31 @@ impl RawConnection {
             }
             body.extend_from_slice(&frame.payload);
         }
-        Ok(Some(RawDelivery {
+        Ok(RawDelivery {
+            channel,
             delivery_tag,
             exchange,
             routing_key,
             properties,
             body,
-        }))
+        })
     }
 
-    /// Acknowledges a message taken with [`get`](RawConnection::get).
-    pub async fn ack(&mut self, delivery_tag: u64) -> Result<()> {
+    /// Acknowledges a message taken with [`get`](RawConnection::get) or
+    /// [`next_delivery`](RawConnection::next_delivery).
+    pub async fn ack(&mut self, channel: u16, delivery_tag: u64) -> Result<()> {
         let ack = Writer::method(method::BASIC_ACK).u64(delivery_tag).u8(0);
-        self.send_method(CHANNEL, ack).await
+        self.send_method(channel, ack).await
     }
 
-    /// Hands a message taken with [`get`](RawConnection::get) back to its
+    /// Hands a message taken with [`get`](RawConnection::get) or
+    /// [`next_delivery`](RawConnection::next_delivery) back to its
     /// queue.
-    pub async fn reject(&mut self, delivery_tag: u64, requeue: bool) -> Result<()> {
+    pub async fn reject(&mut self, channel: u16, delivery_tag: u64, requeue: bool) -> Result<()> {
         let reject = Writer::method(method::BASIC_REJECT)
             .u64(delivery_tag)
             .u8(u8::from(requeue));
-        self.send_method(CHANNEL, reject).await
+        self.send_method(channel, reject).await
     }
 
     /// The number of ready messages and consumers of `queue` (a passive

@@ -4,8 +4,14 @@
 //! - `Q`: a quorum queue with `x-delivery-limit` (C13) that dead-letters, at
 //!   least once, to `Q.dlq`;
 //! - `Q.dlq`: a quorum queue holding dead-letter records (C10);
-//! - `Q.retry.<ms>ms`: one quorum wait queue per delay tier, created on
-//!   demand, whose `x-message-ttl` dead-letters messages back to `Q` (C7, C12).
+//! - `Q.wait.<ms>ms`: one quorum wait queue per delay tier, created on
+//!   demand, whose `x-message-ttl` dead-letters messages back to `Q` (C7,
+//!   C12). Wait queues do not expire: a quorum queue's `x-expires` deletes
+//!   it with whatever it holds, also messages RabbitMQ has not yet moved
+//!   back (its at-least-once dead-lettering can stall after leader
+//!   elections in quick succession). `Broker::delete` removes them.
+//!   (Earlier versions named them `Q.retry.<ms>ms`, with `x-expires`; those
+//!   are still recognised, counted and deleted.)
 
 use std::time::Duration;
 
@@ -13,22 +19,20 @@ use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
-use ticketrail_core::{Error, QueueSpec, Result, Topology};
+use lapin::{Channel, Connection, ExchangeKind};
+use ticketrail_core::{Error, ErrorKind, Finding, FindingStatus, QueueSpec, Result, Topology};
 
-use crate::error::map;
+use crate::error::{kind_of, map, reply_text};
 
 /// The longest work-queue name: room is left for the `.retry.<ms>ms` suffix.
 pub(crate) const MAX_QUEUE_NAME: usize = 220;
 
-/// How long a wait queue outlives its last use, beyond its delay: every
-/// message has left it long before it expires.
-const WAIT_QUEUE_SLACK: Duration = Duration::from_secs(120);
-
 /// The suffix of a work queue's DLQ.
 const DLQ_SUFFIX: &str = ".dlq";
 /// Between a work queue's name and a wait queue's tier.
-const WAIT_INFIX: &str = ".retry.";
+const WAIT_INFIX: &str = ".wait.";
+/// The same, in wait queues of earlier versions (which expire).
+const LEGACY_WAIT_INFIX: &str = ".retry.";
 /// After a wait queue's tier.
 const WAIT_SUFFIX: &str = "ms";
 
@@ -42,10 +46,21 @@ pub(crate) fn wait_queue_name(queue: &str, tier: Duration) -> String {
     format!("{queue}{WAIT_INFIX}{}{WAIT_SUFFIX}", tier.as_millis())
 }
 
+/// Every wait queue `queue` may have, of this version and earlier ones.
+pub(crate) fn wait_queue_names(queue: &str) -> impl Iterator<Item = String> + '_ {
+    tiers().flat_map(move |tier| {
+        [WAIT_INFIX, LEGACY_WAIT_INFIX]
+            .map(|infix| format!("{queue}{infix}{}{WAIT_SUFFIX}", tier.as_millis()))
+    })
+}
+
 /// Whether `name` is one of the wait queues of `queue`.
 pub(crate) fn is_wait_queue_of(queue: &str, name: &str) -> bool {
     name.strip_prefix(queue)
-        .and_then(|rest| rest.strip_prefix(WAIT_INFIX))
+        .and_then(|rest| {
+            rest.strip_prefix(WAIT_INFIX)
+                .or_else(|| rest.strip_prefix(LEGACY_WAIT_INFIX))
+        })
         .and_then(|rest| rest.strip_suffix(WAIT_SUFFIX))
         .and_then(|ms| ms.parse::<u64>().ok())
         .is_some_and(|ms| tiers().any(|t| t.as_millis() == u128::from(ms)))
@@ -203,6 +218,170 @@ async fn declare_queue(channel: &Channel, space: &str, spec: &QueueSpec) -> Resu
     Ok(())
 }
 
+/// What RabbitMQ has of each object `declare` would make. An object is
+/// looked for with a passive declare; one that exists is declared again
+/// with ticketrail's arguments, which changes nothing when they are equal
+/// and is refused (PRECONDITION_FAILED, naming the first argument that
+/// differs) when they are not. Bindings cannot be listed over AMQP.
+pub(crate) async fn inspect(connection: &Connection, topology: &Topology) -> Result<Vec<Finding>> {
+    validate(topology)?;
+    let space = topology.topic_space.as_str();
+    let mut findings = Vec::new();
+    let exchange = format!("exchange {space}");
+    let topic = |channel: Channel, passive: bool| async move {
+        let options = ExchangeDeclareOptions {
+            passive,
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let declared = channel
+            .exchange_declare(
+                space.into(),
+                ExchangeKind::Topic,
+                options,
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "inspected".into()).await;
+        declared
+    };
+    findings.push(
+        probe(
+            connection,
+            exchange,
+            |c| topic(c, true),
+            |c| topic(c, false),
+            "a durable topic exchange".to_owned(),
+            "RabbitMQ cannot change an exchange's type or durability: delete it \
+             (`rabbitmqctl delete_exchange`) once nothing publishes to it, or use another \
+             topic space name, then declare"
+                .to_owned(),
+        )
+        .await?,
+    );
+    for spec in &topology.queues {
+        let dlq = dlq_name(&spec.name);
+        let mut dlq_args = FieldTable::default();
+        dlq_args.insert("x-queue-type".into(), long("quorum"));
+        findings.push(
+            probe_queue(
+                connection,
+                &dlq,
+                dlq_args,
+                format!(
+                    "the quorum queue holding the dead letters of `{}`, with no length limit or TTL",
+                    spec.name
+                ),
+                format!(
+                    "RabbitMQ cannot change a queue's type or arguments in place. A TTL or length \
+                     limit on a DLQ drops dead letters. Move its records elsewhere (e.g. a shovel), \
+                     delete `{dlq}` and declare, or give the work queue another name"
+                ),
+            )
+            .await?,
+        );
+        let mut args = quorum_args(&dlq);
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(spec.delivery_limit)),
+        );
+        findings.push(
+            probe_queue(
+                connection,
+                &spec.name,
+                args,
+                format!(
+                    "a quorum queue with delivery limit {}, dead-lettering at least once to `{dlq}`",
+                    spec.delivery_limit
+                ),
+                format!(
+                    "RabbitMQ cannot change a queue's type or arguments in place. To migrate: \
+                     declare ticketrail's topology with another queue name (e.g. `{0}.v2`) bound \
+                     to the same patterns and start its workers; unbind `{0}`, let its old \
+                     consumers drain it (or move its messages with a shovel); then delete it",
+                    spec.name
+                ),
+            )
+            .await?,
+        );
+        for pattern in &spec.bindings {
+            findings.push(Finding::new(
+                format!("binding {space} -> {} ({pattern})", spec.name),
+                FindingStatus::Unknown,
+                "AMQP cannot list bindings; `declare` adds it if it is missing (idempotent)",
+            ));
+        }
+    }
+    Ok(findings)
+}
+
+async fn probe_queue(
+    connection: &Connection,
+    name: &str,
+    args: FieldTable,
+    expected: String,
+    migrate: String,
+) -> Result<Finding> {
+    let queue = |channel: Channel, passive: bool, args: FieldTable| async move {
+        let options = QueueDeclareOptions {
+            passive,
+            ..durable()
+        };
+        let declared = channel
+            .queue_declare(name.into(), options, args)
+            .await
+            .map(|_| ());
+        let _ = channel.close(200, "inspected".into()).await;
+        declared
+    };
+    probe(
+        connection,
+        format!("queue {name}"),
+        |c| queue(c, true, FieldTable::default()),
+        |c| queue(c, false, args.clone()),
+        expected,
+        migrate,
+    )
+    .await
+}
+
+/// Looks for an object with `passive`; if it is there, declares it again
+/// with `same`, which RabbitMQ refuses if it differs.
+async fn probe<P, PF, S, SF>(
+    connection: &Connection,
+    object: String,
+    passive: P,
+    same: S,
+    expected: String,
+    migrate: String,
+) -> Result<Finding>
+where
+    P: FnOnce(Channel) -> PF,
+    PF: std::future::Future<Output = lapin::Result<()>>,
+    S: FnOnce(Channel) -> SF,
+    SF: std::future::Future<Output = lapin::Result<()>>,
+{
+    match passive(open_channel(connection).await?).await {
+        Ok(()) => {}
+        Err(e) if kind_of(&e) == ErrorKind::NotFound => {
+            let detail = format!("not there; `declare` creates {expected}");
+            return Ok(Finding::new(object, FindingStatus::Missing, detail));
+        }
+        Err(e) => return Err(map(&format!("looking for {object}"), e)),
+    }
+    match same(open_channel(connection).await?).await {
+        Ok(()) => Ok(Finding::new(object, FindingStatus::Matches, expected)),
+        Err(e) if kind_of(&e) == ErrorKind::Config => {
+            let said = reply_text(&e).unwrap_or_else(|| e.to_string());
+            let detail = format!(
+                "RabbitMQ has it otherwise: {said}. ticketrail needs {expected}. {migrate}"
+            );
+            Ok(Finding::new(object, FindingStatus::Differs, detail))
+        }
+        Err(e) => Err(map(&format!("comparing {object}"), e)),
+    }
+}
+
 /// Declares the wait queue of `queue` for `tier`.
 pub(crate) async fn declare_wait_queue(
     channel: &Channel,
@@ -215,10 +394,6 @@ pub(crate) async fn declare_wait_queue(
         "x-message-ttl".into(),
         AMQPValue::LongLongInt(tier.as_millis() as i64),
     );
-    args.insert(
-        "x-expires".into(),
-        AMQPValue::LongLongInt((tier + WAIT_QUEUE_SLACK).as_millis() as i64),
-    );
     channel
         .queue_declare(name.as_str().into(), durable(), args)
         .await
@@ -226,14 +401,10 @@ pub(crate) async fn declare_wait_queue(
     Ok(())
 }
 
-/// How often a wait queue in use is declared again, which keeps it from
-/// expiring while messages may still enter it.
-pub(crate) const WAIT_QUEUE_REFRESH: Duration = Duration::from_secs(60);
-
 /// Deletes a work queue with its DLQ and every wait queue it may have.
 pub(crate) async fn delete_queue(channel: &Channel, queue: &str) -> Result<()> {
     let mut names = vec![queue.to_owned(), dlq_name(queue)];
-    names.extend(tiers().map(|t| wait_queue_name(queue, t)));
+    names.extend(wait_queue_names(queue));
     let deletes = names.iter().map(|name| async move {
         channel
             .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
@@ -269,7 +440,12 @@ mod tests {
     #[test]
     fn wait_queues_are_recognised_by_name() {
         let name = wait_queue_name("email.q", Duration::from_secs(2));
+        assert_eq!(name, "email.q.wait.2000ms");
         assert!(is_wait_queue_of("email.q", &name));
+        assert!(
+            is_wait_queue_of("email.q", "email.q.retry.2000ms"),
+            "an earlier version's"
+        );
         assert!(!is_wait_queue_of("email", &name));
         assert!(!is_wait_queue_of("email.q", "email.q.retry.1234ms"));
         assert!(!is_wait_queue_of("email.q", "email.q.dlq"));
@@ -286,4 +462,12 @@ mod tests {
         assert!(tier_for(Duration::from_secs(200 * 24 * 3600)).is_err());
         assert_eq!(tiers().count(), 9 + 24 * 7);
     }
+}
+
+/// A new channel, for one probe: a refused declare closes its channel.
+async fn open_channel(connection: &Connection) -> Result<Channel> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|e| map("opening a channel", e))
 }
