@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use ticketrail_core::{
-    Broker, Capabilities, Confirmation, DeadLetterCursor, Message, QueueStats, Result,
+    Broker, Capabilities, Confirmation, DeadLetterCursor, Finding, Message, QueueStats, Result,
     SubscribeOptions, Subscription, Topology,
 };
 
@@ -71,7 +71,7 @@ impl MemoryBroker {
 #[async_trait]
 impl Broker for MemoryBroker {
     fn backend(&self) -> &'static str {
-        "memory"
+        crate::BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -88,6 +88,10 @@ impl Broker for MemoryBroker {
 
     async fn delete(&self, topology: &Topology) -> Result<()> {
         topology::delete(&self.connection, topology)
+    }
+
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        topology::inspect(&self.connection, topology)
     }
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {

@@ -44,7 +44,11 @@ impl DeadLetterCursor for MemoryCursor {
             connection: Arc::clone(&self.connection),
             key,
         };
-        Some(Ok(DeadLetterEntry::new(record, Box::new(handle))))
+        Some(Ok(DeadLetterEntry::new(
+            crate::BACKEND,
+            record,
+            Box::new(handle),
+        )))
     }
 }
 

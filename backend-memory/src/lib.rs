@@ -38,6 +38,9 @@ mod store;
 mod subscription;
 mod topology;
 
+/// The name this backend goes by: [`Broker::backend`](ticketrail_core::Broker::backend), metric labels, span attributes.
+pub(crate) const BACKEND: &str = "memory";
+
 pub use broker::MemoryBroker;
 pub use config::MemoryConfig;
 pub use headers::RawMessage;

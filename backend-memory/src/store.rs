@@ -133,6 +133,10 @@ impl Queue {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn delivery_limit(&self) -> u32 {
+        self.state().delivery_limit
+    }
+
     pub(crate) fn set_delivery_limit(&self, limit: u32) {
         self.state().delivery_limit = limit;
     }

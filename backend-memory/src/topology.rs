@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use ticketrail_core::{Result, Topology};
+use ticketrail_core::{Finding, FindingStatus, Result, Topology};
 
 use crate::connection::Connection;
 use crate::store::{Binding, Queue};
@@ -70,4 +70,68 @@ pub(crate) fn delete(connection: &Connection, topology: &Topology) -> Result<()>
         registry.spaces.remove(&topology.topic_space);
     }
     Ok(())
+}
+
+/// What the store has of `topology`'s space, queues and bindings.
+pub(crate) fn inspect(connection: &Connection, topology: &Topology) -> Result<Vec<Finding>> {
+    connection.ensure_open()?;
+    topology.validate()?;
+    let registry = connection.registry();
+    let space = &topology.topic_space;
+    let bindings = registry.spaces.get(space);
+    let mut findings = vec![match bindings {
+        Some(_) => Finding::new(
+            format!("topic space {space}"),
+            FindingStatus::Matches,
+            "there",
+        ),
+        None => Finding::new(
+            format!("topic space {space}"),
+            FindingStatus::Missing,
+            "not there; `declare` creates it",
+        ),
+    }];
+    for spec in &topology.queues {
+        let object = format!("queue {}", spec.name);
+        let queue = registry.queues.get(&spec.name);
+        findings.push(match queue {
+            None => Finding::new(
+                object,
+                FindingStatus::Missing,
+                "not there; `declare` creates it",
+            ),
+            Some(queue) if queue.delivery_limit() != spec.delivery_limit => Finding::new(
+                object,
+                FindingStatus::Differs,
+                format!(
+                    "delivery limit {}, not {}; `declare` sets it",
+                    queue.delivery_limit(),
+                    spec.delivery_limit
+                ),
+            ),
+            Some(_) => Finding::new(
+                object,
+                FindingStatus::Matches,
+                format!("delivery limit {}", spec.delivery_limit),
+            ),
+        });
+        for pattern in &spec.bindings {
+            let bound = bindings.is_some_and(|bindings| {
+                bindings.iter().any(|b| {
+                    &b.pattern == pattern && queue.is_some_and(|q| Arc::ptr_eq(&b.queue, q))
+                })
+            });
+            let object = format!("binding {space} -> {} ({pattern})", spec.name);
+            findings.push(if bound {
+                Finding::new(object, FindingStatus::Matches, "there")
+            } else {
+                Finding::new(
+                    object,
+                    FindingStatus::Missing,
+                    "not there; `declare` adds it",
+                )
+            });
+        }
+    }
+    Ok(findings)
 }

@@ -8,8 +8,9 @@ use async_nats::jetstream::stream::ConsumerErrorKind;
 use async_trait::async_trait;
 use serde::Deserialize;
 use ticketrail_core::{
-    validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, Error, ErrorKind, Message,
-    QueueSpec, QueueStats, Result, SubscribeOptions, Subscription, Topology,
+    validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, Error, ErrorKind, Finding,
+    FindingStatus, Message, QueueSpec, QueueStats, Result, SubscribeOptions, Subscription,
+    Topology,
 };
 
 use crate::config::NatsConfig;
@@ -214,6 +215,172 @@ impl NatsBroker {
         Ok(())
     }
 
+    /// What the server has of the streams and consumers `declare` would make.
+    async fn inspect_topology(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        topology::validate(topology)?;
+        let conn = &self.conn;
+        let space = &topology.topic_space;
+        let stream_name = topology::stream_name(space);
+        let mut findings = Vec::new();
+        let object = format!("stream {stream_name}");
+        let stream = match conn.js.get_stream(&stream_name).await {
+            Err(_) => {
+                findings.push(Finding::new(
+                    object,
+                    FindingStatus::Missing,
+                    format!("not there; `declare` creates the stream of topic space `{space}`"),
+                ));
+                None
+            }
+            Ok(mut stream) => {
+                let config = stream
+                    .info()
+                    .await
+                    .map_err(|e| {
+                        Error::new(ErrorKind::Connection, format!("reading {object}"))
+                            .with_source(e)
+                    })?
+                    .config
+                    .clone();
+                let owner = config
+                    .description
+                    .as_deref()
+                    .and_then(topology::parse_space_description);
+                let mut wanted = Vec::new();
+                for queue in &topology.queues {
+                    for pattern in &queue.bindings {
+                        wanted.extend(topology::pattern_subjects(space, pattern)?);
+                    }
+                }
+                let uncovered: Vec<&String> = wanted
+                    .iter()
+                    .filter(|w| !config.subjects.iter().any(|s| topology::covers(s, w)))
+                    .collect();
+                let (status, detail) = match owner {
+                    None => (
+                        FindingStatus::Differs,
+                        "not made by ticketrail: `declare` refuses it; choose another topic \
+                         space or move the stream's data and delete it"
+                            .to_owned(),
+                    ),
+                    Some((owner, _)) if owner != *space => (
+                        FindingStatus::Differs,
+                        format!(
+                            "it belongs to topic space `{owner}` (`.` becomes `_`): rename one"
+                        ),
+                    ),
+                    _ => match limits(&config) {
+                        Some(limits) => (
+                            FindingStatus::Differs,
+                            format!(
+                                "it has limits that drop messages ({limits}); ticketrail \
+                                 declares none: remove them (`nats stream edit`)"
+                            ),
+                        ),
+                        None if !uncovered.is_empty() => (
+                            FindingStatus::Differs,
+                            format!(
+                                "it does not capture {uncovered:?}; `declare` adds the \
+                                 subjects (nothing stored is lost)"
+                            ),
+                        ),
+                        None => (
+                            FindingStatus::Matches,
+                            format!("captures {:?}", config.subjects),
+                        ),
+                    },
+                };
+                findings.push(Finding::new(object, status, detail));
+                Some(stream)
+            }
+        };
+        for (name, what) in [
+            (topology::dlq_stream_name(&stream_name), "the dead letters"),
+            (
+                topology::failures_stream_name(&stream_name),
+                "first failures and retry counts",
+            ),
+        ] {
+            let object = format!("stream {name}");
+            let finding = match conn.js.get_stream(&name).await {
+                Err(_) => Finding::new(
+                    object,
+                    FindingStatus::Missing,
+                    format!("not there; `declare` creates it, for {what}"),
+                ),
+                Ok(mut aux) => match aux.info().await.map(|i| limits(&i.config)) {
+                    Ok(Some(limits)) if what == "the dead letters" => Finding::new(
+                        object,
+                        FindingStatus::Differs,
+                        format!("it has limits that drop dead letters ({limits}): remove them"),
+                    ),
+                    _ => Finding::new(object, FindingStatus::Matches, format!("holds {what}")),
+                },
+            };
+            findings.push(finding);
+        }
+        for queue in &topology.queues {
+            let name = topology::consumer_name(&queue.name);
+            let object = format!("consumer {stream_name}/{name}");
+            let info = match &stream {
+                Some(stream) => stream.consumer_info(&name).await.ok(),
+                None => None,
+            };
+            let finding = match info {
+                None => Finding::new(
+                    object,
+                    FindingStatus::Missing,
+                    format!(
+                        "not there; `declare` creates the durable consumer of queue `{}`",
+                        queue.name
+                    ),
+                ),
+                Some(info) => {
+                    let declared = info
+                        .config
+                        .description
+                        .as_deref()
+                        .and_then(topology::parse_description);
+                    let limit = i64::from(queue.delivery_limit) + 1 + topology::RETRY_HEADROOM;
+                    match declared {
+                        None => Finding::new(
+                            object,
+                            FindingStatus::Differs,
+                            "not made by ticketrail; delete it or choose another queue name",
+                        ),
+                        Some((_, bindings)) if bindings != queue.bindings => Finding::new(
+                            object,
+                            FindingStatus::Differs,
+                            format!(
+                                "bound to {bindings:?}, not {:?}; `declare` updates the filter",
+                                queue.bindings
+                            ),
+                        ),
+                        Some(_) if info.config.max_deliver != limit => Finding::new(
+                            object,
+                            FindingStatus::Differs,
+                            format!(
+                                "max_deliver is {}, ticketrail's is {limit} (delivery limit {}); \
+                                 `declare` updates it",
+                                info.config.max_deliver, queue.delivery_limit
+                            ),
+                        ),
+                        Some(_) => Finding::new(
+                            object,
+                            FindingStatus::Matches,
+                            format!(
+                                "explicit acks, ack_wait {:?}, delivery limit {}",
+                                info.config.ack_wait, queue.delivery_limit
+                            ),
+                        ),
+                    }
+                }
+            };
+            findings.push(finding);
+        }
+        Ok(findings)
+    }
+
     async fn delete_topology(&self, topology: &Topology) -> Result<()> {
         let conn = &self.conn;
         let space = &topology.topic_space;
@@ -286,7 +453,7 @@ impl NatsBroker {
 #[async_trait]
 impl Broker for NatsBroker {
     fn backend(&self) -> &'static str {
-        "nats"
+        crate::BACKEND
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -304,6 +471,10 @@ impl Broker for NatsBroker {
     async fn declare(&self, topology: &Topology) -> Result<()> {
         topology::validate(topology)?;
         self.declare_topology(topology).await
+    }
+
+    async fn inspect(&self, topology: &Topology) -> Result<Vec<Finding>> {
+        self.inspect_topology(topology).await
     }
 
     async fn delete(&self, topology: &Topology) -> Result<()> {
@@ -401,4 +572,19 @@ mod tests {
         let size = std::mem::size_of_val(&*send);
         assert!(size < 1024, "Broker::send's future is {size} bytes");
     }
+}
+
+/// The limits of a stream that make the server drop messages, if any.
+fn limits(config: &async_nats::jetstream::stream::Config) -> Option<String> {
+    let mut limits = Vec::new();
+    if config.max_messages > 0 {
+        limits.push(format!("max_msgs {}", config.max_messages));
+    }
+    if config.max_bytes > 0 {
+        limits.push(format!("max_bytes {}", config.max_bytes));
+    }
+    if !config.max_age.is_zero() && config.max_messages_per_subject != 1 {
+        limits.push(format!("max_age {:?}", config.max_age));
+    }
+    (!limits.is_empty()).then(|| limits.join(", "))
 }

@@ -15,9 +15,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use async_nats::jetstream::stream::RawMessage;
 use async_trait::async_trait;
 use base64::Engine;
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesOrdered, StreamExt};
 use serde::{Deserialize, Serialize};
 use ticketrail_core::wire::{self, Attempt, RecordFallback};
 use ticketrail_core::{
@@ -112,7 +115,7 @@ pub(crate) async fn write(
 
 #[derive(Deserialize)]
 struct MsgGet {
-    message: async_nats::jetstream::stream::RawMessage,
+    message: RawMessage,
 }
 
 #[derive(Serialize)]
@@ -170,14 +173,29 @@ pub(crate) async fn count(conn: &Connection, info: &QueueInfo) -> Result<u64> {
 }
 
 /// A cursor over the records in the DLQ of one queue when it was opened.
+///
+/// Reading one record per round trip (`next_by_subj`) reads a few hundred
+/// a second, so the cursor keeps [`WINDOW`] gets of the following sequence
+/// numbers in flight, and skips those of other queues (the stream holds the
+/// DLQs of a whole topic space) or deleted since. A window with nothing of
+/// this queue's means its records are sparse there: the cursor then jumps
+/// to the next one with `next_by_subj` and starts a new window from it.
 pub(crate) struct NatsCursor {
     conn: Arc<Connection>,
     info: Arc<QueueInfo>,
     stream: String,
     subject: String,
+    /// The next sequence number to ask for.
     next: u64,
     last: u64,
+    /// Gets in flight, in sequence order.
+    window: FuturesOrdered<BoxFuture<'static, Result<Option<RawMessage>>>>,
+    /// Gets of the window in flight that found nothing of this queue's yet.
+    misses: usize,
 }
+
+/// Gets a cursor keeps in flight.
+const WINDOW: usize = 64;
 
 impl NatsCursor {
     pub(crate) async fn open(conn: Arc<Connection>, info: Arc<QueueInfo>) -> Result<Self> {
@@ -191,33 +209,78 @@ impl NatsCursor {
             subject,
             next: 1,
             last: state.last_seq,
+            window: FuturesOrdered::new(),
+            misses: 0,
         })
     }
 
+    /// One get of the stream: at `seq` exactly, or with `by_subject` the
+    /// first of this queue's records from `seq` on; `None` if there is none.
+    fn get(&self, seq: u64, by_subject: bool) -> BoxFuture<'static, Result<Option<RawMessage>>> {
+        let conn = Arc::clone(&self.conn);
+        let api = format!("STREAM.MSG.GET.{}", self.stream);
+        let subject = by_subject.then(|| self.subject.clone());
+        let doing = format!("reading the DLQ of `{}`", self.info.name);
+        Box::pin(async move {
+            let got: Result<MsgGet> = match &subject {
+                Some(subject) => {
+                    let request = NextBySubject {
+                        seq,
+                        next_by_subj: subject,
+                    };
+                    conn.api(&api, &request, &doing).await
+                }
+                None => conn.api(&api, &Seq { seq }, &doing).await,
+            };
+            match got {
+                Ok(got) => Ok(Some(got.message)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// The next stored message of this queue's DLQ, up to `last`.
+    async fn next_message(&mut self) -> Result<Option<RawMessage>> {
+        loop {
+            // After a window's worth of misses in a row, stop speculating.
+            while self.misses < WINDOW && self.window.len() < WINDOW && self.next <= self.last {
+                let get = self.get(self.next, false);
+                self.window.push_back(get);
+                self.next += 1;
+            }
+            if let Some(got) = self.window.next().await {
+                match got? {
+                    Some(message) if message.subject == self.subject => {
+                        self.misses = 0;
+                        return Ok(Some(message));
+                    }
+                    _ => self.misses += 1,
+                }
+                continue;
+            }
+            if self.next > self.last {
+                return Ok(None);
+            }
+            // A whole window of other queues' records: jump.
+            self.misses = 0;
+            match self.get(self.next, true).await? {
+                Some(message) if message.sequence <= self.last => {
+                    self.next = message.sequence + 1;
+                    return Ok(Some(message));
+                }
+                _ => {
+                    self.next = self.last + 1;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
     async fn read(&mut self) -> Result<Option<DeadLetterEntry>> {
-        if self.next > self.last {
+        let Some(message) = self.next_message().await? else {
             return Ok(None);
-        }
-        let got: Result<MsgGet> = self
-            .conn
-            .api(
-                &format!("STREAM.MSG.GET.{}", self.stream),
-                &NextBySubject {
-                    seq: self.next,
-                    next_by_subj: &self.subject,
-                },
-                &format!("reading the DLQ of `{}`", self.info.name),
-            )
-            .await;
-        let message = match got {
-            Ok(got) => got.message,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
         };
-        if message.sequence > self.last {
-            return Ok(None);
-        }
-        self.next = message.sequence + 1;
         let decode = |text: &str| {
             base64::engine::general_purpose::STANDARD
                 .decode(text.as_bytes())
@@ -234,7 +297,11 @@ impl NatsCursor {
             sequence: message.sequence,
             object,
         };
-        Ok(Some(DeadLetterEntry::new(record, Box::new(handle))))
+        Ok(Some(DeadLetterEntry::new(
+            crate::BACKEND,
+            record,
+            Box::new(handle),
+        )))
     }
 }
 

@@ -42,5 +42,8 @@ mod subscription;
 mod topology;
 mod versions;
 
+/// The name this backend goes by: [`Broker::backend`](ticketrail_core::Broker::backend), metric labels, span attributes.
+pub(crate) const BACKEND: &str = "nats";
+
 pub use broker::NatsBroker;
 pub use config::NatsConfig;
