@@ -146,12 +146,13 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
 
     // The publisher; the broker restarts twice while it publishes.
     let publisher = target.connect().await?;
-    let mut published = HashSet::new();
+    // Every id published, with its message's index (which says its fate).
+    let mut published: HashMap<String, usize> = HashMap::new();
     let restarts = [messages / 3, 2 * messages / 3];
     for i in 0..messages {
         if restarts.contains(&i) {
             if let Some(server) = &target.server {
-                server.halt().await?;
+                server.halt("drill.q").await?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 server.resume().await?;
             }
@@ -166,7 +167,7 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        published.insert(id);
+        published.insert(id, i);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Release);
@@ -196,7 +197,7 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
             .collect();
         let dead_ids: HashSet<&String> = dead.iter().map(|r| &r.envelope.id).collect();
         let missing = published
-            .iter()
+            .keys()
             .filter(|id| !handled.contains(*id) && !dead_ids.contains(id))
             .count();
         if missing == 0 || Instant::now() > deadline {
@@ -208,17 +209,31 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
 
     let counts = tally.0.lock().expect("not poisoned").clone();
     let dead_ids: HashSet<&String> = dead.iter().map(|r| &r.envelope.id).collect();
+    let mut lost: Vec<usize> = published
+        .iter()
+        .filter(|(id, _)| !counts.contains_key(*id) && !dead_ids.contains(id))
+        .map(|(_, i)| *i)
+        .collect();
+    lost.sort_unstable();
     let mut report = DrillReport {
         published: published.len(),
         handled: counts.len(),
         dead_lettered: dead_ids.len(),
-        lost: published
-            .iter()
-            .filter(|id| !counts.contains_key(*id) && !dead_ids.contains(id))
-            .count(),
+        lost: lost.len(),
         duplicates: counts.values().map(|n| n - 1).sum::<usize>() + dead.len() - dead_ids.len(),
         problems: Vec::new(),
     };
+    if !lost.is_empty() {
+        // Where they might be, for whoever reads the report.
+        let stats = steady.queue_stats("drill.q").await;
+        report.problems.push(format!(
+            "unaccounted for: {:?}; the queue at the end: {stats:?}",
+            lost.iter()
+                .take(20)
+                .map(|i| format!("m{i} ({:?})", fate(*i)))
+                .collect::<Vec<_>>()
+        ));
+    }
     for record in &dead {
         let key = serde_json::from_slice::<Job>(&record.envelope.payload)
             .map(|j| j.key)

@@ -29,6 +29,30 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// A message as a plain client of the broker publishes it (C17, C18).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Foreign<'a> {
+    /// The routing key.
+    pub routing_key: &'a str,
+    /// The payload.
+    pub payload: &'a [u8],
+    /// The broker's message id (AMQP `message-id`, `Nats-Msg-Id`), if any.
+    pub message_id: Option<&'a str>,
+    /// Headers, as the broker carries them.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+impl<'a> Foreign<'a> {
+    /// A message with `payload` and no id or headers.
+    pub fn new(routing_key: &'a str, payload: &'a [u8]) -> Self {
+        Foreign {
+            routing_key,
+            payload,
+            ..Foreign::default()
+        }
+    }
+}
+
 /// A backend under test.
 #[async_trait]
 pub trait Harness: Send + Sync {
@@ -36,19 +60,21 @@ pub trait Harness: Send + Sync {
     /// `rabbitmq-cluster`, `nats-cluster`).
     fn name(&self) -> &'static str;
 
+    /// The first word of every name a rule declares: `tr-c08-<unique>.q`.
+    /// `ticketrail check --prefix` picks it, so that the broker's policies
+    /// for those names apply as they would to production queues.
+    fn prefix(&self) -> &str {
+        "tr"
+    }
+
     /// Opens a new connection. Closing it (after aborting the tasks that use
     /// it) is how the suite kills a consumer.
     async fn connect(&self) -> Result<SharedBroker>;
 
     /// Publishes as a plain client of the broker would, with no ticketrail
-    /// headers (C17), with `message_id` as the broker's message id if given.
-    async fn publish_foreign(
-        &self,
-        topic_space: &str,
-        routing_key: &str,
-        payload: &[u8],
-        message_id: Option<&str>,
-    ) -> Result<()>;
+    /// headers (C17): the message's id as the broker's message id if given,
+    /// its headers as the broker's headers (C18's `traceparent`).
+    async fn publish_foreign(&self, topic_space: &str, message: Foreign<'_>) -> Result<()>;
 
     /// How long a killed consumer's unsettled delivery may take to be
     /// delivered again.
@@ -74,11 +100,11 @@ pub trait Restartable: Send + Sync {
     /// Opens a connection to the throwaway server.
     async fn connect(&self) -> Result<SharedBroker>;
 
-    /// Stops the server, keeping its data (on a cluster: the node that
-    /// matters most, the one that leads the work queue).
-    async fn halt(&self) -> Result<()>;
+    /// Stops the server, keeping its data; on a cluster, kills (SIGKILL)
+    /// the node that leads `queue`, the one whose loss matters most.
+    async fn halt(&self, queue: &str) -> Result<()>;
 
-    /// Starts the halted server again with its data, on the same port.
+    /// Starts the halted server (node) again with its data, on the same port.
     async fn resume(&self) -> Result<()>;
 
     /// Stops the server for good and removes its data.
@@ -86,15 +112,36 @@ pub trait Restartable: Send + Sync {
 }
 
 /// The harness of a backend by its name, for the runner, the drill and the
-/// bench: `memory`, `rabbitmq` (at `AMQP_URL`), `nats` (at `NATS_URL`).
+/// bench: `memory`, `rabbitmq` (at `AMQP_URL`), `nats` (at `NATS_URL`),
+/// `rabbitmq-cluster` and `nats-cluster` (throwaway three-node clusters it
+/// starts; [`Harness::finish`] removes them).
 pub async fn harness_for(name: &str) -> Result<Box<dyn Harness>> {
     Ok(match name {
         "memory" => Box::new(MemoryHarness::default()),
         "rabbitmq" => Box::new(RabbitHarness::from_env()),
         "nats" => Box::new(NatsHarness::from_env()),
+        "rabbitmq-cluster" => Box::new(crate::clusters::RabbitClusterHarness::start().await?),
+        "nats-cluster" => Box::new(crate::clusters::NatsClusterHarness::start().await?),
         other => {
             return Err(Error::config(format!(
-                "no backend `{other}` (memory, rabbitmq, nats)"
+                "no backend `{other}` (memory, rabbitmq, nats, rabbitmq-cluster, nats-cluster)"
+            )))
+        }
+    })
+}
+
+/// The harness for the broker at `url` (`amqp://`, `amqps://`, `nats://`,
+/// `tls://`), declaring only names that start with `prefix` and starting no
+/// throwaway servers: what `ticketrail check` runs the rules on.
+pub fn harness_for_url(url: &str, prefix: &str) -> Result<Box<dyn Harness>> {
+    let scheme = url.split_once("://").map(|(s, _)| s).unwrap_or("");
+    Ok(match scheme {
+        "amqp" | "amqps" => Box::new(RabbitHarness::checking(url, prefix)),
+        "nats" | "tls" => Box::new(NatsHarness::checking(url, prefix)),
+        _ => {
+            return Err(Error::config(format!(
+                "broker URL must start with amqp://, amqps://, nats:// or tls://; got `{}`",
+                ticketrail_core::redact_url(url)
             )))
         }
     })

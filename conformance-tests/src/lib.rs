@@ -20,6 +20,7 @@
 //! [`testing`] has the throwaway servers, certificates and raw publishers
 //! the tests use; a new backend's tests use them too.
 
+mod clusters;
 mod drill;
 mod harness;
 mod memory;
@@ -29,12 +30,15 @@ pub mod rules;
 mod support;
 pub mod testing;
 
+pub use clusters::{NatsClusterHarness, RabbitClusterHarness};
 pub use drill::{run_drill, DrillReport};
-pub use harness::{harness_for, Harness, Restartable, Verdict};
+pub use harness::{harness_for, harness_for_url, Foreign, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
 pub use nats::{NatsHarness, DEFAULT_NATS_URL};
 pub use rabbitmq::{RabbitHarness, DEFAULT_AMQP_URL};
-pub use rules::{assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, RULES};
+pub use rules::{
+    assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, RESTART_RULES, RULES,
+};
 
 /// One test per rule on one backend, named as given, and a test that fails
 /// if a rule of the suite has none:

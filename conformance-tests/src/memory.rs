@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use ticketrail_core::{Result, SharedBroker};
 use ticketrail_memory::{MemoryBroker, RawMessage};
 
-use crate::harness::Harness;
+use crate::harness::{Foreign, Harness};
 
 /// Runs the suite on one [`MemoryBroker`]; each `connect` is a new
 /// connection to it.
@@ -33,15 +33,12 @@ impl Harness for MemoryHarness {
         Ok(Arc::new(self.broker.connect()))
     }
 
-    async fn publish_foreign(
-        &self,
-        topic_space: &str,
-        routing_key: &str,
-        payload: &[u8],
-        message_id: Option<&str>,
-    ) -> Result<()> {
-        let mut raw = RawMessage::new(routing_key, payload.to_vec());
-        raw.message_id = message_id.map(str::to_owned);
+    async fn publish_foreign(&self, topic_space: &str, message: Foreign<'_>) -> Result<()> {
+        let mut raw = RawMessage::new(message.routing_key, message.payload.to_vec());
+        raw.message_id = message.message_id.map(str::to_owned);
+        for (key, value) in message.headers {
+            raw.headers.insert((*key).to_owned(), (*value).to_owned());
+        }
         self.broker.publish_raw(topic_space, raw).await
     }
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use ticketrail_nats::{NatsBroker, NatsConfig};
 
-use crate::harness::{with_start_hint, Harness, Restartable};
+use crate::harness::{with_start_hint, Foreign, Harness, Restartable};
 use crate::testing::{NatsServer, Throwaway};
 
 /// The default NATS URL when `NATS_URL` is not set.
@@ -23,6 +23,11 @@ const ACK_WAIT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub struct NatsHarness {
     url: String,
+    /// See [`Harness::prefix`].
+    prefix: String,
+    /// Whether C15 may start a throwaway server (not when checking a
+    /// broker someone runs).
+    throwaway: bool,
 }
 
 impl NatsHarness {
@@ -35,14 +40,32 @@ impl NatsHarness {
     pub fn from_env() -> Self {
         NatsHarness {
             url: std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned()),
+            prefix: "tr".to_owned(),
+            throwaway: true,
+        }
+    }
+
+    /// The harness for checking the broker at `url`: names start with
+    /// `prefix`, and no throwaway server is started.
+    pub fn checking(url: &str, prefix: &str) -> Self {
+        NatsHarness {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+            throwaway: false,
         }
     }
 
     /// Connects the suite's way (short timeouts) to `url`.
     pub async fn connect_url(url: &str) -> Result<SharedBroker> {
+        Self::connect_replicated(url, 1).await
+    }
+
+    /// Connects the suite's way to `url`, with streams of `replicas` copies.
+    pub async fn connect_replicated(url: &str, replicas: usize) -> Result<SharedBroker> {
         let config = NatsConfig::from_url(url)?
             .connect_timeout(Duration::from_secs(5))
-            .ack_wait(ACK_WAIT);
+            .ack_wait(ACK_WAIT)
+            .replicas(replicas);
         NatsBroker::connect(config).await.map(|b| Arc::new(b) as SharedBroker)
             .map_err(|e| with_start_hint(e, "start it with `nats-server -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server`, or set NATS_URL"))
     }
@@ -58,46 +81,61 @@ impl Harness for NatsHarness {
         Self::connect_url(&self.url).await
     }
 
-    async fn publish_foreign(
-        &self,
-        topic_space: &str,
-        routing_key: &str,
-        payload: &[u8],
-        message_id: Option<&str>,
-    ) -> Result<()> {
-        let raw = |doing: &'static str| {
-            move |e: Box<dyn std::error::Error + Send + Sync>| {
-                Error::new(ErrorKind::Broker, doing).with_source(e)
-            }
-        };
-        let client = async_nats::connect(self.url.as_str())
-            .await
-            .map_err(|e| raw("connecting a plain NATS client")(e.into()))?;
-        let mut headers = HeaderMap::new();
-        if let Some(id) = message_id {
-            headers.insert("Nats-Msg-Id", id);
-        }
-        // A request, so the stream's acknowledgement says it is stored.
-        client
-            .request_with_headers(
-                format!("{topic_space}.{routing_key}"),
-                headers,
-                payload.to_vec().into(),
-            )
-            .await
-            .map_err(|e| raw("publishing with a plain client")(e.into()))?;
-        let _ = client.drain().await;
-        Ok(())
+    async fn publish_foreign(&self, topic_space: &str, message: Foreign<'_>) -> Result<()> {
+        plain_publish(&self.url, topic_space, message).await
     }
 
     fn redelivery_timeout(&self) -> Duration {
         ACK_WAIT + Duration::from_secs(7)
     }
 
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     async fn restartable(&self) -> Result<Option<Box<dyn Restartable>>> {
+        if !self.throwaway {
+            return Ok(None);
+        }
         Ok(Some(Box::new(Throwaway::new(
             NatsServer::start().await?,
             |url| Box::pin(NatsHarness::connect_url(url)),
         ))))
     }
+}
+
+/// Publishes as a plain async-nats client would: no ticketrail headers,
+/// `Nats-Msg-Id` if an id is given, and waits for the stream's ack.
+pub(crate) async fn plain_publish(
+    url: &str,
+    topic_space: &str,
+    message: Foreign<'_>,
+) -> Result<()> {
+    let raw = |doing: &'static str| {
+        move |e: Box<dyn std::error::Error + Send + Sync>| {
+            Error::new(ErrorKind::Broker, doing).with_source(e)
+        }
+    };
+    let servers: Vec<&str> = url.trim_start_matches("nats://").split(',').collect();
+    let client = async_nats::connect(servers)
+        .await
+        .map_err(|e| raw("connecting a plain NATS client")(e.into()))?;
+    let mut headers = HeaderMap::new();
+    if let Some(id) = message.message_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    for (key, value) in message.headers {
+        headers.insert(*key, *value);
+    }
+    // A request, so the stream's acknowledgement says it is stored.
+    client
+        .request_with_headers(
+            format!("{topic_space}.{}", message.routing_key),
+            headers,
+            message.payload.to_vec().into(),
+        )
+        .await
+        .map_err(|e| raw("publishing with a plain client")(e.into()))?;
+    let _ = client.drain().await;
+    Ok(())
 }

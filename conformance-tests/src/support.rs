@@ -61,7 +61,7 @@ impl Scenario {
         queues: Vec<QueueSpec>,
     ) -> Result<Self, String> {
         let unique = uuid::Uuid::new_v4().simple().to_string();
-        let prefix = format!("tr-{rule}-{}", &unique[..10]);
+        let prefix = format!("{}-{rule}-{}", harness.prefix(), &unique[..10]);
         let broker = harness.connect().await.doing("connecting")?;
         let mut topology = Topology::new(format!("{prefix}.events"));
         for mut spec in queues {

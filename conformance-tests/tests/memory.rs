@@ -21,4 +21,5 @@ ticketrail_conformance::rule_tests! {
     memory_c15 => "C15",
     memory_c16 => "C16",
     memory_c17 => "C17",
+    memory_c18 => "C18",
 }

@@ -22,4 +22,5 @@ ticketrail_conformance::rule_tests! {
     nats_c15 => "C15",
     nats_c16 => "C16",
     nats_c17 => "C17",
+    nats_c18 => "C18",
 }

@@ -23,4 +23,5 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c15 => "C15",
     rabbitmq_c16 => "C16",
     rabbitmq_c17 => "C17",
+    rabbitmq_c18 => "C18",
 }

@@ -140,7 +140,10 @@ async fn reconnect_scenario(server: &dyn Restartable) -> Result<(), String> {
         .doing("publishing before the restart")?;
     wait_until(WAIT, || handler.finished("before"), || handler.describe()).await?;
 
-    server.halt().await.doing("stopping the broker")?;
+    server
+        .halt("tr-c15.q")
+        .await
+        .doing("stopping the broker (on a cluster, the queue's leader)")?;
     // While the broker is down, a publish fails; if one were reported Ok,
     // it would have to be delivered after all.
     let mut reported_ok = Vec::new();

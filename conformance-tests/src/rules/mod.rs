@@ -13,13 +13,14 @@ mod deliveries;
 mod lifecycle;
 mod publishing;
 mod retries;
+mod tracing;
 
 type RuleFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
 
 /// One rule of the contract.
 #[derive(Clone, Copy)]
 pub struct Rule {
-    /// `C01`..`C17`.
+    /// `C01`..`C18`.
     pub id: &'static str,
     /// The rule's name in DESIGN.md.
     pub name: &'static str,
@@ -95,7 +96,12 @@ rules! {
     "C15", "reconnect", lifecycle::c15_reconnect, needs |c: &Capabilities| c.reconnect;
     "C16", "topic routing", publishing::c16_topic_routing;
     "C17", "foreign messages", publishing::c17_foreign_messages;
+    "C18", "trace context", tracing::c18_trace_context;
 }
+
+/// Rules that restart or kill the broker (on a throwaway server of their
+/// own): not run against a broker someone runs (`ticketrail check`).
+pub const RESTART_RULES: &[&str] = &["C15"];
 
 /// Runs one rule by id (`C07` or `c07`).
 pub async fn run_rule(harness: &dyn Harness, id: &str) -> Option<Verdict> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ticketrail_core::{ErrorKind, Message, QueueSpec, SubscribeOptions};
 
 use super::{checked, Skip};
-use crate::harness::Harness;
+use crate::harness::{Foreign, Harness};
 use crate::support::{ensure, expect_nothing, job_message, receive, Doing, Scenario};
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -226,19 +226,16 @@ pub(crate) async fn c17_foreign_messages(h: &dyn Harness) -> Result<(), Skip> {
     checked(
         sc.run(|sc| async move {
             let foreign_id = format!("legacy-{}", uuid::Uuid::new_v4());
+            let with_id = Foreign {
+                message_id: Some(&foreign_id),
+                ..Foreign::new("legacy.signup", br#"{"key":"with-id"}"#)
+            };
+            h.publish_foreign(sc.space(), with_id)
+                .await
+                .doing("publishing with a plain client")?;
             h.publish_foreign(
                 sc.space(),
-                "legacy.signup",
-                br#"{"key":"with-id"}"#,
-                Some(&foreign_id),
-            )
-            .await
-            .doing("publishing with a plain client")?;
-            h.publish_foreign(
-                sc.space(),
-                "legacy.signup",
-                br#"{"key":"without-id"}"#,
-                None,
+                Foreign::new("legacy.signup", br#"{"key":"without-id"}"#),
             )
             .await
             .doing("publishing with a plain client, no message id")?;

@@ -5,6 +5,7 @@
 //! are never touched.
 
 mod certs;
+mod clusters;
 mod nats_server;
 mod rabbit_node;
 mod raw;
@@ -19,6 +20,7 @@ use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 use crate::harness::Restartable;
 
 pub use certs::TestCerts;
+pub use clusters::{nats_server_215_binary, NatsCluster, RabbitCluster};
 pub use nats_server::{nats_server_binary, NatsServer};
 pub use rabbit_node::RabbitNode;
 pub use raw::{raw_amqp, raw_nats_publish};
@@ -63,7 +65,7 @@ impl<S: ServerProcess> Restartable for Throwaway<S> {
         (self.connect)(&self.url).await
     }
 
-    async fn halt(&self) -> Result<()> {
+    async fn halt(&self, _queue: &str) -> Result<()> {
         self.server.lock().await.halt().await
     }
 

@@ -27,6 +27,56 @@ pub struct RabbitNode {
 }
 
 impl RabbitNode {
+    /// The node's name (`tr-…@localhost`).
+    pub fn name(&self) -> &str {
+        &self.node
+    }
+
+    /// `rabbitmqctl -n <node> <args>`; its output, or an error with what it
+    /// printed.
+    pub async fn ctl(&self, args: &[&str]) -> Result<String> {
+        let output = Command::new("rabbitmqctl")
+            .args(["-n", &self.node])
+            .args(args)
+            .output()
+            .await
+            .map_err(io("running rabbitmqctl"))?;
+        if !output.status.success() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!(
+                    "rabbitmqctl -n {} {} failed: {}",
+                    self.node,
+                    args.join(" "),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Kills the node's Erlang VM with SIGKILL, as a node lost would be:
+    /// no goodbye to clients or peers. Its data stays for [`ServerProcess::launch`].
+    pub async fn kill(&mut self) -> Result<()> {
+        let pid = self.ctl(&["eval", "os:getpid()."]).await?;
+        let pid = pid.trim().trim_matches('"');
+        let status = Command::new("kill")
+            .args(["-9", pid])
+            .status()
+            .await
+            .map_err(io("running kill"))?;
+        if !status.success() {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!("kill -9 {pid} (node {}) failed", self.node),
+            ));
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+        }
+        Ok(())
+    }
+
     /// Starts a node without TLS.
     pub async fn start() -> Result<Self> {
         Self::start_with(None).await
@@ -178,7 +228,8 @@ impl Drop for RabbitNode {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
-            let _ = std::fs::remove_dir_all(&self.dir);
         }
+        // No data directory of a throwaway node outlives it.
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
