@@ -11,14 +11,28 @@
 //! cargo run --example email_notifications --features nats -- --broker nats://127.0.0.1:4222
 //! ```
 //!
-//! With `--cleanup` it deletes its queues and topic space at the end.
+//! With `--cleanup` it deletes its queues and topic space at the end. With
+//! `--leave-dead-letters` it stops before the replay, leaving the DLQ for
+//! the `ticketrail` command line to list, group and replay.
+//!
+//! With `--metrics-addr 127.0.0.1:9464` it serves Prometheus metrics at
+//! `/metrics` and the worker's health at `/health` (`/health/live`,
+//! `/health/ready`), and keeps running after the summary until Ctrl-C.
+//! With `--trace` (and `--features otel`) it prints, at the end, the trace
+//! of every email that failed at least once: the API request, the publish,
+//! each attempt, and the replay linked to it.
+
+mod observe;
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use opentelemetry::context::FutureExt;
+use opentelemetry::trace::{TraceContextExt, Tracer};
 use serde::{Deserialize, Serialize};
 use ticketrail::{
     Consumer, Context, Exponential, Handler, HandlerError, Publisher, QueueSpec, Replay,
@@ -142,7 +156,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .with_target(false)
         .init();
-    let (url, cleanup) = arguments()?;
+    let args = arguments()?;
+    let url = args.url.clone();
+    let traces = if args.trace {
+        if !cfg!(feature = "otel") {
+            return Err("--trace needs the otel feature: \
+                 cargo run --example email_notifications --features otel -- --trace"
+                .into());
+        }
+        Some(observe::install_tracing())
+    } else {
+        None
+    };
+    let metrics = match args.metrics_addr {
+        Some(_) => Some(observe::install_metrics()?),
+        None => None,
+    };
     let broker: SharedBroker = ticketrail::connect(&url).await?;
     println!(
         "broker: {} ({})",
@@ -170,13 +199,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .retry_policy(policy)
         .prefetch(5)
         .spawn();
+    if let (Some(addr), Some(metrics)) = (args.metrics_addr, &metrics) {
+        let bound = observe::serve(addr, metrics.clone(), worker.probe()).await?;
+        println!("metrics at http://{bound}/metrics, health at http://{bound}/health");
+    }
 
     // The API side: publish and return; each publish is confirmed.
     let publisher = Publisher::new(broker.clone(), EXCHANGE);
     let mut published = HashSet::new();
+    let tracer = opentelemetry::global::tracer("email_notifications");
     for i in 0..EMAILS {
         let (routing_key, message) = email(i);
-        published.insert(publisher.publish(routing_key, &message).await?);
+        // The API request that publishes, as its trace's root span.
+        let request = opentelemetry::Context::current_with_span(tracer.start("POST /users"));
+        let id = publisher
+            .publish(routing_key, &message)
+            .with_context(request.clone())
+            .await?;
+        request.span().end();
+        published.insert(id);
     }
     println!("published {} emails", published.len());
 
@@ -204,20 +245,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    if args.leave_dead_letters {
+        worker.shutdown().await?;
+        broker.close().await?;
+        println!(
+            "left {} message(s) in the DLQ of {QUEUE}; see why with \
+             `ticketrail dlq list {QUEUE}`, replay with `ticketrail dlq replay {QUEUE} --all --first`",
+            dead.len()
+        );
+        return Ok(());
+    }
+
     println!("operator: the mail server is back; replaying the dead-letter queue");
     mailer.outage_over.store(true, Ordering::SeqCst);
-    let replayed = broker.replay(QUEUE, Replay::All).await?;
+    let operator = opentelemetry::Context::current_with_span(tracer.start("replay DLQ"));
+    let replayed = broker
+        .replay(QUEUE, Replay::All)
+        .with_context(operator.clone())
+        .await?;
+    operator.span().end();
     wait_for(
         "handling the replayed emails",
         Duration::from_secs(60),
         async || Ok(sent(&mailer) >= published.len()),
     )
     .await?;
-    worker.shutdown().await?;
-    if cleanup {
-        broker.delete(&topology).await?;
-    }
-    broker.close().await?;
 
     let handled = sent(&mailer);
     println!(
@@ -228,6 +280,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         dead.len(),
         replayed
     );
+    if let Some(exporter) = &traces {
+        println!("traces of the emails that failed at least once:");
+        observe::print_failed_traces(exporter);
+    }
+    if metrics.is_some() {
+        println!("still serving metrics and health; Ctrl-C to stop");
+        tokio::signal::ctrl_c().await?;
+    }
+    worker.shutdown().await?;
+    if args.cleanup {
+        broker.delete(&topology).await?;
+    }
+    broker.close().await?;
     if handled != published.len() {
         return Err(format!(
             "{} of {} emails were not handled",
@@ -239,22 +304,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `--broker <url>` (else `TICKETRAIL_BROKER`, else the in-process broker)
-/// and `--cleanup`.
-fn arguments() -> Result<(String, bool), String> {
+/// The command line.
+struct Arguments {
+    /// `--broker <url>`, else `TICKETRAIL_BROKER`, else the in-process broker.
+    url: String,
+    /// `--cleanup`.
+    cleanup: bool,
+    /// `--leave-dead-letters`: stop before the operator's replay.
+    leave_dead_letters: bool,
+    /// `--metrics-addr <host:port>`.
+    metrics_addr: Option<SocketAddr>,
+    /// `--trace`.
+    trace: bool,
+}
+
+fn arguments() -> Result<Arguments, String> {
+    const USAGE: &str =
+        "usage: email_notifications [--broker URL] [--cleanup] [--leave-dead-letters] \
+         [--metrics-addr HOST:PORT] [--trace]";
     let mut args = std::env::args().skip(1);
-    let mut url = std::env::var("TICKETRAIL_BROKER").unwrap_or_else(|_| "memory://".to_owned());
-    let mut cleanup = false;
+    let mut parsed = Arguments {
+        url: std::env::var("TICKETRAIL_BROKER").unwrap_or_else(|_| "memory://".to_owned()),
+        cleanup: false,
+        leave_dead_letters: false,
+        metrics_addr: None,
+        trace: false,
+    };
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--broker" => url = args.next().ok_or("--broker needs a URL")?,
-            "--cleanup" => cleanup = true,
-            other => {
-                return Err(format!(
-                "unknown argument `{other}`; usage: email_notifications [--broker URL] [--cleanup]"
-            ))
+            "--broker" => parsed.url = args.next().ok_or("--broker needs a URL")?,
+            "--cleanup" => parsed.cleanup = true,
+            "--leave-dead-letters" => parsed.leave_dead_letters = true,
+            "--trace" => parsed.trace = true,
+            "--metrics-addr" => {
+                let addr = args.next().ok_or("--metrics-addr needs HOST:PORT")?;
+                let addr = addr
+                    .parse()
+                    .map_err(|e| format!("--metrics-addr `{addr}`: {e} (e.g. 127.0.0.1:9464)"))?;
+                parsed.metrics_addr = Some(addr);
             }
+            other => return Err(format!("unknown argument `{other}`; {USAGE}")),
         }
     }
-    Ok((url, cleanup))
+    if parsed.leave_dead_letters && parsed.url.starts_with("memory:") {
+        return Err(
+            "--leave-dead-letters needs a broker that outlives this program \
+                    (--broker amqp://... or nats://...)"
+                .into(),
+        );
+    }
+    Ok(parsed)
 }
