@@ -1,0 +1,72 @@
+//! `ticketrail stats QUEUE...`
+
+use std::io::Write;
+
+use clap::Args;
+use serde_json::json;
+use ticketrail::SharedBroker;
+
+use crate::output::{count, json_line, table};
+use crate::Outcome;
+
+#[derive(Debug, Args)]
+pub(crate) struct StatsArgs {
+    /// The work queues.
+    #[arg(required = true, value_name = "QUEUE")]
+    queues: Vec<String>,
+    /// One JSON object per queue and line: queue, ready, in_flight,
+    /// waiting_retries, dead_letters, consumers (null where unknown).
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
+    let mut rows = Vec::new();
+    for queue in &args.queues {
+        rows.push(broker.queue_stats(queue).await?);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        for s in &rows {
+            json_line(
+                &mut out,
+                &json!({
+                    "queue": s.queue,
+                    "ready": s.ready,
+                    "in_flight": s.in_flight,
+                    "waiting_retries": s.waiting_retries,
+                    "dead_letters": s.dead_letters,
+                    "consumers": s.consumers,
+                }),
+            )?;
+        }
+        return Ok(());
+    }
+    let mut t = table(&[
+        "queue",
+        "ready",
+        "in flight",
+        "waiting retries",
+        "dead letters",
+        "consumers",
+    ]);
+    for s in &rows {
+        t.add_row(vec![
+            s.queue.clone(),
+            count(s.ready),
+            count(s.in_flight),
+            count(s.waiting_retries),
+            count(s.dead_letters),
+            count(s.consumers),
+        ]);
+    }
+    writeln!(out, "{t}")?;
+    if rows.iter().any(|s| s.in_flight.is_none()) {
+        writeln!(
+            out,
+            "(blank: the broker does not tell a client; RabbitMQ reports unacked deliveries \
+             only through its management plugin)"
+        )?;
+    }
+    Ok(())
+}
