@@ -348,6 +348,12 @@ impl Link {
         Ok(())
     }
 
+    /// The wait queues this link declared on its current connection.
+    pub(crate) fn wait_queues(&self) -> Vec<String> {
+        let declared = self.wait_queues.lock().expect("not poisoned");
+        declared.iter().cloned().collect()
+    }
+
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self) -> Result<Channel> {
         let session = self.session().await?;

@@ -23,7 +23,9 @@
 //! The crate has the file skeleton of every backend (see
 //! ADDING_A_BACKEND.md). Its extra files: `acks.rs` (acks coalesced into
 //! `multiple` acks), `raw.rs` (a small AMQP client that reads what lapin
-//! cannot parse) and `versions.rs` (what each RabbitMQ version changes).
+//! cannot parse), `sweep.rs` (retries a wait queue kept past their time,
+//! brought back by ticketrail) and `versions.rs` (what each RabbitMQ
+//! version changes).
 
 mod acks;
 mod broker;
@@ -35,6 +37,7 @@ mod headers;
 mod publish;
 pub mod raw;
 mod subscription;
+mod sweep;
 mod topology;
 mod versions;
 

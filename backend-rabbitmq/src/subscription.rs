@@ -27,6 +27,7 @@ use crate::connection::{self, Link};
 use crate::error::{is_unparsable, map};
 use crate::headers::{self, Source};
 use crate::publish;
+use crate::sweep;
 use crate::topology;
 
 /// A consumer on one work queue, on a connection of its own, opened again
@@ -41,6 +42,8 @@ pub(crate) struct RabbitSubscription {
     /// Readable deliveries since a delivery lapin could not parse, while
     /// the subscription takes them one at a time.
     isolating: Option<u16>,
+    /// Brings back retries RabbitMQ keeps past their time.
+    _sweeper: sweep::Sweeper,
 }
 
 /// The live consumer and its channel's acks.
@@ -52,6 +55,7 @@ struct Open {
 impl RabbitSubscription {
     pub(crate) async fn open(link: Arc<Link>, queue: &str, prefetch: u16) -> Result<Self> {
         let first = connection::first_node(&link.config);
+        let sweeper = sweep::start(Arc::clone(&link), Arc::from(queue));
         let mut subscription = RabbitSubscription {
             link,
             queue: Arc::from(queue),
@@ -59,6 +63,7 @@ impl RabbitSubscription {
             next_node: AtomicUsize::new(first),
             open: None,
             isolating: None,
+            _sweeper: sweeper,
         };
         subscription.consume().await?;
         Ok(subscription)
@@ -246,7 +251,8 @@ impl Settle for RabbitSettle {
         let tier = topology::tier_for(request.after)?;
         self.link.ensure_wait_queue(&self.queue, tier).await?;
         let wait_queue = topology::wait_queue_name(&self.queue, tier);
-        let bookkeeping = wire::retry_headers(envelope, &request);
+        let mut bookkeeping = wire::retry_headers(envelope, &request);
+        bookkeeping.push(wire::retry_due(tier));
         publish::publish_copy(&self.link, &wait_queue, envelope, bookkeeping).await?;
         self.ack_after_copy("scheduling the retry").await
     }

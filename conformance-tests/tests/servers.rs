@@ -328,3 +328,123 @@ async fn rabbitmq_consumers_stopped_while_subscribing_leave_no_connection() {
     stays.shutdown().await.unwrap();
     node.remove().await.unwrap();
 }
+
+/// A retry RabbitMQ keeps in its wait queue past its time (as 3.10 clusters
+/// sometimes do: the queue stops expiring messages) is brought back by the
+/// subscription's sweep, and counts as the retry it is. The stall is staged
+/// with a copy whose due time is long past in a wait queue whose TTL (64 s,
+/// a delay tier) has not run out.
+#[tokio::test]
+async fn rabbitmq_retries_kept_past_their_time_are_brought_back() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use std::time::SystemTime;
+    use ticketrail_core::{to_unix_millis, wire, Broker, Consumer, QueueSpec, Topology};
+    use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
+
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let name = format!(
+        "tr-sweep-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let queue = format!("{name}.q");
+    let broker = RabbitBroker::connect(RabbitConfig::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let topology = Topology::new(format!("{name}.events")).queue(QueueSpec::new(&queue).bind("#"));
+    broker.declare(&topology).await.unwrap();
+
+    // The wait queue of the 64 s tier, declared as the backend declares it
+    // (the backend's own declare later must agree), holding one copy that
+    // was due 30 s ago.
+    let wait = format!("{queue}.wait.64000ms");
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", queue.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(64_000));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(wait.as_str().into(), durable, args)
+        .await
+        .unwrap();
+    let ms = |at: SystemTime| AMQPValue::LongString(to_unix_millis(at).to_string().into());
+    let now = SystemTime::now();
+    let mut headers = FieldTable::default();
+    headers.insert(wire::ATTEMPT.into(), AMQPValue::LongString("2".into()));
+    headers.insert(
+        wire::ROUTING_KEY.into(),
+        AMQPValue::LongString("jobs.one".into()),
+    );
+    headers.insert(wire::PUBLISHED_AT.into(), ms(now - Duration::from_secs(40)));
+    headers.insert(
+        wire::FIRST_FAILED_AT.into(),
+        ms(now - Duration::from_secs(40)),
+    );
+    headers.insert(wire::RETRY_DUE.into(), ms(now - Duration::from_secs(30)));
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            wait.as_str().into(),
+            BasicPublishOptions::default(),
+            b"7",
+            lapin::BasicProperties::default()
+                .with_message_id("stalled-retry".into())
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handler = {
+        let seen = Arc::clone(&seen);
+        handler_fn(move |n: u32, ctx: Context| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock()
+                    .unwrap()
+                    .push((n, ctx.attempt(), ctx.envelope().id.clone()));
+                Ok::<_, HandlerError>(())
+            }
+        })
+    };
+    let started = Instant::now();
+    let consumer = Consumer::new(Arc::new(broker.clone()), queue.clone(), handler).spawn();
+    // A sweep every 5 s; the TTL would take 64.
+    while seen.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed();
+    consumer.shutdown().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![(7, 2, "stalled-retry".to_owned())],
+        "after {took:?}"
+    );
+    let stats = broker.queue_stats(&queue).await.unwrap();
+    assert_eq!(stats.waiting_retries, Some(0), "{stats:?}");
+    broker.delete(&topology).await.unwrap();
+    broker.close().await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}

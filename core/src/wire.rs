@@ -50,6 +50,10 @@ pub const NOTES: &str = "Ticketrail-Notes";
 /// Where a dead letter's payload is kept when the record and the payload
 /// together do not fit in one message.
 pub const PAYLOAD_REF: &str = "Ticketrail-Payload-Ref";
+/// When a retried copy waiting in the broker is due back, in Unix
+/// milliseconds: lets a backend notice, and bring back itself, a retry its
+/// broker failed to return on time.
+pub const RETRY_DUE: &str = "Ticketrail-Retry-Due";
 
 /// [`PAYLOAD_REF`] of a copy whose body holds the original headers and
 /// payload together ([`wrap`]), because its headers would not fit in the
@@ -204,6 +208,16 @@ pub fn retry_headers(envelope: &Envelope, request: &crate::RetryRequest) -> Book
     headers.push((ATTEMPT, request.next_attempt.to_string()));
     headers.push((FIRST_FAILED_AT, encode_time(request.first_failed_at)));
     headers
+}
+
+/// When a retry scheduled now, to wait `tier`, is due ([`RETRY_DUE`]).
+pub fn retry_due(tier: std::time::Duration) -> (&'static str, String) {
+    (RETRY_DUE, encode_time(SystemTime::now() + tier))
+}
+
+/// Reads [`RETRY_DUE`].
+pub fn decode_retry_due(text: &str) -> Option<SystemTime> {
+    text.trim().parse::<u64>().ok().map(from_unix_millis)
 }
 
 /// Joins notes into one header value.

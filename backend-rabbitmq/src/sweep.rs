@@ -1,0 +1,248 @@
+//! Retries RabbitMQ did not bring back, brought back by ticketrail.
+//!
+//! A retry waits in a wait queue until its TTL ends and RabbitMQ
+//! dead-letters it back to its work queue. On RabbitMQ 3.10 clusters that
+//! can stop for good: a wait queue with a healthy leader keeps every
+//! message past its TTL, ready, and expires none, not even when new ones
+//! arrive (rabbitmq-server #10718, #16652; seen in the cluster drill in
+//! about one run of three). So every subscription sweeps its work queue's
+//! wait queues: a message still there [`GRACE`] after it was due
+//! ([`wire::RETRY_DUE`]) is taken, published to the work queue with the
+//! `x-death` entry RabbitMQ would have written (so it counts as the retry
+//! it is), confirmed, and only then acked. Copies sit in FIFO order of due
+//! time per wait queue, so the sweep stops at the first one not overdue,
+//! which it hands back untouched.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use ticketrail_core::{to_unix_millis, wire, Result};
+
+use crate::connection::{open_raw, Link};
+use crate::raw::{RawConnection, RawDelivery, RawText, RawValue};
+use crate::topology;
+
+/// How often a subscription sweeps.
+pub(crate) const EVERY: Duration = Duration::from_secs(5);
+/// How long past due a retry must be before the sweep moves it: RabbitMQ
+/// has this long to do it first.
+pub(crate) const GRACE: Duration = Duration::from_secs(10);
+/// How often the sweep asks the broker which of the queue's wait queues
+/// exist (one passive declare per delay tier); in between it adds those
+/// its own process declares.
+const DISCOVER_EVERY: Duration = Duration::from_secs(600);
+
+/// The sweeping task of one subscription; stops when dropped.
+pub(crate) struct Sweeper(tokio::task::JoinHandle<()>);
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts sweeping the wait queues of `queue`.
+pub(crate) fn start(link: Arc<Link>, queue: Arc<str>) -> Sweeper {
+    Sweeper(tokio::spawn(async move {
+        let mut sweep = Sweep {
+            link,
+            queue,
+            raw: None,
+            known: Vec::new(),
+            discovered: None,
+        };
+        loop {
+            tokio::time::sleep(EVERY).await;
+            if let Err(e) = sweep.round().await {
+                tracing::debug!(queue = %sweep.queue, error = %e, "sweeping wait queues failed; next round on a new connection");
+                sweep.raw = None;
+            }
+        }
+    }))
+}
+
+struct Sweep {
+    link: Arc<Link>,
+    queue: Arc<str>,
+    raw: Option<RawConnection>,
+    /// The wait queues of `queue` that exist.
+    known: Vec<String>,
+    discovered: Option<Instant>,
+}
+
+impl Sweep {
+    async fn round(&mut self) -> Result<()> {
+        if self.raw.is_none() {
+            self.raw = Some(open_raw(&self.link.config).await?);
+        }
+        let raw = self.raw.as_mut().expect("opened above");
+        if self
+            .discovered
+            .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
+        {
+            self.known.clear();
+            for name in topology::wait_queue_names(&self.queue) {
+                if raw.queue_counts(&name).await.is_ok() {
+                    self.known.push(name);
+                }
+            }
+            self.discovered = Some(Instant::now());
+        }
+        for name in self.link.wait_queues() {
+            if topology::is_wait_queue_of(&self.queue, &name) && !self.known.contains(&name) {
+                self.known.push(name);
+            }
+        }
+        for wait in &self.known {
+            let moved = sweep_one(raw, &self.queue, wait).await?;
+            if moved > 0 {
+                tracing::warn!(
+                    queue = %self.queue,
+                    wait_queue = %wait,
+                    moved,
+                    "RabbitMQ kept retries past their time in a wait queue; moved them back"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Moves the overdue retries at the head of `wait` back to `queue`;
+/// returns how many.
+async fn sweep_one(raw: &mut RawConnection, queue: &str, wait: &str) -> Result<usize> {
+    let (ready, _) = match raw.queue_counts(wait).await {
+        Ok(counts) => counts,
+        Err(_) => return Ok(0), // deleted meanwhile
+    };
+    let mut moved = 0;
+    for _ in 0..ready {
+        let Some(delivery) = raw.get(wait).await? else {
+            break;
+        };
+        if !overdue(&delivery, SystemTime::now()) {
+            raw.reject(delivery.channel, delivery.delivery_tag, true)
+                .await?;
+            break;
+        }
+        let properties = returned(&delivery, wait, SystemTime::now());
+        if let Err(e) = raw
+            .publish("", queue.as_bytes(), &properties, &delivery.body, true)
+            .await
+        {
+            raw.reject(delivery.channel, delivery.delivery_tag, true)
+                .await?;
+            return Err(e);
+        }
+        raw.ack(delivery.channel, delivery.delivery_tag).await?;
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+fn header<'a>(delivery: &'a RawDelivery, name: &str) -> Option<&'a RawValue> {
+    delivery
+        .properties
+        .headers
+        .as_ref()?
+        .iter()
+        .find(|(k, _)| k.0 == name.as_bytes())
+        .map(|(_, v)| v)
+}
+
+/// Whether a copy in a wait queue is [`GRACE`] past due at `now`. A copy
+/// without a due time (from an older version) is left to RabbitMQ.
+fn overdue(delivery: &RawDelivery, now: SystemTime) -> bool {
+    let due = match header(delivery, wire::RETRY_DUE) {
+        Some(RawValue::LongString(text)) => std::str::from_utf8(text)
+            .ok()
+            .and_then(wire::decode_retry_due),
+        _ => None,
+    };
+    due.is_some_and(|due| now >= due + GRACE)
+}
+
+/// The properties of `delivery` as RabbitMQ would have dead-lettered it
+/// from `wait` when its TTL ended: a new first `x-death` entry (reason
+/// `expired`), and no delivery count of the wait queue's.
+fn returned(delivery: &RawDelivery, wait: &str, now: SystemTime) -> crate::raw::RawProperties {
+    let mut properties = delivery.properties.clone();
+    let headers = properties.headers.get_or_insert_with(Vec::new);
+    headers.retain(|(k, _)| k.0 != b"x-delivery-count");
+    let death = RawValue::Table(vec![
+        (RawText::from("count"), RawValue::I64(1)),
+        (
+            RawText::from("reason"),
+            RawValue::LongString(b"expired".to_vec()),
+        ),
+        (
+            RawText::from("queue"),
+            RawValue::LongString(wait.as_bytes().to_vec()),
+        ),
+        (
+            RawText::from("time"),
+            RawValue::Timestamp(to_unix_millis(now) / 1000),
+        ),
+        (RawText::from("exchange"), RawValue::LongString(Vec::new())),
+        (
+            RawText::from("routing-keys"),
+            RawValue::Array(vec![RawValue::LongString(wait.as_bytes().to_vec())]),
+        ),
+    ]);
+    match headers.iter_mut().find(|(k, _)| k.0 == b"x-death") {
+        Some((_, RawValue::Array(deaths))) => deaths.insert(0, death),
+        Some((_, other)) => *other = RawValue::Array(vec![death]),
+        None => headers.push((RawText::from("x-death"), RawValue::Array(vec![death]))),
+    }
+    properties
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::headers::{self, Source};
+    use ticketrail_core::wire::Attempt;
+
+    fn waiting(due: SystemTime) -> RawDelivery {
+        let (name, value) = (wire::RETRY_DUE, wire::encode_time(due));
+        RawDelivery {
+            channel: 1,
+            delivery_tag: 1,
+            exchange: RawText::default(),
+            routing_key: RawText::from("q.wait.200ms"),
+            properties: crate::raw::RawProperties {
+                headers: Some(vec![
+                    (
+                        RawText::from(name),
+                        RawValue::LongString(value.into_bytes()),
+                    ),
+                    (RawText::from("x-delivery-count"), RawValue::I64(2)),
+                ]),
+                ..Default::default()
+            },
+            body: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn only_copies_well_past_due_are_moved() {
+        let now = SystemTime::now();
+        assert!(!overdue(&waiting(now), now));
+        assert!(!overdue(&waiting(now - GRACE / 2), now));
+        assert!(overdue(&waiting(now - GRACE), now));
+        let mut legacy = waiting(now);
+        legacy.properties.headers = None;
+        assert!(!overdue(&legacy, now + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn a_moved_copy_counts_as_the_retry_it_is() {
+        let delivery = waiting(SystemTime::now());
+        let wait = topology::wait_queue_name("q", Duration::from_millis(200));
+        let properties = returned(&delivery, &wait, SystemTime::now()).to_lapin();
+        let incoming = headers::incoming(&properties, "q", bytes::Bytes::new(), Source::Work("q"));
+        assert!(matches!(incoming.attempt, Attempt::Retried));
+        let headers = properties.headers().as_ref().expect("headers");
+        assert!(!headers.inner().contains_key("x-delivery-count"));
+    }
+}
