@@ -42,13 +42,15 @@ impl Framework {
         &self.queue
     }
 
-    /// Handles `count` messages with `prefetch`; a message whose user number
-    /// is a multiple of `fail_every` fails its first attempt and is retried
-    /// after 1 s. Returns how long the healthy ones took.
+    /// Handles `count` messages with `consumers` consumers of `prefetch`
+    /// each; a message whose user number is a multiple of `fail_every` fails
+    /// its first attempt and is retried after 1 s. Returns how long the
+    /// healthy ones took.
     pub(crate) async fn consume_healthy(
         &self,
         count: usize,
         prefetch: u16,
+        consumers: usize,
         fail_every: Option<usize>,
     ) -> BenchResult<Duration> {
         let healthy_total = match fail_every {
@@ -62,17 +64,24 @@ impl Framework {
             done: Notify::new(),
         });
         let started = Instant::now();
-        let consumer = Consumer::new(self.broker.clone(), self.queue.clone(), handler.clone())
-            .retry_policy(Fixed::new(Duration::from_secs(1), 3)?)
-            .prefetch(prefetch)
-            .spawn();
+        let mut running = Vec::with_capacity(consumers);
+        for _ in 0..consumers.max(1) {
+            running.push(
+                Consumer::new(self.broker.clone(), self.queue.clone(), handler.clone())
+                    .retry_policy(Fixed::new(Duration::from_secs(1), 3)?)
+                    .prefetch(prefetch)
+                    .spawn(),
+            );
+        }
         handler.done.notified().await;
         let took = started.elapsed();
         if fail_every.is_some() {
             // Let the flaky ones come back and finish, so the queue is empty.
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        consumer.shutdown().await?;
+        for consumer in running {
+            consumer.shutdown().await?;
+        }
         Ok(took)
     }
 }
@@ -138,8 +147,13 @@ impl Side for Framework {
         Ok(started.elapsed())
     }
 
-    async fn consume(&self, count: usize, prefetch: u16) -> BenchResult<Duration> {
-        self.consume_healthy(count, prefetch, None).await
+    async fn consume(
+        &self,
+        count: usize,
+        prefetch: u16,
+        consumers: usize,
+    ) -> BenchResult<Duration> {
+        self.consume_healthy(count, prefetch, consumers, None).await
     }
 
     async fn latency(&self, count: usize, per_second: u32, prefetch: u16) -> BenchResult<Vec<f64>> {

@@ -1,8 +1,13 @@
 //! ticketrail against the raw broker clients, side by side in one run.
 //!
 //! ```text
-//! cargo run --release -p ticketrail-bench -- --broker memory|rabbitmq|nats|all [--messages N] [--backlog N] [--json]
+//! cargo run --release -p ticketrail-bench -- --broker memory|rabbitmq|nats|all [--messages N] [--backlog N]
+//!     [--repeats N] [--prefetch N] [--consumers N] [--payload BYTES] [--json]
 //! ```
+//!
+//! `--prefetch`, `--consumers` and `--payload` set both sides, for scale
+//! curves: prefetch per consumer (100), competing consumers in the consume
+//! figures (1), and the size of each message's JSON (about 200 bytes).
 //!
 //! For each broker the same workload runs through the raw client and through
 //! ticketrail, alternating, in one process: publish throughput (confirmed,
@@ -11,7 +16,9 @@
 //! and retry after 1 s, and the peak memory of a consumer draining a backlog.
 //! On NATS a second raw side carries ticketrail's two headers, so publish
 //! and consume are also compared against a raw client sending the same
-//! metadata.
+//! metadata. Built with `--features otel`, it adds the cost of tracing:
+//! publish and consume with an OpenTelemetry tracer provider installed
+//! against the same with none.
 
 mod cpu;
 mod framework;
@@ -19,6 +26,8 @@ mod raw_memory;
 mod raw_nats;
 mod raw_rabbitmq;
 mod side;
+#[cfg(feature = "otel")]
+mod traced;
 mod workload;
 
 use std::process::ExitCode;
@@ -31,7 +40,7 @@ use ticketrail::SharedBroker;
 /// in-process broker confirms a publish before it returns, so both sides
 /// publish one after the other there.
 const WINDOW: usize = 256;
-/// Prefetch on both sides.
+/// Prefetch on both sides, unless `--prefetch` says otherwise.
 const PREFETCH: u16 = 100;
 /// Rate and count of the latency run.
 const LATENCY_RATE: u32 = 1000;
@@ -43,6 +52,10 @@ struct Options {
     backlog: usize,
     repeats: usize,
     json: bool,
+    /// Prefetch per consumer, both sides.
+    prefetch: u16,
+    /// Competing consumers in the consume figures, both sides.
+    consumers: usize,
 }
 
 /// One figure and its raw baseline.
@@ -136,6 +149,8 @@ fn parse() -> Result<Options, String> {
         backlog: 100_000,
         repeats: 3,
         json: false,
+        prefetch: PREFETCH,
+        consumers: 1,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -158,6 +173,16 @@ fn parse() -> Result<Options, String> {
                 options.repeats = value()?.parse().map_err(|e| format!("--repeats: {e}"))?
             }
             "--json" => options.json = true,
+            "--prefetch" => {
+                options.prefetch = value()?.parse().map_err(|e| format!("--prefetch: {e}"))?
+            }
+            "--consumers" => {
+                options.consumers = value()?.parse().map_err(|e| format!("--consumers: {e}"))?
+            }
+            "--payload" => {
+                let bytes: usize = value()?.parse().map_err(|e| format!("--payload: {e}"))?;
+                workload::set_payload_size(bytes);
+            }
             other => return Err(format!("unknown argument `{other}`")),
         }
     }
@@ -218,9 +243,10 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     let window = if broker == "memory" { 1 } else { WINDOW };
 
     // Warm up connections, queues and code paths.
+    let (prefetch, consumers) = (options.prefetch, options.consumers);
     for &(_, side) in &sides {
         side.publish(1000, window).await?;
-        side.consume(1000, PREFETCH).await?;
+        side.consume(1000, prefetch, consumers).await?;
     }
     let clock = CpuClock::new(broker);
     let mut publish = vec![Vec::new(); sides.len()];
@@ -233,17 +259,26 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             publish[k].push(n as f64 / side.publish(n, window).await?.as_secs_f64());
             let between = clock.read();
             publish_cpu[k] += between.since(before);
-            consume[k].push(n as f64 / side.consume(n, PREFETCH).await?.as_secs_f64());
+            consume[k].push(n as f64 / side.consume(n, prefetch, consumers).await?.as_secs_f64());
             consume_cpu[k] += clock.read().since(between);
         }
     }
     let total = n * options.repeats;
-    let mut latency = Vec::new();
-    for &(_, side) in &sides[..2] {
-        latency.push(workload::percentiles(
-            side.latency(LATENCY_COUNT, LATENCY_RATE, PREFETCH).await?,
-        ));
+    // p50 and p99 of each repeat, alternating sides; the medians are
+    // reported, as one p99 is a handful of samples.
+    let mut runs = vec![(Vec::new(), Vec::new()); 2];
+    for _ in 0..options.repeats {
+        for (k, &(_, side)) in sides[..2].iter().enumerate() {
+            let (p50, p99) =
+                workload::percentiles(side.latency(LATENCY_COUNT, LATENCY_RATE, prefetch).await?);
+            runs[k].0.push(p50);
+            runs[k].1.push(p99);
+        }
     }
+    let latency: Vec<(f64, f64)> = runs
+        .into_iter()
+        .map(|(p50, p99)| (workload::median(p50), workload::median(p99)))
+        .collect();
 
     // Healthy throughput with 10% failing once, against no failures.
     let healthy = n - n.div_ceil(10);
@@ -252,13 +287,34 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     // Index 0 is the baseline, as for `sides`: the run with no failures.
     // With failures, the CPU time includes the retries coming back.
     let mut healthy_cpu = [Spent::default(); 2];
+    // On RabbitMQ, raw lapin loops that retry crash-safely too: the
+    // baseline for ticketrail's retries.
+    let raw_retry = match broker {
+        "rabbitmq" => vec![
+            raw_rabbitmq::RawRabbit::with_retry(
+                &amqp_url(),
+                &format!("bench-{id}-rawcopy"),
+                raw_rabbitmq::RetryDesign::CopyThenAck,
+            )
+            .await?,
+            raw_rabbitmq::RawRabbit::with_retry(
+                &amqp_url(),
+                &format!("bench-{id}-rawreject"),
+                raw_rabbitmq::RetryDesign::RejectToWaitQueue,
+            )
+            .await?,
+        ],
+        _ => Vec::new(),
+    };
+    let mut raw_retry_rates = vec![Vec::new(); raw_retry.len()];
+    let mut raw_retry_cpu = vec![Spent::default(); raw_retry.len()];
     for _ in 0..options.repeats {
         framework.publish(n, WINDOW).await?;
         let before = clock.read();
         without.push(
             healthy as f64
                 / framework
-                    .consume_healthy(n, PREFETCH, None)
+                    .consume_healthy(n, prefetch, 1, None)
                     .await?
                     .as_secs_f64(),
         );
@@ -268,12 +324,22 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         with_failures.push(
             healthy as f64
                 / framework
-                    .consume_healthy(n, PREFETCH, Some(10))
+                    .consume_healthy(n, prefetch, 1, Some(10))
                     .await?
                     .as_secs_f64(),
         );
         healthy_cpu[1] += clock.read().since(before);
+        for (k, side) in raw_retry.iter().enumerate() {
+            side.publish(n, WINDOW).await?;
+            let before = clock.read();
+            raw_retry_rates[k]
+                .push(healthy as f64 / side.consume_healthy(n, prefetch, 10).await?.as_secs_f64());
+            raw_retry_cpu[k] += clock.read().since(before);
+        }
     }
+
+    #[cfg(feature = "otel")]
+    let traced = traced::measure(&framework, n, window, prefetch, options.repeats, &clock).await?;
 
     let rss = if broker == "memory" {
         None // the in-process broker keeps the backlog in the consumer's own process
@@ -291,6 +357,9 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     };
 
     raw.teardown().await?;
+    for side in &raw_retry {
+        side.teardown().await?;
+    }
     if let Some(side) = &raw_headers {
         side.teardown().await?;
     }
@@ -334,7 +403,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         )
         .with_cpu(per_message(&consume_cpu, 0, total)),
         figure(
-            "latency p50",
+            "latency p50 (median of repeats)",
             "us",
             false,
             latency[1].0,
@@ -342,7 +411,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             "raw client",
         ),
         figure(
-            "latency p99",
+            "latency p99 (median of repeats)",
             "us",
             false,
             latency[1].1,
@@ -353,12 +422,38 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             "healthy throughput, 10% retrying",
             "msg/s",
             true,
-            workload::median(with_failures),
+            workload::median(with_failures.clone()),
             workload::median(without),
             "ticketrail with no failures",
         )
         .with_cpu(per_message(&healthy_cpu, 0, total)),
     ];
+    for (k, baseline) in [
+        "raw lapin: confirmed copy to a TTL queue, then ack",
+        "raw lapin: reject, broker dead-letters to a TTL queue",
+    ]
+    .into_iter()
+    .enumerate()
+    .take(raw_retry.len())
+    {
+        figures.push(
+            figure(
+                "healthy throughput, 10% retrying",
+                "msg/s",
+                true,
+                workload::median(with_failures.clone()),
+                workload::median(raw_retry_rates[k].clone()),
+                baseline,
+            )
+            .with_cpu(
+                Some([
+                    healthy_cpu[1].per_message(total),
+                    raw_retry_cpu[k].per_message(total),
+                ])
+                .and_then(|[a, b]| Some([a?, b?])),
+            ),
+        );
+    }
     if sides.len() > 2 {
         figures.push(
             figure(
@@ -381,6 +476,33 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
                 "raw client with ticketrail's 2 headers",
             )
             .with_cpu(per_message(&consume_cpu, 2, total)),
+        );
+    }
+    #[cfg(feature = "otel")]
+    {
+        let [off, on] = traced;
+        let cpu = |a: &Spent, b: &Spent| Some([a.per_message(total)?, b.per_message(total)?]);
+        figures.push(
+            figure(
+                "publish throughput, traced",
+                "msg/s",
+                true,
+                workload::median(on.publish),
+                workload::median(off.publish),
+                "ticketrail with no tracer provider",
+            )
+            .with_cpu(cpu(&on.publish_cpu, &off.publish_cpu)),
+        );
+        figures.push(
+            figure(
+                "consume throughput, traced",
+                "msg/s",
+                true,
+                workload::median(on.consume),
+                workload::median(off.consume),
+                "ticketrail with no tracer provider",
+            )
+            .with_cpu(cpu(&on.consume_cpu, &off.consume_cpu)),
         );
     }
     if let Some(peaks) = rss {
@@ -430,12 +552,12 @@ async fn drain(args: &[String]) -> BenchResult<()> {
         "raw" => {
             // Declaring is idempotent: attaching declares the same again.
             let side = raw_side(broker, queue, 0).await?;
-            side.consume(count, PREFETCH).await?;
+            side.consume(count, PREFETCH, 1).await?;
         }
         _ => {
             let broker = connect(broker).await?;
             let framework = framework::Framework::new(broker, queue.trim_end_matches(".q")).await?;
-            framework.consume(count, PREFETCH).await?;
+            framework.consume(count, PREFETCH, 1).await?;
         }
     }
     println!("peak_rss_kib={}", workload::peak_rss_kib().unwrap_or(0));

@@ -1,6 +1,7 @@
 //! The raw baseline for the in-process broker: a tokio mpsc channel.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -11,7 +12,7 @@ use crate::workload::{now_ns, payload, EmailMessage};
 
 pub(crate) struct RawMemory {
     tx: mpsc::Sender<Vec<u8>>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>>,
 }
 
 impl RawMemory {
@@ -19,7 +20,7 @@ impl RawMemory {
         let (tx, rx) = mpsc::channel(capacity);
         RawMemory {
             tx,
-            rx: tokio::sync::Mutex::new(rx),
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
         }
     }
 }
@@ -34,13 +35,39 @@ impl Side for RawMemory {
         Ok(started.elapsed())
     }
 
-    async fn consume(&self, count: usize, _prefetch: u16) -> BenchResult<Duration> {
-        let mut rx = self.rx.lock().await;
+    async fn consume(
+        &self,
+        count: usize,
+        _prefetch: u16,
+        consumers: usize,
+    ) -> BenchResult<Duration> {
         let started = Instant::now();
-        for _ in 0..count {
-            let bytes = rx.recv().await.ok_or("channel closed")?;
-            let email: EmailMessage = serde_json::from_slice(&bytes)?;
-            std::hint::black_box(email);
+        if consumers <= 1 {
+            let mut rx = self.rx.lock().await;
+            for _ in 0..count {
+                let bytes = rx.recv().await.ok_or("channel closed")?;
+                let email: EmailMessage = serde_json::from_slice(&bytes)?;
+                std::hint::black_box(email);
+            }
+            return Ok(started.elapsed());
+        }
+        // Competing receivers, each a task, take turns at the channel's
+        // receiver and decode in parallel.
+        let taken = Arc::new(AtomicUsize::new(0));
+        let mut receivers = tokio::task::JoinSet::new();
+        for _ in 0..consumers {
+            let (rx, taken) = (Arc::clone(&self.rx), Arc::clone(&taken));
+            receivers.spawn(async move {
+                while taken.fetch_add(1, Ordering::Relaxed) < count {
+                    let bytes = rx.lock().await.recv().await.ok_or("channel closed")?;
+                    let email: EmailMessage = serde_json::from_slice(&bytes)?;
+                    std::hint::black_box(email);
+                }
+                BenchResult::Ok(())
+            });
+        }
+        while let Some(done) = receivers.join_next().await {
+            done??;
         }
         Ok(started.elapsed())
     }

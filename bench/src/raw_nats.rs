@@ -1,6 +1,7 @@
 //! The raw baseline for NATS: hand-written async-nats JetStream with
 //! pipelined publish acks and a durable pull consumer.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,14 +110,44 @@ impl Side for RawNats {
         Ok(started.elapsed())
     }
 
-    async fn consume(&self, count: usize, prefetch: u16) -> BenchResult<Duration> {
-        let mut messages = self.messages(prefetch).await?;
+    async fn consume(
+        &self,
+        count: usize,
+        prefetch: u16,
+        consumers: usize,
+    ) -> BenchResult<Duration> {
+        let mut streams = Vec::with_capacity(consumers);
+        for _ in 0..consumers.max(1) {
+            streams.push(self.messages(prefetch).await?);
+        }
+        // Competing pull loops of the one durable consumer, each a task; the
+        // last message handled stops them all.
+        let handled = Arc::new(AtomicUsize::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let stop = Arc::new(stop);
         let started = Instant::now();
-        for _ in 0..count {
-            let message = messages.next().await.ok_or("consumer ended")??;
-            let email: EmailMessage = serde_json::from_slice(&message.payload)?;
-            std::hint::black_box(email);
-            message.ack().await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut messages in streams {
+            let (handled, stop, mut stopped) = (handled.clone(), stop.clone(), stopped.clone());
+            tasks.spawn(async move {
+                loop {
+                    let message = tokio::select! {
+                        message = messages.next() => message.ok_or("consumer ended")??,
+                        _ = stopped.changed() => break,
+                    };
+                    let email: EmailMessage = serde_json::from_slice(&message.payload)?;
+                    std::hint::black_box(email);
+                    message.ack().await?;
+                    if handled.fetch_add(1, Ordering::Relaxed) + 1 >= count {
+                        let _ = stop.send(true);
+                        break;
+                    }
+                }
+                BenchResult::Ok(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
         }
         Ok(started.elapsed())
     }

@@ -15,8 +15,10 @@ pub(crate) trait Side: Send + Sync {
     async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration>;
 
     /// Consumes `count` messages already waiting in the queue (decode,
-    /// handle, ack) with `prefetch`, and returns how long it took.
-    async fn consume(&self, count: usize, prefetch: u16) -> BenchResult<Duration>;
+    /// handle, ack) with `consumers` competing consumers of `prefetch` each,
+    /// and returns how long it took.
+    async fn consume(&self, count: usize, prefetch: u16, consumers: usize)
+        -> BenchResult<Duration>;
 
     /// Publishes `count` messages at `per_second` while consuming them, and
     /// returns each message's publish-to-handler latency in microseconds.

@@ -1,6 +1,8 @@
-//! The workload: the seed's `EmailMessage`, about 200 bytes of JSON.
+//! The workload: the seed's `EmailMessage`, about 200 bytes of JSON, or
+//! padded to the size `--payload` asks for.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -25,13 +27,27 @@ pub(crate) fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Padding that brings every message to the size `--payload` asked for.
+static FILLER: OnceLock<String> = OnceLock::new();
+
+/// Makes every message about `bytes` of JSON (at least the plain message's
+/// size, about 200 bytes), by padding its `data` with a `filler` field.
+pub(crate) fn set_payload_size(bytes: usize) {
+    let plain = payload(0).len() + r#","filler":"""#.len();
+    let _ = FILLER.set("x".repeat(bytes.saturating_sub(plain)));
+}
+
 /// Message number `i`.
 pub(crate) fn email(i: usize) -> EmailMessage {
+    let mut data = BTreeMap::from([("name".to_owned(), format!("User number {i}"))]);
+    if let Some(filler) = FILLER.get().filter(|f| !f.is_empty()) {
+        data.insert("filler".to_owned(), filler.clone());
+    }
     EmailMessage {
         to: format!("user{i}@example.com"),
         subject: "Welcome to the platform".to_owned(),
         template: "welcome".to_owned(),
-        data: BTreeMap::from([("name".to_owned(), format!("User number {i}"))]),
+        data,
         user_id: format!("user-{i}"),
         timestamp: "2026-11-28T12:00:00Z".to_owned(),
         sent_at_ns: now_ns(),
