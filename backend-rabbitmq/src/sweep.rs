@@ -71,21 +71,31 @@ struct Sweep {
 }
 
 impl Sweep {
-    async fn round(&mut self) -> Result<()> {
+    /// A connection for this round.
+    async fn raw(&mut self) -> Result<&mut RawConnection> {
         if self.raw.is_none() {
             self.raw = Some(open_raw(&self.link.config).await?);
         }
-        let raw = self.raw.as_mut().expect("opened above");
+        Ok(self.raw.as_mut().expect("opened above"))
+    }
+
+    async fn round(&mut self) -> Result<()> {
         if self
             .discovered
             .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
         {
-            self.known.clear();
-            for name in topology::wait_queue_names(&self.queue) {
+            // Which tiers' wait queues exist: one passive declare each, of
+            // this version's names (the earlier ones expired by themselves).
+            let queue = Arc::clone(&self.queue);
+            let raw = self.raw().await?;
+            let mut known = Vec::new();
+            for tier in topology::tiers() {
+                let name = topology::wait_queue_name(&queue, tier);
                 if raw.queue_counts(&name).await.is_ok() {
-                    self.known.push(name);
+                    known.push(name);
                 }
             }
+            self.known = known;
             self.discovered = Some(Instant::now());
         }
         for name in self.link.wait_queues() {
@@ -93,11 +103,18 @@ impl Sweep {
                 self.known.push(name);
             }
         }
-        for wait in &self.known {
-            let moved = sweep_one(raw, &self.queue, wait).await?;
+        if self.known.is_empty() {
+            // Nothing to sweep: hold no connection until there is.
+            self.raw = None;
+            return Ok(());
+        }
+        let (queue, known) = (Arc::clone(&self.queue), self.known.clone());
+        let raw = self.raw().await?;
+        for wait in &known {
+            let moved = sweep_one(raw, &queue, wait).await?;
             if moved > 0 {
                 tracing::warn!(
-                    queue = %self.queue,
+                    queue = %queue,
                     wait_queue = %wait,
                     moved,
                     "RabbitMQ kept retries past their time in a wait queue; moved them back"
