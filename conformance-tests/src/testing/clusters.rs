@@ -72,12 +72,10 @@ impl RabbitCluster {
 
     /// One URL naming every node.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        format!("amqp://guest:guest@{}/%2f", hosts.join(","))
+        format!(
+            "amqp://guest:guest@{}/%2f",
+            loopback_hosts(self.nodes.iter().map(|n| n.port))
+        )
     }
 
     /// The URL of node `i` alone.
@@ -269,12 +267,10 @@ impl NatsCluster {
 
     /// One URL naming every node.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        format!("nats://{}", hosts.join(","))
+        format!(
+            "nats://{}",
+            loopback_hosts(self.nodes.iter().map(|n| n.port))
+        )
     }
 
     /// How many nodes.
@@ -381,4 +377,13 @@ async fn healthz(http_port: u16) -> bool {
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut answer)).await;
     answer.starts_with(b"HTTP/1.0 200") || answer.starts_with(b"HTTP/1.1 200")
+}
+
+/// `127.0.0.1:<port>` of each node, comma-separated: the host list of a URL
+/// naming every node of a cluster.
+fn loopback_hosts(ports: impl Iterator<Item = u16>) -> String {
+    ports
+        .map(|port| format!("127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
