@@ -2,6 +2,7 @@
 //! every message RabbitMQ accepted, also one lapin cannot parse: that one is
 //! returned as a record with reason `unreadable`, saying why.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,12 @@ pub(crate) struct RabbitCursor {
     raw: Arc<Mutex<RawConnection>>,
     /// Records in the DLQ when the cursor was opened, not yet met.
     left: u32,
+    /// Records and consumers in the DLQ when the cursor was opened, and
+    /// how many records were settled since: what [`close`] waits to see.
+    ///
+    /// [`close`]: DeadLetterCursor::close
+    opened_with: (u32, u32),
+    settled: Arc<AtomicU32>,
     /// The channel the DLQ is being delivered on (0 before the first
     /// record), and how many records it has delivered.
     channel: u16,
@@ -47,12 +54,17 @@ const PER_CHANNEL: u16 = 5_000;
 /// busy broker.
 const SILENCE: Duration = Duration::from_secs(5);
 
+/// How long closing a cursor waits for RabbitMQ to hold the records it
+/// handed back again: quorum queues take them back asynchronously, once the
+/// channels they were delivered on are gone.
+const HAND_BACK: Duration = Duration::from_secs(10);
+
 impl RabbitCursor {
     pub(crate) async fn open(link: Arc<Link>, queue: &str) -> Result<Self> {
         let dlq = dlq_name(queue);
         let mut raw = open_raw(&link.config).await?;
         // Fails with NotFound at once if the queue was never declared.
-        let (left, _consumers) = raw.queue_counts(&dlq).await.map_err(|e| {
+        let (left, consumers) = raw.queue_counts(&dlq).await.map_err(|e| {
             Error::new(e.kind(), format!("opening the DLQ of `{queue}`")).with_source(e)
         })?;
         Ok(RabbitCursor {
@@ -61,6 +73,8 @@ impl RabbitCursor {
             dlq,
             raw: Arc::new(Mutex::new(raw)),
             left,
+            opened_with: (left, consumers),
+            settled: Arc::new(AtomicU32::new(0)),
             channel: 0,
             taken_on_channel: 0,
         })
@@ -144,6 +158,7 @@ impl DeadLetterCursor for RabbitCursor {
             link: Arc::clone(&self.link),
             queue: Arc::clone(&self.queue),
             raw: Arc::clone(&self.raw),
+            settled: Arc::clone(&self.settled),
             channel,
             tag,
         };
@@ -152,6 +167,46 @@ impl DeadLetterCursor for RabbitCursor {
             record,
             Box::new(handle),
         )))
+    }
+
+    async fn close(self: Box<Self>) -> Result<()> {
+        let mut raw = self.raw.lock().await;
+        if self.channel > 0 {
+            for channel in 1..=self.channel {
+                raw.close_channel(channel).await.map_err(|e| {
+                    Error::new(
+                        e.kind(),
+                        format!("handing records back to the DLQ `{}`", self.dlq),
+                    )
+                    .with_source(e)
+                })?;
+            }
+            // The channels are gone; the DLQ has the records back once its
+            // consumers are gone too and it holds what it held, less what
+            // was settled.
+            let (records, consumers) = self.opened_with;
+            let expected = records.saturating_sub(self.settled.load(Ordering::Relaxed));
+            let deadline = tokio::time::Instant::now() + HAND_BACK;
+            loop {
+                let (ready, now_consuming) = raw.queue_counts(&self.dlq).await?;
+                if ready >= expected && now_consuming <= consumers {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(
+                        dlq = %self.dlq,
+                        ready,
+                        expected,
+                        "RabbitMQ has not yet taken back every record this cursor held; \
+                         they return to the DLQ when it does"
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        raw.shutdown().await;
+        Ok(())
     }
 }
 
@@ -233,6 +288,7 @@ struct RabbitDeadLetter {
     link: Arc<Link>,
     queue: Arc<str>,
     raw: Arc<Mutex<RawConnection>>,
+    settled: Arc<AtomicU32>,
     /// Where it was delivered: tags count per channel.
     channel: u16,
     tag: u64,
@@ -250,6 +306,9 @@ impl DeadLetterHandle for RabbitDeadLetter {
             .await
             .ack(self.channel, self.tag)
             .await
+            .map(|()| {
+                self.settled.fetch_add(1, Ordering::Relaxed);
+            })
             .map_err(|e| {
                 Error::new(
                     e.kind(),
@@ -264,6 +323,8 @@ impl DeadLetterHandle for RabbitDeadLetter {
     }
 
     async fn remove(self: Box<Self>) -> Result<()> {
-        self.raw.lock().await.ack(self.channel, self.tag).await
+        self.raw.lock().await.ack(self.channel, self.tag).await?;
+        self.settled.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }

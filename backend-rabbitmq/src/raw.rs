@@ -1129,8 +1129,49 @@ impl RawConnection {
         }
     }
 
+    /// Closes `channel`: what was delivered on it and not settled goes back
+    /// to its queue, and deliveries still on their way on it are dropped.
+    /// The first channel, which carries this connection's own commands, is
+    /// opened again.
+    pub async fn close_channel(&mut self, channel: u16) -> Result<()> {
+        let close = Writer::method(method::CHANNEL_CLOSE)
+            .u16(200)
+            .short(b"done")
+            .u16(0)
+            .u16(0);
+        self.send_method(channel, close).await?;
+        loop {
+            let (id, on, args) = self.read_method().await?;
+            if id == method::BASIC_DELIVER {
+                let delivery = self.read_delivery(on, &args).await?;
+                if on != channel {
+                    self.pending.push_back(delivery);
+                }
+            } else if id == method::CHANNEL_CLOSE_OK && on == channel {
+                break;
+            } else {
+                return Err(malformed(&format!(
+                    "expected channel {channel} to close, got {id:?} on {on}"
+                )));
+            }
+        }
+        self.pending.retain(|d| d.channel != channel);
+        if channel == CHANNEL {
+            self.send_method(CHANNEL, Writer::method(method::CHANNEL_OPEN).short(b""))
+                .await?;
+            self.expect(CHANNEL, method::CHANNEL_OPEN_OK).await?;
+            self.confirming = false;
+        }
+        Ok(())
+    }
+
     /// Closes the connection; unacknowledged messages go back to their queues.
     pub async fn close(mut self) {
+        self.shutdown().await;
+    }
+
+    /// [`close`](RawConnection::close), for a connection that is shared.
+    pub async fn shutdown(&mut self) {
         let close = Writer::method(method::CONNECTION_CLOSE)
             .u16(200)
             .short(b"done")

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
-use ticketrail::{DeadLetter, DeadLetterEntry, DeadLetterReason, SharedBroker};
+use ticketrail::{DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterReason, SharedBroker};
 
 use crate::output::{confirm, interactive, json_line, table, Progress};
 use crate::records::{group_of, one_line, rfc3339, selects, to_json};
@@ -143,13 +143,30 @@ async fn walk(
 ) -> Outcome {
     let now = SystemTime::now();
     let mut cursor = broker.dead_letter_cursor(queue).await?;
-    while let Some(entry) = cursor.next().await {
-        let record = entry?.into_record();
-        if selects(filters, &record, now) && !each(record)? {
-            break;
+    let walked = async {
+        while let Some(entry) = cursor.next().await {
+            let record = entry?.into_record();
+            if selects(filters, &record, now) && !each(record)? {
+                break;
+            }
         }
+        Ok(())
     }
-    Ok(())
+    .await;
+    close_after(cursor, walked).await
+}
+
+/// Closes `cursor` once a walk over it is over, so that what follows (a
+/// replay after its count, a listing after Ctrl-C) meets every record it
+/// held; the walk's own failure is the one reported.
+async fn close_after<T>(
+    cursor: Box<dyn DeadLetterCursor>,
+    walked: Result<T, Failure>,
+) -> Result<T, Failure> {
+    let closed = cursor.close().await;
+    let value = walked?;
+    closed?;
+    Ok(value)
 }
 
 /// How many records the filters select.
@@ -459,29 +476,30 @@ async fn replay(broker: &SharedBroker, args: ReplayArgs) -> Outcome {
     let mut replayed = 0u64;
     let now = SystemTime::now();
     let mut cursor = broker.dead_letter_cursor(queue).await?;
-    let mut interrupted = false;
-    while let Some(entry) = cursor.next().await {
-        let entry: DeadLetterEntry = entry?;
-        if !selects(filters, entry.record(), now) {
-            continue;
-        }
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        if let Some(pace) = pace {
-            tokio::time::sleep_until(next_at.into()).await;
-            next_at = next_at.max(Instant::now() - pace) + pace;
-            if stop.load(Ordering::SeqCst) {
-                interrupted = true;
-                break;
+    let walked = async {
+        while let Some(entry) = cursor.next().await {
+            let entry: DeadLetterEntry = entry?;
+            if !selects(filters, entry.record(), now) {
+                continue;
             }
+            if stop.load(Ordering::SeqCst) {
+                return Ok(true);
+            }
+            if let Some(pace) = pace {
+                tokio::time::sleep_until(next_at.into()).await;
+                next_at = next_at.max(Instant::now() - pace) + pace;
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(true);
+                }
+            }
+            entry.replay().await?;
+            replayed += 1;
+            progress.inc();
         }
-        entry.replay().await?;
-        replayed += 1;
-        progress.inc();
+        Ok(false)
     }
-    drop(cursor);
+    .await;
+    let interrupted = close_after(cursor, walked).await?;
     progress.finish();
     let left = left - replayed;
     if interrupted {
@@ -506,19 +524,20 @@ async fn replay_first(
         .and_then(|s| s.dead_letters);
     let now = SystemTime::now();
     let mut cursor = broker.dead_letter_cursor(queue).await?;
-    let mut chosen = None;
-    while let Some(entry) = cursor.next().await {
-        let entry = entry?;
-        if selects(filters, entry.record(), now) {
-            chosen = Some(entry);
-            break;
+    let walked = async {
+        while let Some(entry) = cursor.next().await {
+            let entry = entry?;
+            if selects(filters, entry.record(), now) {
+                let id = entry.record().envelope.id.clone();
+                let replayed_at = SystemTime::now();
+                entry.replay().await?;
+                return Ok((id, replayed_at));
+            }
         }
+        Err(Failure::Error("no dead letter matches".into()))
     }
-    let entry = chosen.ok_or_else(|| Failure::Error("no dead letter matches".into()))?;
-    let id = entry.record().envelope.id.clone();
-    let replayed_at = SystemTime::now();
-    entry.replay().await?;
-    drop(cursor);
+    .await;
+    let (id, replayed_at) = close_after(cursor, walked).await?;
     println!(
         "replayed {id}; waiting up to {} for it to be handled",
         humantime::format_duration(wait)
@@ -607,15 +626,19 @@ async fn purge(broker: &SharedBroker, queue: &str, filters: &Filters, yes: bool)
     } else {
         let now = SystemTime::now();
         let mut cursor = broker.dead_letter_cursor(queue).await?;
-        let mut purged = 0u64;
-        while let Some(entry) = cursor.next().await {
-            let entry = entry?;
-            if selects(filters, entry.record(), now) {
-                entry.remove().await?;
-                purged += 1;
+        let walked = async {
+            let mut purged = 0u64;
+            while let Some(entry) = cursor.next().await {
+                let entry = entry?;
+                if selects(filters, entry.record(), now) {
+                    entry.remove().await?;
+                    purged += 1;
+                }
             }
+            Ok(purged)
         }
-        purged
+        .await;
+        close_after(cursor, walked).await?
     };
     println!("purged {purged} dead letter(s) of `{queue}`");
     Ok(())

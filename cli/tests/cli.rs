@@ -915,3 +915,25 @@ fn check_fails_under_an_operator_policy_and_says_why() {
         );
     }
 }
+
+/// A walk stopped part way (a count, a first record, Ctrl-C) hands back the
+/// records its cursor held before the next walk starts, which then meets
+/// them all: on RabbitMQ they were delivered unacknowledged, and a quorum
+/// queue takes them back in its own time once their channel is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_a_walk_stopped_part_way_hands_every_record_back() {
+    const N: usize = 5_000;
+    let (broker, topology) = write_dlq(&amqp_url(), &unique("handback"), N as u64).await;
+    let queue = topology.queues[0].name.clone();
+    for round in 0..5 {
+        let mut cursor = broker.dead_letter_cursor(&queue).await.unwrap();
+        for _ in 0..10 {
+            cursor.next().await.unwrap().unwrap();
+        }
+        cursor.close().await.unwrap();
+        let met = broker.dead_letters(&queue, usize::MAX).await.unwrap().len();
+        assert_eq!(met, N, "round {round}: the next walk met {met} of {N}");
+    }
+    broker.delete(&topology).await.unwrap();
+    broker.close().await.unwrap();
+}

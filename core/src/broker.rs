@@ -150,14 +150,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// without removing them (C11).
     async fn dead_letters(&self, queue: &str, limit: usize) -> Result<Vec<DeadLetter>> {
         let mut cursor = self.dead_letter_cursor(queue).await?;
-        let mut records = Vec::new();
-        while records.len() < limit {
-            match cursor.next().await {
-                Some(entry) => records.push(entry?.into_record()),
-                None => break,
+        let walked = async {
+            let mut records = Vec::new();
+            while records.len() < limit {
+                match cursor.next().await {
+                    Some(entry) => records.push(entry?.into_record()),
+                    None => break,
+                }
             }
+            Ok(records)
         }
-        Ok(records)
+        .await;
+        closing(cursor, walked).await
     }
 
     /// Replays dead letters back to their work queue with the same id and
@@ -166,19 +170,23 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// is not in the DLQ is [`ErrorKind::NotFound`].
     async fn replay(&self, queue: &str, which: Replay) -> Result<usize> {
         let mut cursor = self.dead_letter_cursor(queue).await?;
-        let mut replayed = 0;
-        while let Some(entry) = cursor.next().await {
-            let entry = entry?;
-            if !which.selects(&entry.record().envelope.id) {
-                continue;
+        let walked = async {
+            let mut replayed = 0;
+            while let Some(entry) = cursor.next().await {
+                let entry = entry?;
+                if !which.selects(&entry.record().envelope.id) {
+                    continue;
+                }
+                entry.replay().await?;
+                replayed += 1;
+                if matches!(which, Replay::Id(_)) {
+                    break;
+                }
             }
-            entry.replay().await?;
-            replayed += 1;
-            if matches!(which, Replay::Id(_)) {
-                break;
-            }
+            Ok(replayed)
         }
-        match (replayed, which) {
+        .await;
+        match (closing(cursor, walked).await?, which) {
             (0, Replay::Id(id)) => Err(Error::new(
                 ErrorKind::NotFound,
                 format!("no dead letter with id `{id}` in the DLQ of `{queue}`"),
@@ -190,12 +198,16 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Removes every dead letter of a work queue (C11). Returns how many.
     async fn purge_dead_letters(&self, queue: &str) -> Result<usize> {
         let mut cursor = self.dead_letter_cursor(queue).await?;
-        let mut purged = 0;
-        while let Some(entry) = cursor.next().await {
-            entry?.remove().await?;
-            purged += 1;
+        let walked = async {
+            let mut purged = 0;
+            while let Some(entry) = cursor.next().await {
+                entry?.remove().await?;
+                purged += 1;
+            }
+            Ok(purged)
         }
-        Ok(purged)
+        .await;
+        closing(cursor, walked).await
     }
 
     /// Compares what the broker has with what declaring `topology` would
@@ -246,4 +258,13 @@ pub trait Subscription: Send {
     /// call (the connection is being repaired); any other means it cannot
     /// go on, and the caller should open a new one.
     async fn next(&mut self) -> Option<Result<Delivery>>;
+}
+
+/// Closes `cursor` after a walk over it, whatever the walk ended with; the
+/// walk's error, if any, is the one returned.
+async fn closing<T>(cursor: Box<dyn DeadLetterCursor>, walked: Result<T>) -> Result<T> {
+    let closed = cursor.close().await;
+    let value = walked?;
+    closed?;
+    Ok(value)
 }

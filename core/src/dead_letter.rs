@@ -247,6 +247,15 @@ pub trait DeadLetterCursor: Send {
     /// blocks the walk (a record the client cannot read is returned as a
     /// record with reason [`DeadLetterReason::Unreadable`], not an error).
     async fn next(&mut self) -> Option<Result<DeadLetterEntry>>;
+
+    /// Hands back every record met and neither replayed nor removed, and
+    /// returns once the broker holds them in the DLQ again, so that what
+    /// follows (a replay after a count, a listing after an interrupted
+    /// replay) meets them all. A dropped cursor hands them back as well,
+    /// but in the broker's own time.
+    async fn close(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

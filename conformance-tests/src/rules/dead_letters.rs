@@ -254,6 +254,16 @@ pub(crate) async fn c11_dlq_operations(h: &dyn Harness) -> Result<(), Skip> {
                 .await
                 .doing("listing with a limit")?;
             ensure!(limited.len() == 2, "a limit of 2 listed {}", limited.len());
+            let after_limit = sc
+                .broker
+                .dead_letters(&q, 100)
+                .await
+                .doing("listing after a limited listing")?;
+            ensure!(
+                after_limit.len() == 3,
+                "a listing right after one stopped at 2 met {}",
+                after_limit.len()
+            );
 
             let replayed = sc
                 .broker
