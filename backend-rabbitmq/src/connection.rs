@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -257,11 +258,18 @@ impl Link {
 
     /// Publishes with `mandatory`; the future it returns awaits the
     /// broker's confirm (C1).
+    ///
+    /// Returns once the message's frames are queued on the channel, not
+    /// written: lapin's `basic_publish` resolves only after its I/O loop has
+    /// written them, and awaiting that for each message in turn caps a
+    /// publisher at one I/O round per message. Queued in the order of the
+    /// calls, messages keep the channel's order, and the write is awaited
+    /// with the confirm.
     pub(crate) async fn send(
         &self,
         exchange: &str,
         routing_key: &str,
-        payload: &[u8],
+        payload: Bytes,
         properties: BasicProperties,
     ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
         let session = self.session().await?;
@@ -270,21 +278,34 @@ impl Link {
         } else {
             Target::Exchange(exchange.into(), routing_key.into())
         };
-        let confirm = session
-            .publish
-            .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                payload,
-                properties,
-            )
-            .await
-            .map_err(|e| map(&format!("publishing to {where_to}"), e))?;
+        let channel = session.publish.clone();
+        let (exchange, routing_key) = (ShortString::from(exchange), ShortString::from(routing_key));
+        let mut written = Box::pin(async move {
+            channel
+                .basic_publish(
+                    exchange,
+                    routing_key,
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &payload,
+                    properties,
+                )
+                .await
+        });
+        // The first poll takes the channel's next delivery tag and queues
+        // the frames; a refusal (a closed channel) comes back at once.
+        let first = futures::poll!(written.as_mut());
+        if let std::task::Poll::Ready(Err(e)) = first {
+            return Err(map(&format!("publishing to {where_to}"), e));
+        }
         Ok(async move {
+            let confirm = match first {
+                std::task::Poll::Ready(queued) => queued,
+                std::task::Poll::Pending => written.await,
+            }
+            .map_err(|e| map(&format!("publishing to {where_to}"), e))?;
             let confirm = confirm.await.map_err(|e| {
                 let mapped = map(&format!("publishing to {where_to}"), e);
                 if mapped.kind() == ErrorKind::NotFound {
@@ -323,7 +344,7 @@ impl Link {
     pub(crate) async fn publish_to_queue(
         &self,
         queue: &str,
-        payload: &[u8],
+        payload: Bytes,
         properties: BasicProperties,
     ) -> Result<()> {
         self.send("", queue, payload, properties).await?.await

@@ -55,7 +55,7 @@ pub(crate) async fn send(link: &Link, topic_space: &str, message: Message) -> Re
         .send(
             topic_space,
             &message.routing_key,
-            &message.payload,
+            message.payload.clone(),
             properties,
         )
         .await?;
@@ -119,6 +119,6 @@ pub(crate) async fn publish_copy(
     bookkeeping: Bookkeeping,
 ) -> Result<()> {
     let copy = copy(envelope, bookkeeping, link.frame_max().await);
-    link.publish_to_queue(queue, &copy.body, copy.properties)
+    link.publish_to_queue(queue, copy.body, copy.properties)
         .await
 }
