@@ -22,6 +22,8 @@
 
 mod cpu;
 mod framework;
+#[cfg(feature = "peers")]
+mod peers;
 mod raw_memory;
 mod raw_nats;
 mod raw_rabbitmq;
@@ -61,7 +63,7 @@ struct Options {
 /// One figure and its raw baseline.
 struct Figure {
     broker: String,
-    metric: &'static str,
+    metric: String,
     unit: &'static str,
     higher_is_better: bool,
     ticketrail: f64,
@@ -230,15 +232,21 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         framework::Framework::new(connect(broker).await?, &format!("bench-{id}-tr")).await?;
     // On NATS a second baseline: the raw client carrying the same id and
     // content type headers as ticketrail, which the strict baseline omits.
-    let raw_headers = match broker {
-        "nats" => {
-            Some(raw_nats::RawNats::new(&nats_url(), &format!("bench-{id}-rawh"), true).await?)
-        }
-        _ => None,
-    };
+    // Each further side: what its figures add to the metric's name, the
+    // baseline it is, and the side.
+    let mut others: Vec<(&str, &'static str, Box<dyn Side>)> = Vec::new();
+    if broker == "nats" {
+        others.push((
+            ", same headers",
+            "raw client with ticketrail's 2 headers",
+            Box::new(raw_nats::RawNats::new(&nats_url(), &format!("bench-{id}-rawh"), true).await?),
+        ));
+    }
+    #[cfg(feature = "peers")]
+    others.extend(peers::sides(broker, &format!("bench-{id}"), options.prefetch).await?);
     let mut sides: Vec<(&str, &dyn Side)> = vec![("raw", raw.as_ref()), ("ticketrail", &framework)];
-    if let Some(side) = &raw_headers {
-        sides.push(("raw, same headers", side));
+    for (_, baseline, side) in &others {
+        sides.push((baseline, side.as_ref()));
     }
     let window = if broker == "memory" { 1 } else { WINDOW };
 
@@ -360,15 +368,15 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     for side in &raw_retry {
         side.teardown().await?;
     }
-    if let Some(side) = &raw_headers {
+    for (_, _, side) in &others {
         side.teardown().await?;
     }
     framework.teardown().await?;
 
     let b = broker.to_owned();
-    let figure = |metric, unit, higher_is_better, ticketrail, raw, baseline| Figure {
+    let figure = |metric: &str, unit, higher_is_better, ticketrail, raw, baseline| Figure {
         broker: b.clone(),
-        metric,
+        metric: metric.to_owned(),
         unit,
         higher_is_better,
         ticketrail,
@@ -454,28 +462,29 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             ),
         );
     }
-    if sides.len() > 2 {
+    for (k, (suffix, baseline, _)) in others.iter().enumerate() {
+        let k = k + 2;
         figures.push(
             figure(
-                "publish throughput, same headers",
+                &format!("publish throughput{suffix}"),
                 "msg/s",
                 true,
                 workload::median(publish[1].clone()),
-                workload::median(publish[2].clone()),
-                "raw client with ticketrail's 2 headers",
+                workload::median(publish[k].clone()),
+                baseline,
             )
-            .with_cpu(per_message(&publish_cpu, 2, total)),
+            .with_cpu(per_message(&publish_cpu, k, total)),
         );
         figures.push(
             figure(
-                "consume throughput, same headers",
+                &format!("consume throughput{suffix}"),
                 "msg/s",
                 true,
                 workload::median(consume[1].clone()),
-                workload::median(consume[2].clone()),
-                "raw client with ticketrail's 2 headers",
+                workload::median(consume[k].clone()),
+                baseline,
             )
-            .with_cpu(per_message(&consume_cpu, 2, total)),
+            .with_cpu(per_message(&consume_cpu, k, total)),
         );
     }
     #[cfg(feature = "otel")]

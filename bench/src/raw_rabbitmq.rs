@@ -76,6 +76,13 @@ fn quorum_dead_lettering_to(target: &str) -> FieldTable {
 const RETRIED: &str = "x-retried";
 
 impl RawRabbit {
+    /// The topic exchange this side publishes to, and its quorum queue: a
+    /// peer framework's side reuses them.
+    #[cfg(feature = "peers")]
+    pub(crate) fn names(&self) -> (&str, &str) {
+        (&self.exchange, &self.queue)
+    }
+
     pub(crate) async fn new(url: &str, name: &str) -> BenchResult<Self> {
         Self::declare(url, name, None).await
     }
@@ -276,19 +283,20 @@ impl RawRabbit {
 impl Side for RawRabbit {
     async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration> {
         let started = Instant::now();
-        // Confirms come back in order: a queue of them is the window.
-        let mut in_flight = std::collections::VecDeque::with_capacity(window);
-        for i in 0..count {
-            if in_flight.len() >= window {
-                let oldest: lapin::PublisherConfirm = in_flight.pop_front().expect("not empty");
-                if !oldest.await?.is_ack() {
-                    return Err("a publish was not confirmed".into());
-                }
-            }
-            in_flight.push_back(Self::publish_one(&self.channel, &self.exchange, i).await?);
-        }
-        for confirm in in_flight {
-            if !confirm.await?.is_ack() {
+        // `window` publishes in flight, each awaiting its write and then its
+        // confirm. Awaiting each `basic_publish` in turn instead (it
+        // resolves once lapin's I/O loop has written the frames) holds a
+        // publisher to one I/O round per message: RustStream, publishing
+        // concurrently, was faster than that loop.
+        let (channel, exchange) = (&self.channel, self.exchange.as_str());
+        let mut confirmed = futures::stream::iter(0..count)
+            .map(|i| async move {
+                BenchResult::Ok(Self::publish_one(channel, exchange, i).await?.await?)
+            })
+            .buffer_unordered(window.max(1));
+        while let Some(confirm) = confirmed.next().await {
+            let confirm = confirm?;
+            if !confirm.is_ack() {
                 return Err("a publish was not confirmed".into());
             }
         }

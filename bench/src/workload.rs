@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// The seed's message. `sent_at_ns` carries the publish time for latency.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "peers", derive(ruststream::Outgoing))]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct EmailMessage {
     pub(crate) to: String,
