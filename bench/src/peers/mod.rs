@@ -1,6 +1,7 @@
 //! Other frameworks' sides, on the same workload as the raw clients and
 //! ticketrail: built with `--features peers`.
 
+pub(crate) mod omniqueue;
 pub(crate) mod ruststream;
 
 use crate::side::{BenchResult, Side};
@@ -23,5 +24,22 @@ pub(crate) async fn sides(
         ),
         _ => Box::new(ruststream::RustStreamMemory::new()),
     };
-    Ok(vec![("", "ruststream", side)])
+    let mut sides = vec![("", "ruststream", side)];
+    match broker {
+        "rabbitmq" => sides.push((
+            "",
+            "omniqueue (publishes unconfirmed: it has no publisher confirms)",
+            Box::new(
+                omniqueue::OmniqueueRabbit::new(&crate::amqp_url(), &format!("{prefix}-oq"))
+                    .await?,
+            ) as Box<dyn Side>,
+        )),
+        "memory" => sides.push((
+            "",
+            "omniqueue",
+            Box::new(omniqueue::OmniqueueMemory::new().await?),
+        )),
+        _ => {}
+    }
+    Ok(sides)
 }
