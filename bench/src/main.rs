@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! cargo run --release -p ticketrail-bench -- --broker memory|rabbitmq|nats|all [--messages N] [--backlog N]
-//!     [--repeats N] [--prefetch N] [--consumers N] [--payload BYTES] [--json]
+//!     [--repeats N] [--prefetch N] [--window N] [--consumers N] [--payload BYTES] [--json]
 //! ```
 //!
-//! `--prefetch`, `--consumers` and `--payload` set both sides, for scale
-//! curves: prefetch per consumer (100), competing consumers in the consume
-//! figures (1), and the size of each message's JSON (about 200 bytes).
+//! `--prefetch`, `--window`, `--consumers` and `--payload` set every side,
+//! for scale curves: prefetch per consumer (100), publishes awaiting their
+//! confirm at once on a network broker (256), competing consumers in the
+//! consume figures (1), and the size of each message's JSON (about 200
+//! bytes).
 //!
 //! For each broker the same workload runs through the raw client and through
 //! ticketrail, alternating, in one process: publish throughput (confirmed,
@@ -18,7 +20,9 @@
 //! and consume are also compared against a raw client sending the same
 //! metadata. Built with `--features otel`, it adds the cost of tracing:
 //! publish and consume with an OpenTelemetry tracer provider installed
-//! against the same with none.
+//! against the same with none. Built with `--features peers`, other
+//! frameworks run the publish and consume figures as further sides:
+//! RustStream on every broker, omniqueue on memory and RabbitMQ.
 
 mod cpu;
 mod framework;
@@ -38,9 +42,9 @@ use cpu::{CpuClock, Spent};
 use side::{BenchResult, Side};
 use ticketrail::SharedBroker;
 
-/// Publishes in flight at once on both sides, on a network broker. The
-/// in-process broker confirms a publish before it returns, so both sides
-/// publish one after the other there.
+/// Publishes in flight at once on every side, on a network broker, unless
+/// `--window` says otherwise. The in-process broker confirms a publish before
+/// it returns, so every side publishes one after the other there.
 const WINDOW: usize = 256;
 /// Prefetch on both sides, unless `--prefetch` says otherwise.
 const PREFETCH: u16 = 100;
@@ -56,6 +60,8 @@ struct Options {
     json: bool,
     /// Prefetch per consumer, both sides.
     prefetch: u16,
+    /// Publishes in flight on a network broker, every side.
+    window: usize,
     /// Competing consumers in the consume figures, both sides.
     consumers: usize,
 }
@@ -152,6 +158,7 @@ fn parse() -> Result<Options, String> {
         repeats: 3,
         json: false,
         prefetch: PREFETCH,
+        window: WINDOW,
         consumers: 1,
     };
     let mut args = std::env::args().skip(1);
@@ -177,6 +184,9 @@ fn parse() -> Result<Options, String> {
             "--json" => options.json = true,
             "--prefetch" => {
                 options.prefetch = value()?.parse().map_err(|e| format!("--prefetch: {e}"))?
+            }
+            "--window" => {
+                options.window = value()?.parse().map_err(|e| format!("--window: {e}"))?
             }
             "--consumers" => {
                 options.consumers = value()?.parse().map_err(|e| format!("--consumers: {e}"))?
@@ -248,7 +258,11 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     for (_, baseline, side) in &others {
         sides.push((baseline, side.as_ref()));
     }
-    let window = if broker == "memory" { 1 } else { WINDOW };
+    let window = if broker == "memory" {
+        1
+    } else {
+        options.window
+    };
 
     // Warm up connections, queues and code paths.
     let (prefetch, consumers) = (options.prefetch, options.consumers);
