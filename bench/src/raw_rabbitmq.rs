@@ -15,7 +15,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::side::{at_rate, BenchResult, Side};
+use crate::side::{at_rate, publish_windowed, BenchResult, Side};
 use crate::workload::{now_ns, payload, EmailMessage, ROUTING_KEY};
 
 pub(crate) struct RawRabbit {
@@ -282,25 +282,24 @@ impl RawRabbit {
 #[async_trait]
 impl Side for RawRabbit {
     async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration> {
-        let started = Instant::now();
         // `window` publishes in flight, each awaiting its write and then its
         // confirm. Awaiting each `basic_publish` in turn instead (it
         // resolves once lapin's I/O loop has written the frames) holds a
         // publisher to one I/O round per message: RustStream, publishing
         // concurrently, was faster than that loop.
         let (channel, exchange) = (&self.channel, self.exchange.as_str());
-        let mut confirmed = futures::stream::iter(0..count)
-            .map(|i| async move {
-                BenchResult::Ok(Self::publish_one(channel, exchange, i).await?.await?)
-            })
-            .buffer_unordered(window.max(1));
-        while let Some(confirm) = confirmed.next().await {
-            let confirm = confirm?;
-            if !confirm.is_ack() {
-                return Err("a publish was not confirmed".into());
+        publish_windowed(count, window, |i| async move {
+            if Self::publish_one(channel, exchange, i)
+                .await?
+                .await?
+                .is_ack()
+            {
+                BenchResult::Ok(())
+            } else {
+                Err("a publish was not confirmed".into())
             }
-        }
-        Ok(started.elapsed())
+        })
+        .await
     }
 
     async fn consume(

@@ -46,3 +46,27 @@ where
         let _ = send.await;
     }
 }
+
+/// Publishes `count` messages with `window` of them in flight at once, each
+/// a future of `publish(i)` awaiting its write and its confirmation, and
+/// returns how long it took until the last was confirmed.
+pub(crate) async fn publish_windowed<F, Fut, E>(
+    count: usize,
+    window: usize,
+    publish: F,
+) -> BenchResult<Duration>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use futures::StreamExt;
+    let started = std::time::Instant::now();
+    let mut sends = futures::stream::iter(0..count)
+        .map(publish)
+        .buffer_unordered(window.max(1));
+    while let Some(sent) = sends.next().await {
+        sent.map_err(Into::into)?;
+    }
+    Ok(started.elapsed())
+}

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use omniqueue::backends::rabbitmq::{
     BasicConsumeOptions, BasicProperties, BasicPublishOptions, ConnectionProperties, FieldTable,
 };
@@ -20,7 +19,7 @@ use omniqueue::backends::{
 use tokio::sync::Mutex;
 
 use crate::raw_rabbitmq::RawRabbit;
-use crate::side::{BenchResult, Side};
+use crate::side::{publish_windowed, BenchResult, Side};
 use crate::workload::{email, EmailMessage, ROUTING_KEY};
 
 /// Receives, decodes and acks `count` messages, one at a time as its
@@ -125,15 +124,11 @@ impl OmniqueueRabbit {
 #[async_trait]
 impl Side for OmniqueueRabbit {
     async fn publish(&self, count: usize, window: usize) -> BenchResult<Duration> {
-        let started = Instant::now();
         let producer = &self.producer;
-        let mut sent = futures::stream::iter(0..count)
-            .map(|i| async move { producer.send_serde_json(&email(i)).await })
-            .buffer_unordered(window.max(1));
-        while let Some(done) = sent.next().await {
-            done?;
-        }
-        Ok(started.elapsed())
+        publish_windowed(count, window, |i| async move {
+            producer.send_serde_json(&email(i)).await
+        })
+        .await
     }
 
     async fn consume(

@@ -13,7 +13,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use ruststream::memory::{MemoryBroker, MemoryPosition, Retaining, Retention};
 use ruststream::prelude::*;
 use ruststream_lapin::{ConfirmsPublisher, LapinBroker, LapinPublish};
@@ -21,7 +20,7 @@ use ruststream_nats::{JetStreamPublish, JetStreamPublisher, JetStreamSubject, Na
 use tokio::sync::Notify;
 
 use crate::raw_rabbitmq::RawRabbit;
-use crate::side::{BenchResult, Side};
+use crate::side::{publish_windowed, BenchResult, Side};
 use crate::workload::{email, EmailMessage, ROUTING_KEY};
 
 /// Messages the running handler still waits for, and the wake-up when the
@@ -91,27 +90,6 @@ async fn run_until_handled<A: App>(
         app.shutdown().await?;
     }
     Ok(took)
-}
-
-/// Publishes `count` messages with `window` awaiting confirmation at once.
-async fn publish_windowed<F, Fut, E>(
-    count: usize,
-    window: usize,
-    publish: F,
-) -> BenchResult<Duration>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::error::Error + Send + Sync + 'static,
-{
-    let started = Instant::now();
-    let mut sends = futures::stream::iter(0..count)
-        .map(publish)
-        .buffer_unordered(window.max(1));
-    while let Some(sent) = sends.next().await {
-        sent?;
-    }
-    Ok(started.elapsed())
 }
 
 /// RustStream's in-memory broker. It is pub/sub, not a queue: a backlog is
