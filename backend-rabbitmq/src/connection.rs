@@ -278,10 +278,10 @@ impl Link {
         } else {
             Target::Exchange(exchange.into(), routing_key.into())
         };
-        let channel = session.publish.clone();
         let (exchange, routing_key) = (ShortString::from(exchange), ShortString::from(routing_key));
         let mut written = Box::pin(async move {
-            channel
+            session
+                .publish
                 .basic_publish(
                     exchange,
                     routing_key,
