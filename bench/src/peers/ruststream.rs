@@ -131,7 +131,8 @@ impl Side for RustStreamMemory {
         &self,
         count: usize,
         _prefetch: u16,
-        consumers: usize,
+        // A pub/sub broker gives every subscription every message: one.
+        _consumers: usize,
     ) -> BenchResult<Duration> {
         let broker = self
             .broker
@@ -139,8 +140,6 @@ impl Side for RustStreamMemory {
             .expect("not poisoned")
             .take()
             .ok_or("nothing published")?;
-        // Each subscription of a pub/sub broker gets every message: one.
-        let _ = consumers;
         let app = RustStream::new(app_info()).with_broker(broker, |b| {
             b.include(handle.name(ROUTING_KEY).start_at(MemoryPosition::start()));
         });
@@ -289,7 +288,9 @@ impl Side for RustStreamNats {
     async fn consume(
         &self,
         count: usize,
-        prefetch: u16,
+        // The durable consumer's `max_ack_pending`, fixed when the side
+        // was made (the run's `--prefetch`).
+        _prefetch: u16,
         consumers: usize,
     ) -> BenchResult<Duration> {
         let apps = (0..consumers.max(1)).map(|_| {
@@ -297,7 +298,6 @@ impl Side for RustStreamNats {
                 b.include(handle_jetstream);
             })
         });
-        let _ = prefetch;
         run_until_handled(count, apps.collect::<Vec<_>>()).await
     }
 
