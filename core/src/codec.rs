@@ -1,5 +1,7 @@
 //! Codecs: how typed messages become payload bytes and back.
 
+use std::cell::RefCell;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -18,6 +20,13 @@ pub trait Codec: Clone + Send + Sync + 'static {
     fn decode<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T, String>;
 }
 
+/// The largest encoding buffer a thread keeps between messages.
+const SCRATCH_KEPT: usize = 1 << 20;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 /// JSON via serde_json: the default codec.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Json;
@@ -27,8 +36,23 @@ impl Codec for Json {
         "application/json"
     }
 
+    /// Encodes into a buffer kept per thread and returns an exact-size
+    /// copy: one allocation per message instead of the doublings of a
+    /// growing `Vec`, and a payload that becomes `Bytes` without another.
     fn encode<T: Serialize + ?Sized>(&self, value: &T) -> Result<Vec<u8>> {
-        serde_json::to_vec(value).map_err(|e| {
+        let encoded = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                let written = serde_json::to_writer(&mut *buffer, value).map(|()| buffer.to_vec());
+                if buffer.capacity() > SCRATCH_KEPT {
+                    *buffer = Vec::new();
+                }
+                written
+            }
+            // A `Serialize` impl that encodes another message in turn.
+            Err(_) => serde_json::to_vec(value),
+        });
+        encoded.map_err(|e| {
             Error::new(ErrorKind::Encode, "message cannot be encoded as JSON").with_source(e)
         })
     }
@@ -51,6 +75,7 @@ mod tests {
     fn json_round_trip_and_a_decode_error_that_says_why() {
         let bytes = Json.encode(&vec![1u32, 2]).unwrap();
         assert_eq!(Json.decode::<Vec<u32>>(&bytes).unwrap(), vec![1, 2]);
+        assert_eq!(bytes.len(), bytes.capacity(), "exact size: no copy into Bytes");
         let err = Json.decode::<Vec<u32>>(b"not json").unwrap_err();
         assert!(err.contains("not valid JSON"), "{err}");
         assert!(err.contains("Vec<u32>"), "{err}");

@@ -24,7 +24,9 @@ use crate::trace::PublishSpan;
 #[must_use = "a message is published only once its confirmation resolves to Ok"]
 pub struct Confirmation {
     id: String,
-    confirm: BoxFuture<'static, Result<()>>,
+    /// `None` for a broker that confirms before `send` returns: nothing is
+    /// boxed for those.
+    confirm: Option<BoxFuture<'static, Result<()>>>,
     /// Counts the message and ends its publish span once settled.
     observed: Option<Observed>,
 }
@@ -41,7 +43,7 @@ impl Confirmation {
     pub fn new(id: String, confirm: impl Future<Output = Result<()>> + Send + 'static) -> Self {
         Confirmation {
             id,
-            confirm: Box::pin(confirm),
+            confirm: Some(Box::pin(confirm)),
             observed: None,
         }
     }
@@ -49,12 +51,23 @@ impl Confirmation {
     /// The confirmation of message `id`, already confirmed: for brokers
     /// that accept a message before `send` returns.
     pub fn confirmed(id: String) -> Self {
-        Confirmation::new(id, std::future::ready(Ok(())))
+        Confirmation {
+            id,
+            confirm: None,
+            observed: None,
+        }
     }
 
     /// The id of the message.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Waits for the broker's confirm and returns the message's id.
+    pub(crate) async fn id_once_confirmed(mut self) -> Result<String> {
+        let id = std::mem::take(&mut self.id);
+        (&mut self).await?;
+        Ok(id)
     }
 
     /// The same confirmation, counted in `metrics` and ending `span` once
@@ -70,7 +83,10 @@ impl Future for Confirmation {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        let confirmed = this.confirm.as_mut().poll(cx);
+        let confirmed = match this.confirm.as_mut() {
+            Some(confirm) => confirm.as_mut().poll(cx),
+            None => Poll::Ready(Ok(())),
+        };
         if let Poll::Ready(result) = &confirmed {
             if let Some(Observed { metrics, span }) = this.observed.take() {
                 let error = result.as_ref().err();

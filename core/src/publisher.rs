@@ -74,9 +74,7 @@ impl<C: Codec> Publisher<C> {
         message: &T,
     ) -> Result<String> {
         let message = self.encode(routing_key, message)?;
-        let id = message.id.clone();
-        self.publish_message(message).await?;
-        Ok(id)
+        self.send_message(message).await?.id_once_confirmed().await
     }
 
     /// Publishes a prepared message (C1).
