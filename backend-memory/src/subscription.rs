@@ -51,6 +51,7 @@ impl Subscription for MemorySubscription {
             tokio::pin!(changed, closed);
             changed.as_mut().enable();
             closed.as_mut().enable();
+            let _waiting = self.queue.wait_for_change();
             if let Some(delivery) = self.take() {
                 return delivery;
             }
@@ -59,6 +60,10 @@ impl Subscription for MemorySubscription {
                 () = closed => {}
             }
         }
+    }
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        self.take()?.and_then(Result::ok)
     }
 }
 

@@ -258,6 +258,18 @@ pub trait Subscription: Send {
     /// call (the connection is being repaired); any other means it cannot
     /// go on, and the caller should open a new one.
     async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// A delivery already at hand (received and buffered, within the
+    /// prefetch window), taken without waiting; `None` when there is none,
+    /// or when only [`next`](Subscription::next) can tell what comes next
+    /// (an interruption, the end, a message that needs the broker first).
+    ///
+    /// The consumer takes deliveries this way while it can and awaits
+    /// `next` only when none is at hand, so a busy queue costs no future
+    /// per delivery. The default never has one at hand.
+    fn try_next(&mut self) -> Option<Delivery> {
+        None
+    }
 }
 
 /// Closes `cursor` after a walk over it, whatever the walk ended with; the

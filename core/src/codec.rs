@@ -75,7 +75,11 @@ mod tests {
     fn json_round_trip_and_a_decode_error_that_says_why() {
         let bytes = Json.encode(&vec![1u32, 2]).unwrap();
         assert_eq!(Json.decode::<Vec<u32>>(&bytes).unwrap(), vec![1, 2]);
-        assert_eq!(bytes.len(), bytes.capacity(), "exact size: no copy into Bytes");
+        assert_eq!(
+            bytes.len(),
+            bytes.capacity(),
+            "exact size: no copy into Bytes"
+        );
         let err = Json.decode::<Vec<u32>>(b"not json").unwrap_err();
         assert!(err.contains("not valid JSON"), "{err}");
         assert!(err.contains("Vec<u32>"), "{err}");

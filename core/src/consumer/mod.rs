@@ -202,6 +202,10 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             health: Arc::clone(health),
             metrics: Arc::clone(&metrics),
         });
+        let handle = |delivery: Delivery| {
+            let worker = Arc::clone(&worker);
+            async move { worker.process(delivery).await }
+        };
         let mut running = Running::new(self.parallel);
         let limit = usize::from(prefetch.get());
         tokio::pin!(signal);
@@ -217,6 +221,25 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let mut resume = Backoff::new(RESUME_BACKOFF_CAP);
         let mut resubscribe = Backoff::new(RESUBSCRIBE_BACKOFF_CAP);
         let ended = loop {
+            // Deliveries at hand are taken without a future each; the
+            // subscription is awaited only when it has none.
+            if let (Some(Some(subscription)), true) = (idle.as_mut(), pause.is_zero()) {
+                let mut taken = 0;
+                while running.len() < limit {
+                    let Some(delivery) = subscription.try_next() else {
+                        break;
+                    };
+                    running.push(handle(delivery));
+                    taken += 1;
+                }
+                if taken > 0 {
+                    resume.reset();
+                    resubscribe.reset();
+                    health.delivered();
+                    metrics.consumed.increment(taken);
+                    in_flight(running.len());
+                }
+            }
             if next.is_none() && running.len() < limit {
                 if let Some(subscription) = idle.take() {
                     next = Some(Box::pin(next_delivery(
@@ -241,8 +264,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resubscribe.reset();
                             health.delivered();
                             metrics.consumed.increment(1);
-                            let worker = Arc::clone(&worker);
-                            running.push(async move { worker.process(delivery).await });
+                            running.push(handle(delivery));
                             in_flight(running.len());
                         }
                         Got::Interrupted(e) => {
@@ -406,12 +428,12 @@ impl RunningConsumer {
 
 /// The deliveries being handled: on the consumer's own task, or each on a
 /// task of its own ([`Consumer::parallel`]).
-enum Running {
-    Inline(FuturesUnordered<Pin<Box<dyn Future<Output = ()> + Send>>>),
+enum Running<F> {
+    Inline(FuturesUnordered<F>),
     Spawned(JoinSet<()>),
 }
 
-impl Running {
+impl<F: Future<Output = ()> + Send + 'static> Running<F> {
     fn new(parallel: bool) -> Self {
         if parallel {
             Running::Spawned(JoinSet::new())
@@ -431,9 +453,9 @@ impl Running {
         self.len() == 0
     }
 
-    fn push(&mut self, handling: impl Future<Output = ()> + Send + 'static) {
+    fn push(&mut self, handling: F) {
         match self {
-            Running::Inline(set) => set.push(Box::pin(handling)),
+            Running::Inline(set) => set.push(handling),
             Running::Spawned(set) => drop(set.spawn(handling)),
         }
     }

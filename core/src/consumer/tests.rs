@@ -125,8 +125,35 @@ fn deliver(id: &'static str, payload: &'static str) -> Step {
 struct ScriptedSubscription {
     steps: VecDeque<Step>,
     log: Log,
-    /// How many times `next` was called.
+    /// How many deliveries were asked for (`next` and `try_next` calls).
     polls: Arc<Mutex<usize>>,
+    /// Whether deliveries scripted next are at hand for `try_next`, as a
+    /// broker's buffered deliveries are.
+    at_hand: bool,
+}
+
+impl ScriptedSubscription {
+    fn delivery(&self, id: &str, payload: &str, attempt: u32, counted: bool) -> Delivery {
+        let envelope = Envelope {
+            id: id.to_owned(),
+            routing_key: "jobs.a".into(),
+            payload: payload.as_bytes().to_vec().into(),
+            content_type: Some("application/json".into()),
+            headers: Headers::new(),
+            published_at: SystemTime::now(),
+            attempt,
+        };
+        let settle = Box::new(ScriptedSettle {
+            id: id.to_owned(),
+            log: Arc::clone(&self.log),
+            settled: false,
+        });
+        let mut decoded = crate::wire::Incoming::new("jobs.a", envelope.payload.clone()).decode();
+        decoded.envelope = envelope;
+        decoded.attempt_counted = counted;
+        decoded.notes = vec!["a note".into()];
+        Delivery::decoded(Arc::from("q"), decoded, settle)
+    }
 }
 
 #[async_trait]
@@ -142,29 +169,25 @@ impl Subscription for ScriptedSubscription {
                 payload,
                 attempt,
                 counted,
-            }) => {
-                let envelope = Envelope {
-                    id: id.to_owned(),
-                    routing_key: "jobs.a".into(),
-                    payload: payload.as_bytes().to_vec().into(),
-                    content_type: Some("application/json".into()),
-                    headers: Headers::new(),
-                    published_at: SystemTime::now(),
-                    attempt,
-                };
-                let settle = Box::new(ScriptedSettle {
-                    id: id.to_owned(),
-                    log: Arc::clone(&self.log),
-                    settled: false,
-                });
-                let mut decoded =
-                    crate::wire::Incoming::new("jobs.a", envelope.payload.clone()).decode();
-                decoded.envelope = envelope;
-                decoded.attempt_counted = counted;
-                decoded.notes = vec!["a note".into()];
-                Some(Ok(Delivery::decoded(Arc::from("q"), decoded, settle)))
-            }
+            }) => Some(Ok(self.delivery(id, payload, attempt, counted))),
         }
+    }
+
+    fn try_next(&mut self) -> Option<Delivery> {
+        if !self.at_hand || !matches!(self.steps.front(), Some(Step::Deliver { .. })) {
+            return None;
+        }
+        *self.polls.lock().unwrap() += 1;
+        let Some(Step::Deliver {
+            id,
+            payload,
+            attempt,
+            counted,
+        }) = self.steps.pop_front()
+        else {
+            unreachable!("checked above")
+        };
+        Some(self.delivery(id, payload, attempt, counted))
     }
 }
 
@@ -172,6 +195,7 @@ impl Subscription for ScriptedSubscription {
 #[derive(Debug)]
 struct ScriptedBroker {
     scripts: Mutex<VecDeque<Vec<Step>>>,
+    at_hand: bool,
     log: Log,
     subscribes: Mutex<usize>,
     polls: Arc<Mutex<usize>>,
@@ -185,8 +209,15 @@ impl std::fmt::Debug for Step {
 
 impl ScriptedBroker {
     fn new(scripts: Vec<Vec<Step>>) -> Arc<Self> {
+        Self::with_deliveries_at_hand(scripts, false)
+    }
+
+    /// A broker whose subscriptions have their scripted deliveries at hand
+    /// for `try_next` (up to the next failure or end) when `at_hand`.
+    fn with_deliveries_at_hand(scripts: Vec<Vec<Step>>, at_hand: bool) -> Arc<Self> {
         Arc::new(ScriptedBroker {
             scripts: Mutex::new(scripts.into()),
+            at_hand,
             log: Log::default(),
             subscribes: Mutex::new(0),
             polls: Arc::default(),
@@ -235,6 +266,7 @@ impl Broker for ScriptedBroker {
                 steps: steps.into(),
                 log: Arc::clone(&self.log),
                 polls: Arc::clone(&self.polls),
+                at_hand: self.at_hand,
             })),
             None => Err(Error::new(ErrorKind::NotFound, "queue `q` is gone")),
         }
@@ -570,4 +602,73 @@ async fn prefetch_zero_is_a_configuration_error() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
     assert!(err.message().contains("prefetch"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn deliveries_at_hand_are_taken_within_prefetch() {
+    let broker = ScriptedBroker::with_deliveries_at_hand(
+        vec![vec![
+            deliver("a", json("hang")),
+            deliver("b", json("hang")),
+            deliver("c", json("hang")),
+        ]],
+        true,
+    );
+    let running = consumer(&broker).prefetch(2).spawn();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(running.health().in_flight, 2);
+    assert_eq!(
+        *broker.polls.lock().unwrap(),
+        2,
+        "a third delivery was taken"
+    );
+    running.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deliveries_at_hand_and_awaited_ones_are_handled_alike() {
+    // At hand: a, b, c; then an interruption only `next` reports, a pause,
+    // and d and e (at hand again once the subscription resumed).
+    let broker = ScriptedBroker::with_deliveries_at_hand(
+        vec![vec![
+            deliver("a", json("ok")),
+            deliver("b", json("retry")),
+            deliver("c", json("permanent")),
+            Step::Fail(Error::new(ErrorKind::Connection, "connection reset")),
+            deliver("d", json("ok")),
+            deliver("e", json("ok")),
+        ]],
+        true,
+    );
+    let running = consumer(&broker).spawn();
+    let log = settled(&broker, 5).await;
+    assert_eq!(log[0], Settled::Ack("a".into()));
+    assert_eq!(
+        log[1],
+        Settled::Retry {
+            id: "b".into(),
+            after: Duration::from_secs(2),
+            next_attempt: 2
+        }
+    );
+    assert!(
+        matches!(&log[2], Settled::DeadLetter { id, reason: DeadLetterReason::Permanent, .. } if id == "c"),
+        "{log:?}"
+    );
+    assert_eq!(
+        log[3..],
+        [Settled::Ack("d".into()), Settled::Ack("e".into())]
+    );
+    let health = running.health();
+    assert_eq!(
+        (health.handled, health.retried, health.dead_lettered),
+        (3, 1, 1)
+    );
+    assert_eq!(health.consecutive_failures, 0);
+    assert_eq!(
+        *broker.subscribes.lock().unwrap(),
+        1,
+        "resumed, not reopened"
+    );
+    running.shutdown().await.unwrap();
 }
