@@ -5,7 +5,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +46,9 @@ pub(crate) struct Queue {
     /// Woken when a message becomes ready, a delivery is settled, or the
     /// queue is deleted.
     pub(crate) changed: Notify,
+    /// Subscriptions waiting on `changed` (see [`Queue::wait_for_change`]):
+    /// a publish into a queue nobody waits on takes no lock of `changed`.
+    waiters: AtomicUsize,
     /// Set once, before the state is cleared under its lock: whatever takes
     /// the lock afterwards sees it.
     deleted: AtomicBool,
@@ -119,6 +122,7 @@ impl Queue {
                 delivery_limit,
             }),
             changed: Notify::new(),
+            waiters: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             waiting: Mutex::new(Waiting::default()),
             waiting_changed: Notify::new(),
@@ -232,8 +236,21 @@ impl Queue {
         }
         state.ready.push_back(stored);
         drop(state);
-        self.changed.notify_waiters();
+        // A subscription counts itself a waiter before it looks at the
+        // ready messages under the state lock: if it found none, its count
+        // is seen here.
+        if self.waiters.load(AtomicOrdering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
         true
+    }
+
+    /// Counts a subscription as waiting on `changed` until the guard is
+    /// dropped. Take it after creating the `Notified` future and before
+    /// looking for ready messages, so a publish in between wakes it.
+    pub(crate) fn wait_for_change(&self) -> Waiter<'_> {
+        self.waiters.fetch_add(1, AtomicOrdering::SeqCst);
+        Waiter(&self.waiters)
     }
 
     /// Takes the next ready message for delivery, counting the delivery.
@@ -335,6 +352,15 @@ impl QueueState {
         let key = self.next_dead;
         self.next_dead += 1;
         self.dead.insert(key, record);
+    }
+}
+
+/// A subscription counted as waiting for a change of its queue.
+pub(crate) struct Waiter<'a>(&'a AtomicUsize);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::SeqCst);
     }
 }
 
