@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_nats::{Client, StatusCode, Subject, Subscriber};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use ticketrail_core::{Error, ErrorKind, Result};
 
@@ -106,42 +106,61 @@ impl Puller {
     pub(crate) async fn next(&mut self) -> Option<Pulled> {
         loop {
             let message = self.messages.next().await?;
-            if message
-                .reply
-                .as_ref()
-                .is_some_and(|r| r.as_str().starts_with(ACK_PREFIX))
-            {
-                if let Some(front) = self.open.front_mut() {
-                    *front = front.saturating_sub(1);
-                    if *front == 0 {
-                        self.open.pop_front();
-                    }
-                }
-                return Some(Pulled::Stored(message));
+            if let Some(pulled) = self.read(message) {
+                return Some(pulled);
             }
-            match message.status {
-                // Expired, nothing to send (no-wait), or ended by the server
-                // for any other reason (batch done, max bytes, a leader
-                // change): the oldest request is over.
-                Some(StatusCode::TIMEOUT)
-                | Some(StatusCode::NOT_FOUND)
-                | Some(StatusCode::REQUEST_TERMINATED) => {
-                    self.open.pop_front();
-                    return Some(Pulled::Ended);
-                }
-                // Nobody serves the consumer's pull subject: the consumer
-                // was deleted, or its stream has no leader for now.
-                Some(StatusCode::NO_RESPONDERS) => {
-                    self.open.pop_front();
-                    return Some(Pulled::Refused(
-                        "no server serves the queue's consumer (deleted, or its stream has no \
-                         leader for now)"
-                            .to_owned(),
-                    ));
-                }
-                // Idle heartbeats and anything else without a stored message.
-                _ => continue,
+        }
+    }
+
+    /// What the inbox has already received, without waiting; `None` if it
+    /// has nothing yet (or is closed: `next` says so).
+    pub(crate) fn try_next(&mut self) -> Option<Pulled> {
+        loop {
+            let message = self.messages.next().now_or_never()??;
+            if let Some(pulled) = self.read(message) {
+                return Some(pulled);
             }
+        }
+    }
+
+    /// What a message the inbox received means; `None` for those that
+    /// mean nothing here (idle heartbeats).
+    fn read(&mut self, message: async_nats::Message) -> Option<Pulled> {
+        if message
+            .reply
+            .as_ref()
+            .is_some_and(|r| r.as_str().starts_with(ACK_PREFIX))
+        {
+            if let Some(front) = self.open.front_mut() {
+                *front = front.saturating_sub(1);
+                if *front == 0 {
+                    self.open.pop_front();
+                }
+            }
+            return Some(Pulled::Stored(message));
+        }
+        match message.status {
+            // Expired, nothing to send (no-wait), or ended by the server
+            // for any other reason (batch done, max bytes, a leader
+            // change): the oldest request is over.
+            Some(StatusCode::TIMEOUT)
+            | Some(StatusCode::NOT_FOUND)
+            | Some(StatusCode::REQUEST_TERMINATED) => {
+                self.open.pop_front();
+                Some(Pulled::Ended)
+            }
+            // Nobody serves the consumer's pull subject: the consumer
+            // was deleted, or its stream has no leader for now.
+            Some(StatusCode::NO_RESPONDERS) => {
+                self.open.pop_front();
+                Some(Pulled::Refused(
+                    "no server serves the queue's consumer (deleted, or its stream has no \
+                     leader for now)"
+                        .to_owned(),
+                ))
+            }
+            // Idle heartbeats and anything else without a stored message.
+            _ => None,
         }
     }
 }

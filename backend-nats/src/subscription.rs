@@ -48,10 +48,16 @@ pub(crate) struct AckInfo {
 /// Reads `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<nanos>.<pending>`
 /// (and the longer form with a domain and account hash first).
 pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
-    let tokens: Vec<&str> = reply.strip_prefix("$JS.ACK.")?.split('.').collect();
-    let rest = match tokens.len() {
-        7 => &tokens[2..],
-        n if n >= 9 => &tokens[4..],
+    // Read for every delivery: the tokens stay on the stack.
+    let mut tokens = [""; 16];
+    let mut count = 0;
+    for token in reply.strip_prefix("$JS.ACK.")?.split('.') {
+        *tokens.get_mut(count)? = token;
+        count += 1;
+    }
+    let rest = match count {
+        7 => &tokens[2..count],
+        n if n >= 9 => &tokens[4..count],
         _ => return None,
     };
     let nanos: u64 = rest[3].parse().ok()?;
@@ -105,6 +111,17 @@ pub(crate) struct NatsSubscription {
     freed: Arc<Notify>,
     /// The deliveries being handled, kept alive on the server.
     in_hand: Arc<InHand>,
+    /// What `try_next` took from the inbox but only `next` can finish.
+    held: Option<Held>,
+}
+
+/// What `try_next` took and left to `next`.
+enum Held {
+    /// The end of a pull request, or the server's refusal.
+    Pulled(Pulled),
+    /// A stored message that needs the broker before it is delivered, or
+    /// is settled here.
+    Accepted(Accepted),
 }
 
 impl NatsSubscription {
@@ -137,6 +154,7 @@ impl NatsSubscription {
             prefetch,
             freed: Arc::new(Notify::new()),
             in_hand,
+            held: None,
         })
     }
 
@@ -361,39 +379,39 @@ enum Rare {
 impl Subscription for NatsSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
-            if self.conn.is_closed() {
-                return None;
-            }
-            if self.disconnects.count() != self.seen_disconnects {
-                self.seen_disconnects = self.disconnects.count();
-                Box::pin(self.after_disconnect()).await;
-            }
-            // Opening a pull is rare (about once per half window): boxed, it
-            // keeps this future (one per delivery) small.
-            if let Some(free) = self.pull_wanted() {
-                if let Err(e) = Box::pin(self.puller.request(free)).await {
-                    return Some(Err(e));
+            let accepted = match self.held.take() {
+                Some(Held::Accepted(accepted)) => accepted,
+                Some(Held::Pulled(pulled)) => match self.take(Some(pulled)).await? {
+                    Ok(Some(accepted)) => accepted,
+                    Ok(None) => continue,
+                    Err(e) => return Some(Err(e)),
+                },
+                None => {
+                    if self.conn.is_closed() {
+                        return None;
+                    }
+                    if self.disconnects.count() != self.seen_disconnects {
+                        self.seen_disconnects = self.disconnects.count();
+                        Box::pin(self.after_disconnect()).await;
+                    }
+                    // Opening a pull is rare (about once per half window):
+                    // boxed, it keeps this future small.
+                    if let Some(free) = self.pull_wanted() {
+                        if let Err(e) = Box::pin(self.puller.request(free)).await {
+                            return Some(Err(e));
+                        }
+                    }
+                    let pulled = tokio::select! {
+                        pulled = self.puller.next() => pulled,
+                        () = self.freed.notified() => continue,
+                        () = self.disconnects.notify.notified() => continue,
+                    };
+                    match self.take(pulled).await? {
+                        Ok(Some(accepted)) => accepted,
+                        Ok(None) => continue,
+                        Err(e) => return Some(Err(e)),
+                    }
                 }
-            }
-            let pulled = tokio::select! {
-                pulled = self.puller.next() => pulled,
-                () = self.freed.notified() => continue,
-                () = self.disconnects.notify.notified() => continue,
-            };
-            let message = match pulled {
-                None => return None,
-                Some(Pulled::Ended) => continue,
-                Some(Pulled::Refused(why)) => {
-                    return Some(Err(Error::new(
-                        ErrorKind::Connection,
-                        format!("pulling from `{}`: {why}", self.info.name),
-                    )))
-                }
-                Some(Pulled::Stored(message)) => message,
-            };
-            let accepted = match Arc::clone(&self.slots).try_acquire_owned() {
-                Ok(slot) => self.accept(message, slot),
-                Err(_) => Box::pin(self.accept_when_free(message)).await?,
             };
             let accepted = match accepted {
                 Accepted::Redelivered(pending) => Box::pin(self.redelivered(*pending)).await,
@@ -405,6 +423,57 @@ impl Subscription for NatsSubscription {
                 Accepted::Skipped | Accepted::Redelivered(_) => {}
             }
         }
+    }
+
+    /// A delivery already pulled into the inbox, while no pull request is
+    /// due and a prefetch slot is free; anything else is left to `next`.
+    fn try_next(&mut self) -> Option<Delivery> {
+        if self.held.is_some()
+            || self.conn.is_closed()
+            || self.disconnects.count() != self.seen_disconnects
+            || self.pull_wanted().is_some()
+        {
+            return None;
+        }
+        let slot = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        match self.puller.try_next()? {
+            Pulled::Stored(message) => match self.accept(message, slot) {
+                Accepted::Deliver(delivery) => Some(delivery),
+                other => {
+                    self.held = Some(Held::Accepted(other));
+                    None
+                }
+            },
+            other => {
+                self.held = Some(Held::Pulled(other));
+                None
+            }
+        }
+    }
+}
+
+impl NatsSubscription {
+    /// What `pulled` comes to: `None` when the client is closed; an error
+    /// when the server refuses; `Ok(None)` when there is nothing to deliver.
+    async fn take(&mut self, pulled: Option<Pulled>) -> Option<Result<Option<Accepted>>> {
+        let message = match pulled? {
+            Pulled::Ended => return Some(Ok(None)),
+            Pulled::Refused(why) => {
+                return Some(Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("pulling from `{}`: {why}", self.info.name),
+                )))
+            }
+            Pulled::Stored(message) => message,
+        };
+        let accepted = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => self.accept(message, slot),
+            Err(_) => match Box::pin(self.accept_when_free(message)).await {
+                Some(accepted) => accepted,
+                None => return None,
+            },
+        };
+        Some(Ok(Some(accepted)))
     }
 }
 
