@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use ticketrail_core::wire;
@@ -50,6 +50,8 @@ pub(crate) struct RabbitSubscription {
 struct Open {
     consumer: lapin::Consumer,
     acks: Arc<Acks>,
+    /// What `try_next` found the consumer ended with, left to `next`.
+    held: Option<Option<lapin::Result<lapin::message::Delivery>>>,
 }
 
 impl RabbitSubscription {
@@ -100,6 +102,7 @@ impl RabbitSubscription {
         self.open = Some(Open {
             consumer,
             acks: Acks::new(connection, channel, self.prefetch),
+            held: None,
         });
         Ok(())
     }
@@ -145,7 +148,11 @@ impl Subscription for RabbitSubscription {
                 }
                 continue;
             };
-            match open.consumer.next().await {
+            let got = match open.held.take() {
+                Some(got) => got,
+                None => open.consumer.next().await,
+            };
+            match got {
                 Some(Ok(delivery)) => {
                     if let Some(clean) = self.isolating.as_mut() {
                         *clean += 1;
@@ -185,6 +192,25 @@ impl Subscription for RabbitSubscription {
                         ),
                     )));
                 }
+            }
+        }
+    }
+
+    /// A delivery lapin has already received, while the whole prefetch
+    /// window is open; anything else is left to `next`.
+    fn try_next(&mut self) -> Option<Delivery> {
+        if self.isolating.is_some() || self.link.is_closed() {
+            return None;
+        }
+        let open = self.open.as_mut().filter(|open| open.held.is_none())?;
+        match open.consumer.next().now_or_never()? {
+            Some(Ok(delivery)) => {
+                let acks = Arc::clone(&open.acks);
+                Some(self.delivery(delivery, acks))
+            }
+            ended => {
+                open.held = Some(ended);
+                None
             }
         }
     }
