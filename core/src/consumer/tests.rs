@@ -574,13 +574,17 @@ async fn a_closed_connection_ends_the_consumer_with_an_error() {
     assert_eq!(running.health().state, ConsumerState::Stopped);
 }
 
-#[tokio::test(start_paused = true)]
-async fn no_more_deliveries_are_taken_than_prefetch_allows() {
-    let broker = ScriptedBroker::new(vec![vec![
-        deliver("a", json("hang")),
-        deliver("b", json("hang")),
-        deliver("c", json("hang")),
-    ]]);
+/// Three deliveries that never finish, prefetch 2: two are taken, and a
+/// third is never asked for, whether they are awaited or at hand.
+async fn takes_no_more_than_prefetch(at_hand: bool) {
+    let broker = ScriptedBroker::with_deliveries_at_hand(
+        vec![vec![
+            deliver("a", json("hang")),
+            deliver("b", json("hang")),
+            deliver("c", json("hang")),
+        ]],
+        at_hand,
+    );
     let running = consumer(&broker).prefetch(2).spawn();
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert_eq!(running.health().in_flight, 2);
@@ -590,6 +594,11 @@ async fn no_more_deliveries_are_taken_than_prefetch_allows() {
         "a third delivery was asked for"
     );
     running.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_more_deliveries_are_taken_than_prefetch_allows() {
+    takes_no_more_than_prefetch(false).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -606,23 +615,7 @@ async fn prefetch_zero_is_a_configuration_error() {
 
 #[tokio::test(start_paused = true)]
 async fn deliveries_at_hand_are_taken_within_prefetch() {
-    let broker = ScriptedBroker::with_deliveries_at_hand(
-        vec![vec![
-            deliver("a", json("hang")),
-            deliver("b", json("hang")),
-            deliver("c", json("hang")),
-        ]],
-        true,
-    );
-    let running = consumer(&broker).prefetch(2).spawn();
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(running.health().in_flight, 2);
-    assert_eq!(
-        *broker.polls.lock().unwrap(),
-        2,
-        "a third delivery was taken"
-    );
-    running.abort();
+    takes_no_more_than_prefetch(true).await;
 }
 
 #[tokio::test(start_paused = true)]
