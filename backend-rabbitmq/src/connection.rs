@@ -128,6 +128,27 @@ async fn open_node(
     }
 }
 
+/// Awaits one exchange with RabbitMQ that a live broker answers at once
+/// (opening a channel, confirm mode, a declare, a close) for at most the
+/// connect timeout. A node that goes away mid-exchange, or a reply lapin
+/// never gets, would otherwise hold the caller for good, and with it a
+/// publisher's session lock and everyone who waits on it.
+pub(crate) async fn answered<T>(
+    config: &RabbitConfig,
+    what: &str,
+    exchange: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let limit = config.connect_timeout;
+    tokio::time::timeout(limit, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{what}: RabbitMQ did not answer within {limit:?}"),
+            ))
+        })
+}
+
 /// Opens a raw connection (see [`crate::raw`]) to the first node that answers.
 pub(crate) async fn open_raw(config: &RabbitConfig) -> Result<RawConnection> {
     let tls = RawTls {
@@ -207,18 +228,18 @@ impl Link {
         if let Some(session) = current.as_ref().filter(|s| s.healthy()) {
             return Ok(Arc::clone(session));
         }
+        let config = &self.config;
         let session = match current.take() {
             // The connection lives; only the publishing channel broke (e.g.
             // a publish to an exchange that does not exist closes it).
             Some(old) if old.connection.status().connected() => Session {
-                publish: confirm_channel(&old.connection).await?,
+                publish: confirm_channel(config, &old.connection).await?,
                 connection: Arc::clone(&old.connection),
             },
             _ => {
-                let (connection, address) =
-                    open(&self.config, &self.next_node, "publishing").await?;
+                let (connection, address) = open(config, &self.next_node, "publishing").await?;
                 let session = Session {
-                    publish: confirm_channel(&connection).await?,
+                    publish: confirm_channel(config, &connection).await?,
                     connection: Arc::new(connection),
                 };
                 let topologies = self.declared.lock().expect("not poisoned").clone();
@@ -226,12 +247,18 @@ impl Link {
                     tracing::info!(broker = %address, "reconnected to RabbitMQ; declaring topology again");
                 }
                 for topology in &topologies {
-                    topology::declare(&session.publish, topology).await?;
+                    let what = format!("declaring `{}` again", topology.topic_space);
+                    answered(config, &what, topology::declare(&session.publish, topology)).await?;
                 }
                 self.wait_queues.lock().expect("not poisoned").clear();
                 session
             }
         };
+        // Closed while this reconnected: the new connection is not kept
+        // (dropped, it is closed), so `close` need not wait for the lock.
+        if self.is_closed() {
+            return Err(Error::closed("the RabbitMQ connection was closed"));
+        }
         let session = Arc::new(session);
         *current = Some(Arc::clone(&session));
         Ok(session)
@@ -378,11 +405,14 @@ impl Link {
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self) -> Result<Channel> {
         let session = self.session().await?;
-        session
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| map("opening a channel", e))
+        answered(&self.config, "opening a channel", async {
+            session
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| map("opening a channel", e))
+        })
+        .await
     }
 
     /// The negotiated frame size: a message's headers must fit in one frame.
@@ -393,30 +423,55 @@ impl Link {
         }
     }
 
+    /// Closes the publishing connection. Bounded by the connect timeout,
+    /// twice over: for a reconnect under way to let go of the session (it
+    /// then drops what it opened), and for RabbitMQ to confirm the close
+    /// (one not confirmed in time is left to finish in the background).
     pub(crate) async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::Release);
-        if let Some(session) = self.current.lock().await.take() {
-            if session.connection.status().connected() {
-                session
-                    .connection
-                    .close(200, "ticketrail closing".into())
-                    .await
-                    .map_err(|e| map("closing the connection", e))?;
-            }
+        let limit = self.config.connect_timeout;
+        let Ok(mut current) = tokio::time::timeout(limit, self.current.lock()).await else {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "closing the RabbitMQ connection: a reconnect still held it after {limit:?}; \
+                     it closes what it opened when it ends"
+                ),
+            ));
+        };
+        let Some(session) = current.take() else {
+            return Ok(());
+        };
+        drop(current);
+        if !session.connection.status().connected() {
+            return Ok(());
         }
-        Ok(())
+        answered(&self.config, "closing the connection", async {
+            session
+                .connection
+                .close(200, "ticketrail closing".into())
+                .await
+                .map_err(|e| map("closing the connection", e))
+        })
+        .await
     }
 }
 
-async fn confirm_channel(connection: &Connection) -> Result<Channel> {
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|e| map("opening a channel", e))?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| map("enabling publisher confirms", e))?;
+async fn confirm_channel(config: &RabbitConfig, connection: &Connection) -> Result<Channel> {
+    let channel = answered(config, "opening a channel", async {
+        connection
+            .create_channel()
+            .await
+            .map_err(|e| map("opening a channel", e))
+    })
+    .await?;
+    answered(config, "enabling publisher confirms", async {
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| map("enabling publisher confirms", e))
+    })
+    .await?;
     Ok(channel)
 }
 

@@ -77,28 +77,39 @@ impl RabbitSubscription {
         let purpose = format!("consuming {}", self.queue);
         let (connection, _node) =
             connection::open(&self.link.config, &self.next_node, &purpose).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|e| map("opening a channel", e))?;
+        let config = &self.link.config;
+        let channel = connection::answered(config, "opening a channel", async {
+            connection
+                .create_channel()
+                .await
+                .map_err(|e| map("opening a channel", e))
+        })
+        .await?;
         let prefetch = if self.isolating.is_some() {
             1
         } else {
             self.prefetch
         };
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| map("setting the prefetch limit", e))?;
-        let consumer = channel
-            .basic_consume(
-                self.queue.as_ref().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| map(&format!("consuming from queue `{}`", self.queue), e))?;
+        connection::answered(config, "setting the prefetch limit", async {
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| map("setting the prefetch limit", e))
+        })
+        .await?;
+        let what = format!("consuming from queue `{}`", self.queue);
+        let consumer = connection::answered(config, &what, async {
+            channel
+                .basic_consume(
+                    self.queue.as_ref().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| map(&what, e))
+        })
+        .await?;
         self.open = Some(Open {
             consumer,
             acks: Acks::new(connection, channel, self.prefetch),

@@ -448,3 +448,57 @@ async fn rabbitmq_retries_kept_past_their_time_are_brought_back() {
     broker.close().await.unwrap();
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// A node that stops answering (hung, its port still open) costs a client
+/// that closes its connect timeout, not forever: lapin waits for the
+/// broker's close-ok, and a failure drill once hung there.
+#[tokio::test]
+async fn rabbitmq_close_is_bounded_when_the_broker_stops_answering() {
+    use ticketrail_conformance::testing::Freezer;
+    use ticketrail_core::{Broker, ErrorKind, QueueSpec, Topology};
+    use ticketrail_rabbitmq::{RabbitBroker, RabbitConfig};
+    let mut node = RabbitNode::start().await.unwrap();
+    let url = node.url();
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|tail| tail.split('/').next())
+        .and_then(|port| port.parse().ok())
+        .expect("a port in the node's URL");
+    let freezer = Freezer::start(([127, 0, 0, 1], port).into()).await.unwrap();
+    let relayed = url.replace(&format!(":{port}/"), &format!(":{}/", freezer.port()));
+    let config = RabbitConfig::from_url(&relayed)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2));
+    let broker = RabbitBroker::connect(config).await.unwrap();
+    let topology = Topology::new("frozen.events").queue(QueueSpec::new("frozen.q").bind("#"));
+    broker.declare(&topology).await.unwrap();
+    broker
+        .publish("frozen.events", Message::new("k", "through the relay"))
+        .await
+        .expect("the relay forwards until frozen");
+
+    freezer.freeze();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(30), broker.close())
+        .await
+        .expect("close() still waiting for the broker after 30 s");
+    let err = closed.expect_err("a close the broker never confirmed reported success");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        err.to_string().contains("closing the connection"),
+        "the error names what timed out: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "close took {:?} with a 2 s connect timeout",
+        started.elapsed()
+    );
+    let after = broker
+        .publish("frozen.events", Message::new("k", "after close"))
+        .await
+        .expect_err("publishing after close");
+    assert_eq!(after.kind(), ErrorKind::Closed, "{after}");
+    drop(freezer);
+    node.remove().await.unwrap();
+}

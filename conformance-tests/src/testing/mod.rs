@@ -6,6 +6,7 @@
 
 mod certs;
 mod clusters;
+mod freezer;
 mod nats_server;
 mod rabbit_node;
 mod raw;
@@ -21,6 +22,7 @@ use crate::harness::Restartable;
 
 pub use certs::TestCerts;
 pub use clusters::{nats_server_215_binary, NatsCluster, RabbitCluster};
+pub use freezer::Freezer;
 pub use nats_server::{nats_server_binary, NatsServer};
 pub use rabbit_node::RabbitNode;
 pub use raw::{raw_amqp, raw_nats_publish};
