@@ -545,13 +545,22 @@ impl Broker for NatsBroker {
 
     async fn close(&self) -> Result<()> {
         self.conn.mark_closed();
-        // Acks and naks already sent are flushed before the connection goes.
-        let _ = self.conn.client.flush().await;
-        self.conn
-            .client
-            .drain()
-            .await
-            .map_err(|e| error::client("closing the NATS connection", e))
+        // Acks and naks already sent are flushed before the connection
+        // goes; a server that is away (both wait for it) gets the request
+        // timeout, after which the client is dropped and what it had not
+        // sent is redelivered by the server.
+        let limit = self.conn.config.request_timeout;
+        let closing = async {
+            let _ = self.conn.client.flush().await;
+            self.conn.client.drain().await
+        };
+        match tokio::time::timeout(limit, closing).await {
+            Ok(drained) => drained.map_err(|e| error::client("closing the NATS connection", e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!("closing the NATS connection: the server did not answer within {limit:?}"),
+            )),
+        }
     }
 }
 

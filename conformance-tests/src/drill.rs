@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use crate::harness::{Harness, Restartable};
 use crate::support::{job_message, Job};
 use ticketrail_core::{
-    Consumer, Context, DeadLetterReason, Fixed, Handler, HandlerError, QueueSpec, Result,
-    SharedBroker, Topology,
+    Consumer, Context, DeadLetterReason, Error, ErrorKind, Fixed, Handler, HandlerError, QueueSpec,
+    Result, SharedBroker, Topology,
 };
 
 /// What the drill saw.
@@ -171,8 +171,22 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Release);
-    for task in chaos {
-        let _ = task.await;
+    // Each chaos consumer stops after its current round (a connect and a
+    // close, both bounded by the backend's timeouts): one that does not is
+    // a hang to name, not to wait out.
+    for (slot, task) in chaos.into_iter().enumerate() {
+        if tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .is_err()
+        {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "chaos consumer {slot} did not stop within 120 s of the publishing's end \
+                     (stuck connecting, or closing its broker)"
+                ),
+            ));
+        }
     }
 
     // One consumer that stays, until everything is accounted for.
