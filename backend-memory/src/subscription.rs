@@ -145,6 +145,10 @@ impl Settle for MemorySettle {
         self.finish().map(drop)
     }
 
+    fn try_ack(&mut self) -> Option<Result<()>> {
+        Some(self.finish().map(drop))
+    }
+
     async fn nack(mut self: Box<Self>) -> Result<()> {
         let stored = self.finish()?;
         self.queue.release(stored);

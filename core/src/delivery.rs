@@ -33,6 +33,15 @@ pub trait Settle: Send + Sync {
     /// Acknowledges: the message is done and never delivered again (C3).
     async fn ack(self: Box<Self>) -> Result<()>;
 
+    /// Acknowledges at once, where nothing need be awaited for it (an
+    /// in-process broker): `None` (the default) leaves it to
+    /// [`ack`](Settle::ack). After `Some`, the settlement is done and is
+    /// dropped, so its `Drop` must not release the message then. Spares a
+    /// consumer a boxed future per message.
+    fn try_ack(&mut self) -> Option<Result<()>> {
+        None
+    }
+
     /// Releases the message for immediate redelivery.
     async fn nack(self: Box<Self>) -> Result<()>;
 
@@ -167,7 +176,11 @@ impl Delivery {
 
     /// Acknowledges: the message is done (C3).
     pub async fn ack(&mut self) -> Result<()> {
-        self.take()?.ack().await
+        let mut settle = self.take()?;
+        match settle.try_ack() {
+            Some(acked) => acked,
+            None => settle.ack().await,
+        }
     }
 
     /// Releases the message for immediate redelivery, same attempt.
