@@ -67,6 +67,7 @@ struct Options {
 }
 
 /// One figure and its raw baseline.
+#[derive(Clone)]
 struct Figure {
     broker: String,
     metric: String,
@@ -78,11 +79,27 @@ struct Figure {
     /// CPU microseconds per message, ticketrail's and the baseline's: this
     /// process's and the broker's.
     cpu: Option<[(f64, Option<f64>); 2]>,
+    /// Whether the figure is a cost whose difference (`ticketrail_minus_raw`)
+    /// is the point: the framework's time per message over the baseline's.
+    difference: bool,
 }
 
 impl Figure {
     fn with_cpu(mut self, cpu: Option<[(f64, Option<f64>); 2]>) -> Self {
         self.cpu = cpu;
+        self
+    }
+
+    /// The framework's cost per message over the baseline's, from the same
+    /// median throughputs: `1e6 / ours - 1e6 / theirs` microseconds.
+    fn cost_per_message(mut self) -> Self {
+        self.metric = self.metric.replace("throughput", "time per message");
+        self.unit = "us";
+        self.higher_is_better = false;
+        self.ticketrail = 1e6 / self.ticketrail;
+        self.raw = 1e6 / self.raw;
+        self.cpu = None;
+        self.difference = true;
         self
     }
 
@@ -103,6 +120,12 @@ impl Figure {
                 "baseline": self.baseline,
             });
             let mut line = line;
+            if self.difference {
+                let exact = |x: f64| (x * 1000.0).round() / 1000.0;
+                line["ticketrail"] = serde_json::json!(exact(self.ticketrail));
+                line["raw"] = serde_json::json!(exact(self.raw));
+                line["ticketrail_minus_raw"] = serde_json::json!(exact(self.ticketrail - self.raw));
+            }
             if let Some([ours, theirs]) = self.cpu {
                 line["client_cpu_us_per_msg"] = serde_json::json!({
                     "ticketrail": round(ours.0), "raw": round(theirs.0),
@@ -113,6 +136,18 @@ impl Figure {
                 }
             }
             println!("{line}");
+        } else if self.difference {
+            println!(
+                "{:<9} {:<34} {:>12.3} {:>12.3} {:>7.3}  {} ({:+.3} us over the baseline: {})",
+                self.broker,
+                self.metric,
+                self.ticketrail,
+                self.raw,
+                self.ratio(),
+                self.unit,
+                self.ticketrail - self.raw,
+                self.baseline
+            );
         } else {
             println!(
                 "{:<9} {:<34} {:>12.0} {:>12.0} {:>7.3}  {} ({} is better; baseline: {})",
@@ -397,6 +432,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         raw,
         baseline,
         cpu: None,
+        difference: false,
     };
     // ticketrail's CPU per message against side `base`'s.
     let per_message = |spent: &[Spent], base: usize, messages: usize| {
@@ -424,6 +460,14 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             "raw client",
         )
         .with_cpu(per_message(&consume_cpu, 0, total)),
+    ];
+    // In process, the framework's cost is what it adds to each message's
+    // time over the bare channel.
+    if broker == "memory" {
+        let two = figures.clone();
+        figures.extend(two.into_iter().map(Figure::cost_per_message));
+    }
+    figures.extend([
         figure(
             "latency p50 (median of repeats)",
             "us",
@@ -449,7 +493,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             "ticketrail with no failures",
         )
         .with_cpu(per_message(&healthy_cpu, 0, total)),
-    ];
+    ]);
     for (k, baseline) in [
         "raw lapin: confirmed copy to a TTL queue, then ack",
         "raw lapin: reject, broker dead-letters to a TTL queue",
