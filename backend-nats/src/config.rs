@@ -99,7 +99,7 @@ impl NatsConfig {
             address,
             connect_timeout: Duration::from_secs(10),
             ack_wait: Duration::from_secs(30),
-            max_ack_pending: 10_000,
+            max_ack_pending: 100_000,
             request_timeout: Duration::from_secs(10),
             retry_on_initial_connect: false,
             tls_ca_file: None,
@@ -125,8 +125,14 @@ impl NatsConfig {
     }
 
     /// The server-side bound on unsettled messages per queue, across all its
-    /// subscriptions. Messages waiting out a retry delay count against it, so
-    /// it is kept well above any prefetch. Default 10 000.
+    /// subscriptions. Messages waiting out a retry delay count against it:
+    /// once this many wait, the server delivers nothing new until some come
+    /// back, so it is kept far above any prefetch (which bounds what a
+    /// subscription holds, C5). Default 100 000 (at 10 000, 100,000 messages
+    /// with 10 % failing once held healthy throughput to 0.37 to 0.59 of a
+    /// run without failures; at 100 000, 0.78 to 0.90). Declaring an existing
+    /// queue again with another value updates it in place. A server whose
+    /// account or stream limits it lower refuses the declare: set it here.
     pub fn max_ack_pending(mut self, max: i64) -> Self {
         self.max_ack_pending = max;
         self

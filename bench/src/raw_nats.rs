@@ -55,7 +55,7 @@ impl RawNats {
             .create_consumer(pull::Config {
                 durable_name: Some("raw".to_owned()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                max_ack_pending: 10_000,
+                max_ack_pending: 100_000,
                 ..Default::default()
             })
             .await?;
