@@ -308,7 +308,8 @@ pub struct Decoded {
     /// message's dead-letter record if it gets one.
     pub notes: Vec<String>,
     /// The bookkeeping headers taken out of the message, for reading a
-    /// dead-letter record.
+    /// dead-letter record; the id header is not among them (it became the
+    /// envelope's id, or was set aside with a note).
     pub bookkeeping: Headers,
 }
 
@@ -322,10 +323,22 @@ impl Incoming {
     /// [`decode`](Incoming::decode) with `now` as the time.
     pub fn decode_at(self, now: SystemTime) -> Decoded {
         let mut notes = Vec::new();
-        let (bookkeeping, mut headers): (Headers, Headers) = self
-            .headers
-            .into_iter()
-            .partition(|(name, _)| is_bookkeeping(name));
+        // Most messages carry only bookkeeping (ticketrail's own) or none
+        // (a plain client's): the map is then kept whole, not rebuilt.
+        let mut headers = self.headers;
+        let mut bookkeeping = if headers.keys().all(|name| is_bookkeeping(name)) {
+            std::mem::take(&mut headers)
+        } else if headers.keys().any(|name| is_bookkeeping(name)) {
+            let (bookkeeping, application) = std::mem::take(&mut headers)
+                .into_iter()
+                .partition(|(name, _)| is_bookkeeping(name));
+            headers = application;
+            bookkeeping
+        } else {
+            Headers::new()
+        };
+        // Moved into the envelope, not copied.
+        let header_id = bookkeeping.remove(ID);
         let get = |name: &str| bookkeeping.get(name).map(String::as_str);
         let (mut payload, mut content_type) = (self.payload, self.content_type);
         if get(PAYLOAD_REF) == Some(PAYLOAD_IN_BODY) {
@@ -348,7 +361,7 @@ impl Incoming {
             }
         }
 
-        let id = choose_id(get(ID), self.broker_id.as_deref(), &mut notes);
+        let id = choose_id(header_id, self.broker_id, &mut notes);
 
         let routing_key = match get(ROUTING_KEY) {
             Some(key) if validate_routing_key(key).is_ok() => key.to_owned(),
@@ -462,11 +475,11 @@ impl Incoming {
 /// The id of a delivered message: ticketrail's header, else the broker's
 /// message id, else a new one (C17); a value that is not a valid id is set
 /// aside with a note.
-fn choose_id(header: Option<&str>, broker: Option<&str>, notes: &mut Vec<String>) -> String {
+fn choose_id(header: Option<String>, broker: Option<String>, notes: &mut Vec<String>) -> String {
     for (source, candidate) in [(ID, header), ("the broker's message id", broker)] {
         let Some(candidate) = candidate else { continue };
-        match validate_id(candidate) {
-            Ok(()) => return candidate.to_owned(),
+        match validate_id(&candidate) {
+            Ok(()) => return candidate,
             Err(e) => notes.push(format!("{source} set aside: {}", e.message())),
         }
     }
