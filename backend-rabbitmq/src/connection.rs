@@ -133,7 +133,7 @@ async fn open_node(
 /// connect timeout. A node that goes away mid-exchange, or a reply lapin
 /// never gets, would otherwise hold the caller for good, and with it a
 /// publisher's session lock and everyone who waits on it.
-pub(crate) async fn answered<T>(
+pub(crate) async fn within<T>(
     config: &RabbitConfig,
     what: &str,
     exchange: impl Future<Output = Result<T>>,
@@ -147,6 +147,15 @@ pub(crate) async fn answered<T>(
                 format!("{what}: RabbitMQ did not answer within {limit:?}"),
             ))
         })
+}
+
+/// [`within`] for one of lapin's calls, its error named by `what`.
+pub(crate) async fn answered<T>(
+    config: &RabbitConfig,
+    what: &str,
+    call: impl Future<Output = lapin::Result<T>>,
+) -> Result<T> {
+    within(config, what, async { call.await.map_err(|e| map(what, e)) }).await
 }
 
 /// Opens a raw connection (see [`crate::raw`]) to the first node that answers.
@@ -248,7 +257,7 @@ impl Link {
                 }
                 for topology in &topologies {
                     let what = format!("declaring `{}` again", topology.topic_space);
-                    answered(config, &what, topology::declare(&session.publish, topology)).await?;
+                    within(config, &what, topology::declare(&session.publish, topology)).await?;
                 }
                 self.wait_queues.lock().expect("not poisoned").clear();
                 session
@@ -405,13 +414,11 @@ impl Link {
     /// A new channel on the live connection.
     pub(crate) async fn channel(&self) -> Result<Channel> {
         let session = self.session().await?;
-        answered(&self.config, "opening a channel", async {
-            session
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| map("opening a channel", e))
-        })
+        answered(
+            &self.config,
+            "opening a channel",
+            session.connection.create_channel(),
+        )
         .await
     }
 
@@ -446,32 +453,15 @@ impl Link {
         if !session.connection.status().connected() {
             return Ok(());
         }
-        answered(&self.config, "closing the connection", async {
-            session
-                .connection
-                .close(200, "ticketrail closing".into())
-                .await
-                .map_err(|e| map("closing the connection", e))
-        })
-        .await
+        let closing = session.connection.close(200, "ticketrail closing".into());
+        answered(&self.config, "closing the connection", closing).await
     }
 }
 
 async fn confirm_channel(config: &RabbitConfig, connection: &Connection) -> Result<Channel> {
-    let channel = answered(config, "opening a channel", async {
-        connection
-            .create_channel()
-            .await
-            .map_err(|e| map("opening a channel", e))
-    })
-    .await?;
-    answered(config, "enabling publisher confirms", async {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| map("enabling publisher confirms", e))
-    })
-    .await?;
+    let channel = answered(config, "opening a channel", connection.create_channel()).await?;
+    let confirms = channel.confirm_select(ConfirmSelectOptions::default());
+    answered(config, "enabling publisher confirms", confirms).await?;
     Ok(channel)
 }
 

@@ -78,38 +78,23 @@ impl RabbitSubscription {
         let (connection, _node) =
             connection::open(&self.link.config, &self.next_node, &purpose).await?;
         let config = &self.link.config;
-        let channel = connection::answered(config, "opening a channel", async {
-            connection
-                .create_channel()
-                .await
-                .map_err(|e| map("opening a channel", e))
-        })
-        .await?;
+        let opening = connection.create_channel();
+        let channel = connection::answered(config, "opening a channel", opening).await?;
         let prefetch = if self.isolating.is_some() {
             1
         } else {
             self.prefetch
         };
-        connection::answered(config, "setting the prefetch limit", async {
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await
-                .map_err(|e| map("setting the prefetch limit", e))
-        })
-        .await?;
+        let qos = channel.basic_qos(prefetch, BasicQosOptions::default());
+        connection::answered(config, "setting the prefetch limit", qos).await?;
+        let consuming = channel.basic_consume(
+            self.queue.as_ref().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        );
         let what = format!("consuming from queue `{}`", self.queue);
-        let consumer = connection::answered(config, &what, async {
-            channel
-                .basic_consume(
-                    self.queue.as_ref().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(|e| map(&what, e))
-        })
-        .await?;
+        let consumer = connection::answered(config, &what, consuming).await?;
         self.open = Some(Open {
             consumer,
             acks: Acks::new(connection, channel, self.prefetch),

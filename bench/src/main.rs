@@ -136,33 +136,32 @@ impl Figure {
                 }
             }
             println!("{line}");
-        } else if self.difference {
-            println!(
-                "{:<9} {:<34} {:>12.3} {:>12.3} {:>7.3}  {} ({:+.3} us over the baseline: {})",
-                self.broker,
-                self.metric,
-                self.ticketrail,
-                self.raw,
-                self.ratio(),
-                self.unit,
-                self.ticketrail - self.raw,
-                self.baseline
-            );
         } else {
-            println!(
-                "{:<9} {:<34} {:>12.0} {:>12.0} {:>7.3}  {} ({} is better; baseline: {})",
-                self.broker,
-                self.metric,
-                self.ticketrail,
-                self.raw,
-                self.ratio(),
-                self.unit,
-                if self.higher_is_better {
+            let (precision, note) = if self.difference {
+                let over = self.ticketrail - self.raw;
+                (
+                    3,
+                    format!("{over:+.3} us over the baseline: {}", self.baseline),
+                )
+            } else {
+                let better = if self.higher_is_better {
                     "higher"
                 } else {
                     "lower"
-                },
-                self.baseline
+                };
+                (
+                    0,
+                    format!("{better} is better; baseline: {}", self.baseline),
+                )
+            };
+            println!(
+                "{:<9} {:<34} {:>12.precision$} {:>12.precision$} {:>7.3}  {} ({note})",
+                self.broker,
+                self.metric,
+                self.ticketrail,
+                self.raw,
+                self.ratio(),
+                self.unit,
             );
             if let Some([ours, theirs]) = self.cpu {
                 let broker = match (ours.1, theirs.1) {
