@@ -546,9 +546,9 @@ impl Broker for NatsBroker {
     async fn close(&self) -> Result<()> {
         self.conn.mark_closed();
         // Acks and naks already sent are flushed before the connection
-        // goes; a server that is away (both wait for it) gets the request
-        // timeout, after which the client is dropped and what it had not
-        // sent is redelivered by the server.
+        // goes. Both wait for a server that is away: close gives up after
+        // the request timeout, and the server delivers again, after
+        // `ack_wait`, whatever was not acked.
         let limit = self.conn.config.request_timeout;
         let closing = async {
             let _ = self.conn.client.flush().await;

@@ -60,30 +60,29 @@ impl Drop for Freezer {
 }
 
 /// Copies one direction until frozen, then holds both halves until the
-/// relay goes.
+/// relay goes; a side that closes ends it.
 async fn relay(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if *frozen.borrow() {
-            break;
-        }
+    while !*frozen.borrow() {
         tokio::select! {
             read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
+                // Read after the freeze: not forwarded.
+                Ok(_) if *frozen.borrow() => break,
                 Ok(n) => {
-                    if *frozen.borrow() || to.write_all(&buf[..n]).await.is_err() {
-                        break;
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        return;
                     }
                 }
             },
             _ = frozen.changed() => {}
         }
     }
-    // Frozen: the sockets stay open, silent, until the sender side goes.
+    // Frozen: the sockets stay open, silent, until the Freezer goes.
     while frozen.changed().await.is_ok() {}
     drop((from, to));
 }
