@@ -208,6 +208,9 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         };
         let mut running = Running::new(self.parallel);
         let limit = usize::from(prefetch.get());
+        // At most this many deliveries at hand are taken in one turn of the
+        // loop, so a stop signal is seen while a backlog drains.
+        let batch = u64::from(prefetch.get());
         tokio::pin!(signal);
         // The pending `next()` is kept across turns of the loop, never
         // dropped half-way: a subscription need not be cancellation-safe. It
@@ -225,11 +228,11 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             // subscription is awaited only when it has none.
             if let (Some(Some(subscription)), true) = (idle.as_mut(), pause.is_zero()) {
                 let mut taken = 0;
-                while running.len() < limit {
+                while running.len() < limit && taken < batch {
                     let Some(delivery) = subscription.try_next() else {
                         break;
                     };
-                    running.push(handle(delivery));
+                    running.push(handle(delivery)).await;
                     taken += 1;
                 }
                 if taken > 0 {
@@ -264,7 +267,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resubscribe.reset();
                             health.delivered();
                             metrics.consumed.increment(1);
-                            running.push(handle(delivery));
+                            running.push(handle(delivery)).await;
                             in_flight(running.len());
                         }
                         Got::Interrupted(e) => {
@@ -429,7 +432,7 @@ impl RunningConsumer {
 /// The deliveries being handled: on the consumer's own task, or each on a
 /// task of its own ([`Consumer::parallel`]).
 enum Running<F> {
-    Inline(FuturesUnordered<F>),
+    Inline(FuturesUnordered<Pin<Box<F>>>),
     Spawned(JoinSet<()>),
 }
 
@@ -453,9 +456,26 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
         self.len() == 0
     }
 
-    fn push(&mut self, handling: F) {
+    /// Starts `handling`. On the consumer's task it is polled once at
+    /// once and kept in the set only if it did not finish: a handling
+    /// whose handler and settlement await nothing (the memory broker's, a
+    /// NATS ack) costs no task in the set, no waker and no second poll.
+    async fn push(&mut self, handling: F) {
         match self {
-            Running::Inline(set) => set.push(handling),
+            Running::Inline(set) => {
+                let mut handling = Box::pin(handling);
+                let finished = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(handling.as_mut().poll(cx).is_ready())
+                })
+                .await;
+                if finished {
+                    // Handlers that finish at once never make this task
+                    // wait: let it yield now and then all the same.
+                    tokio::task::coop::consume_budget().await;
+                } else {
+                    set.push(handling);
+                }
+            }
             Running::Spawned(set) => drop(set.spawn(handling)),
         }
     }
