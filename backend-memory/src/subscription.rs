@@ -12,27 +12,36 @@ use crate::store::{Queue, Stored};
 
 /// A subscription on one queue, with its own prefetch window.
 pub(crate) struct MemorySubscription {
+    window: Arc<Window>,
+}
+
+/// What a subscription shares with its deliveries' settlements: one
+/// reference each, not one per field.
+struct Window {
     queue: Arc<Queue>,
     connection: Arc<Connection>,
     prefetch: usize,
-    unsettled: Arc<AtomicUsize>,
+    /// Deliveries handed out and not yet settled.
+    unsettled: AtomicUsize,
 }
 
 impl MemorySubscription {
     pub(crate) fn new(queue: Arc<Queue>, connection: Arc<Connection>, prefetch: usize) -> Self {
         queue.consumers.fetch_add(1, Ordering::AcqRel);
         MemorySubscription {
-            queue,
-            connection,
-            prefetch,
-            unsettled: Arc::new(AtomicUsize::new(0)),
+            window: Arc::new(Window {
+                queue,
+                connection,
+                prefetch,
+                unsettled: AtomicUsize::new(0),
+            }),
         }
     }
 }
 
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
-        self.queue.consumers.fetch_sub(1, Ordering::AcqRel);
+        self.window.queue.consumers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -46,12 +55,12 @@ impl Subscription for MemorySubscription {
         }
         loop {
             // Register for wake-ups before looking again, so none is missed.
-            let changed = self.queue.changed.notified();
-            let closed = self.connection.closed.notified();
+            let changed = self.window.queue.changed.notified();
+            let closed = self.window.connection.closed.notified();
             tokio::pin!(changed, closed);
             changed.as_mut().enable();
             closed.as_mut().enable();
-            let _waiting = self.queue.wait_for_change();
+            let _waiting = self.window.queue.wait_for_change();
             if let Some(delivery) = self.take() {
                 return delivery;
             }
@@ -72,25 +81,23 @@ impl MemorySubscription {
     /// subscription or a delivery. `None` while the queue is empty or the
     /// prefetch window full.
     fn take(&self) -> Option<Option<Result<Delivery>>> {
-        if self.connection.is_closed() || self.queue.is_deleted() {
+        let window = &self.window;
+        if window.connection.is_closed() || window.queue.is_deleted() {
             return Some(None);
         }
-        if self.unsettled.load(Ordering::Acquire) >= self.prefetch {
+        if window.unsettled.load(Ordering::Acquire) >= window.prefetch {
             return None;
         }
-        let mut stored = self.queue.pop()?;
-        self.unsettled.fetch_add(1, Ordering::AcqRel);
+        let mut stored = window.queue.pop()?;
+        window.unsettled.fetch_add(1, Ordering::AcqRel);
         let first_failed_at = stored.first_failed_at;
         let notes = std::mem::take(&mut stored.notes);
         let envelope = Arc::clone(&stored.envelope);
         let settle = MemorySettle {
-            queue: Arc::clone(&self.queue),
-            connection: Arc::clone(&self.connection),
-            unsettled: Arc::clone(&self.unsettled),
-            prefetch: self.prefetch,
+            window: Arc::clone(window),
             stored: Some(stored),
         };
-        let delivery = Delivery::new(Arc::clone(&self.queue.name), envelope, Box::new(settle))
+        let delivery = Delivery::new(Arc::clone(&window.queue.name), envelope, Box::new(settle))
             .with_first_failed_at(first_failed_at);
         Some(Some(Ok(if notes.is_empty() {
             delivery
@@ -102,28 +109,32 @@ impl MemorySubscription {
 
 /// Settles one delivery; dropped unsettled, it puts the message back (C4).
 struct MemorySettle {
-    queue: Arc<Queue>,
-    connection: Arc<Connection>,
-    unsettled: Arc<AtomicUsize>,
-    /// The subscription's window: freeing a slot of a full window wakes it.
-    prefetch: usize,
+    /// The subscription's window: freeing a slot of a full one wakes it.
+    window: Arc<Window>,
     stored: Option<Stored>,
+}
+
+impl MemorySettle {
+    fn queue(&self) -> &Queue {
+        &self.window.queue
+    }
 }
 
 impl MemorySettle {
     /// Takes the message out of this delivery and frees its prefetch slot.
     fn finish(&mut self) -> Result<Stored> {
-        if self.connection.is_closed() {
-            return Err(error::settled_after_close(&self.queue.name));
+        let window = &self.window;
+        if window.connection.is_closed() {
+            return Err(error::settled_after_close(&window.queue.name));
         }
         let stored = self
             .stored
             .take()
             .expect("settled once: Delivery guarantees it");
-        self.queue.settled();
+        window.queue.settled();
         // Only a subscription whose window was full waits for a free slot.
-        if self.unsettled.fetch_sub(1, Ordering::AcqRel) >= self.prefetch {
-            self.queue.changed.notify_waiters();
+        if window.unsettled.fetch_sub(1, Ordering::AcqRel) >= window.prefetch {
+            window.queue.changed.notify_waiters();
         }
         Ok(stored)
     }
@@ -132,9 +143,10 @@ impl MemorySettle {
 impl Drop for MemorySettle {
     fn drop(&mut self) {
         if let Some(stored) = self.stored.take() {
-            self.queue.settled();
-            self.unsettled.fetch_sub(1, Ordering::AcqRel);
-            self.queue.release(stored);
+            let window = &self.window;
+            window.queue.settled();
+            window.unsettled.fetch_sub(1, Ordering::AcqRel);
+            window.queue.release(stored);
         }
     }
 }
@@ -151,7 +163,7 @@ impl Settle for MemorySettle {
 
     async fn nack(mut self: Box<Self>) -> Result<()> {
         let stored = self.finish()?;
-        self.queue.release(stored);
+        self.queue().release(stored);
         Ok(())
     }
 
@@ -161,16 +173,16 @@ impl Settle for MemorySettle {
         again.attempt = request.next_attempt;
         let mut next = Stored::fresh(again);
         next.first_failed_at = Some(request.first_failed_at);
-        tracing::debug!(queue = %self.queue.name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
+        tracing::debug!(queue = %self.queue().name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
         // The wait lives in the broker, not in the consumer (C12), on
         // tokio's clock.
-        self.queue.push_after(next, request.after);
+        Queue::push_after(&self.window.queue, next, request.after);
         Ok(())
     }
 
     async fn dead_letter(mut self: Box<Self>, record: DeadLetter) -> Result<()> {
         self.finish()?;
-        self.queue.add_dead_letter(record);
+        self.queue().add_dead_letter(record);
         Ok(())
     }
 }
