@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ticketrail_core::{
-    handler_fn, Broker, Consumer, Context, Message, QueueSpec, SharedBroker, Topology,
-};
+use ticketrail_core::{handler_fn, Consumer, Context, Message, QueueSpec, SharedBroker, Topology};
 use ticketrail_memory::MemoryBroker;
 
 const BACKLOG: usize = 20_000;
