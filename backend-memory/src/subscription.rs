@@ -115,12 +115,6 @@ struct MemorySettle {
 }
 
 impl MemorySettle {
-    fn queue(&self) -> &Queue {
-        &self.window.queue
-    }
-}
-
-impl MemorySettle {
     /// Takes the message out of this delivery and frees its prefetch slot.
     fn finish(&mut self) -> Result<Stored> {
         let window = &self.window;
@@ -163,7 +157,7 @@ impl Settle for MemorySettle {
 
     async fn nack(mut self: Box<Self>) -> Result<()> {
         let stored = self.finish()?;
-        self.queue().release(stored);
+        self.window.queue.release(stored);
         Ok(())
     }
 
@@ -173,16 +167,16 @@ impl Settle for MemorySettle {
         again.attempt = request.next_attempt;
         let mut next = Stored::fresh(again);
         next.first_failed_at = Some(request.first_failed_at);
-        tracing::debug!(queue = %self.queue().name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
+        tracing::debug!(queue = %self.window.queue.name, id = %envelope.id, after = ?request.after, "retry scheduled in the broker");
         // The wait lives in the broker, not in the consumer (C12), on
         // tokio's clock.
-        Queue::push_after(&self.window.queue, next, request.after);
+        self.window.queue.push_after(next, request.after);
         Ok(())
     }
 
     async fn dead_letter(mut self: Box<Self>, record: DeadLetter) -> Result<()> {
         self.finish()?;
-        self.queue().add_dead_letter(record);
+        self.window.queue.add_dead_letter(record);
         Ok(())
     }
 }
