@@ -208,9 +208,6 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         };
         let mut running = Running::new(self.parallel);
         let limit = usize::from(prefetch.get());
-        // At most this many deliveries at hand are taken in one turn of the
-        // loop, so a stop signal is seen while a backlog drains.
-        let batch = u64::from(prefetch.get());
         tokio::pin!(signal);
         // The pending `next()` is kept across turns of the loop, never
         // dropped half-way: a subscription need not be cancellation-safe. It
@@ -227,8 +224,10 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             // Deliveries at hand are taken without a future each; the
             // subscription is awaited only when it has none.
             if let (Some(Some(subscription)), true) = (idle.as_mut(), pause.is_zero()) {
-                let mut taken = 0;
-                while running.len() < limit && taken < batch {
+                // At most `limit` a turn, also when each finishes at once,
+                // so a stop signal is seen while a backlog drains.
+                let mut taken: usize = 0;
+                while running.len() < limit && taken < limit {
                     let Some(delivery) = subscription.try_next() else {
                         break;
                     };
@@ -239,7 +238,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                     resume.reset();
                     resubscribe.reset();
                     health.delivered();
-                    metrics.consumed.increment(taken);
+                    metrics.consumed.increment(taken as u64);
                     in_flight(running.len());
                 }
             }
