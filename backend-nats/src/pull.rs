@@ -102,6 +102,37 @@ impl Puller {
         self.open.clear();
     }
 
+    /// Closes the inbox: once this returns, the server has dropped its
+    /// interest, so it sends nothing more for the open requests (it checks
+    /// a request's interest before each message). Returns the stored
+    /// messages the inbox had received and nobody took, to be released.
+    ///
+    /// The client forgets the inbox as it sends the unsubscribe, so a
+    /// message the server sent just before reading it is left to the
+    /// redelivery timeout: a window of one round trip. Without this, the
+    /// window lasts as long as the open requests (up to the pull expiry),
+    /// and everything received but not taken waits for that timeout too.
+    pub(crate) async fn close(&mut self, timeout: Duration) -> Vec<async_nats::Message> {
+        if self.messages.unsubscribe().await.is_ok() {
+            // The server reads a connection's commands in order: its answer
+            // to a request sent after the unsubscribe (here "no responders",
+            // to a subject nobody serves) says it has read the unsubscribe.
+            let barrier = self
+                .client
+                .request(self.client.new_inbox(), bytes::Bytes::new());
+            let _ = tokio::time::timeout(timeout, barrier).await;
+        }
+        self.open.clear();
+        let mut left = Vec::new();
+        // The inbox is closed: this yields what it holds, then ends.
+        while let Some(message) = self.messages.next().await {
+            if let Some(Pulled::Stored(message)) = self.read(message) {
+                left.push(message);
+            }
+        }
+        left
+    }
+
     /// The next thing the inbox receives; `None` if the client is closed.
     pub(crate) async fn next(&mut self) -> Option<Pulled> {
         loop {

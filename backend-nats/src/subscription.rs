@@ -425,6 +425,34 @@ impl Subscription for NatsSubscription {
         }
     }
 
+    /// Stops the pull inbox, then releases what was pulled and not handed
+    /// out, so it is delivered again at once rather than after `ack_wait`
+    /// (a consumer replaced while messages arrive, C14).
+    async fn close(&mut self) {
+        let left = self.puller.close(self.conn.config.request_timeout).await;
+        match self.held.take() {
+            Some(Held::Accepted(Accepted::Deliver(mut delivery))) => {
+                let _ = delivery.nack().await;
+            }
+            Some(Held::Accepted(Accepted::Redelivered(pending))) => {
+                let _ = Box::new(pending.settle).nack().await;
+            }
+            Some(Held::Accepted(Accepted::SettleHere(rare))) => self.settle_here(rare).await,
+            Some(Held::Accepted(Accepted::Skipped)) | Some(Held::Pulled(_)) | None => {}
+        }
+        // Never handed to a handler: a plain nak, which nats-server 2.9 does
+        // not count as a delivery. The server no longer serves this
+        // subscription's requests, so they go to other consumers.
+        for message in left {
+            if let Some(reply) = message.reply {
+                if let Err(e) = self.client.publish(reply, AckKind::Nak(None).into()).await {
+                    tracing::debug!(queue = %self.info.name, error = %e, "could not release a pulled message; it is delivered again after ack_wait");
+                }
+            }
+        }
+        let _ = self.client.flush().await;
+    }
+
     /// A delivery already pulled into the inbox, while no pull request is
     /// due and a prefetch slot is free; anything else is left to `next`.
     fn try_next(&mut self) -> Option<Delivery> {

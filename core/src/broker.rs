@@ -270,6 +270,18 @@ pub trait Subscription: Send {
     fn try_next(&mut self) -> Option<Delivery> {
         None
     }
+
+    /// Stops deliveries before the subscription is dropped at a graceful
+    /// shutdown, and releases at once what the subscription received but
+    /// never handed out. Deliveries already handed out are settled as
+    /// usual afterwards.
+    ///
+    /// A broker that sends messages ahead (a pull request still open on the
+    /// server) implements it, so that a message sent towards a subscription
+    /// that is going away is not left to the redelivery timeout. When this
+    /// returns, the broker sends the subscription nothing more. The default
+    /// does nothing: the subscription is just dropped.
+    async fn close(&mut self) {}
 }
 
 /// Closes `cursor` after a walk over it, whatever the walk ended with; the

@@ -2,12 +2,12 @@
 
 use std::time::{Duration, Instant};
 
-use ticketrail_core::{Consumer, Fixed, QueueSpec, SubscribeOptions, Topology};
+use ticketrail_core::{Consumer, Fixed, QueueSpec, SharedBroker, SubscribeOptions, Topology};
 
 use super::{checked, Skip};
 use crate::harness::{Harness, Restartable};
 use crate::support::{
-    ensure, expect_nothing, job_message, receive, wait_until, Act, Doing, Scenario, Scripted,
+    ensure, expect_nothing, job_message, receive, wait_until, Act, Check, Doing, Scenario, Scripted,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -82,12 +82,63 @@ pub(crate) async fn c14_graceful_shutdown(h: &dyn Harness) -> Result<(), Skip> {
                 .map_err(|e| format!("the unfinished message was not released: {e}"))?;
             let id = d.envelope().id.clone();
             d.ack().await.doing("acking")?;
-            let _ = conn.close().await;
+            drop(sub);
             ensure!(id == stuck, "got {id}, expected the unfinished {stuck}");
+
+            replaced_at_once(&sc, &conn).await?;
+            let _ = conn.close().await;
             Ok(())
         })
         .await,
     )
+}
+
+/// A consumer shut down while busy and another started at once, over and
+/// over, with messages published right after each shutdown: the next
+/// consumer handles them all at once. Nothing sent towards the consumer
+/// that went away (a NATS pull request still open on the server, a message
+/// received and not handed out) waits for the redelivery timeout.
+async fn replaced_at_once(sc: &Scenario, conn: &SharedBroker) -> Check {
+    const ROUNDS: usize = 30;
+    const MESSAGES: usize = 300;
+    // A round takes well under a second; a message left to the redelivery
+    // timeout (3 s on the NATS test servers) makes it take longer.
+    const BOUND: Duration = Duration::from_secs(2);
+    for round in 0..ROUNDS {
+        let mut confirmations = Vec::with_capacity(MESSAGES);
+        for i in 0..MESSAGES {
+            let message = job_message("jobs.a", &format!("r{round}-{i}"));
+            confirmations.push(
+                conn.send(sc.space(), message)
+                    .await
+                    .doing("publishing a round")?,
+            );
+        }
+        futures::future::try_join_all(confirmations)
+            .await
+            .doing("confirming a round")?;
+        let handler = Scripted::new(|_, _, _| Act::Succeed);
+        let begun = Instant::now();
+        let consumer = Consumer::new(conn.clone(), sc.queue("q"), handler.clone())
+            .prefetch(50)
+            .spawn();
+        let all_in = wait_until(
+            WAIT,
+            || handler.count() >= MESSAGES,
+            || format!("{} of {MESSAGES} handled", handler.count()),
+        )
+        .await;
+        let took = begun.elapsed();
+        consumer.shutdown().await.doing("shutting down")?;
+        all_in.map_err(|e| format!("round {round}: {e}"))?;
+        ensure!(
+            took < BOUND,
+            "round {round}: {MESSAGES} messages published right after the last consumer shut \
+             down took {took:?} to handle (more than {BOUND:?}): some went to the consumer that \
+             shut down and waited for the redelivery timeout"
+        );
+    }
+    Ok(())
 }
 
 pub(crate) async fn c15_reconnect(h: &dyn Harness) -> Result<(), Skip> {

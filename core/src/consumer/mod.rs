@@ -214,6 +214,8 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // owns the subscription while it runs and hands it back (`None`:
         // a new one is to be opened).
         let mut idle: Option<Option<Box<dyn Subscription>>> = Some(Some(subscription));
+        // Where a `next()` dropped at shutdown leaves its subscription.
+        let dropped_with_next = Slot::default();
         let mut next: Option<NextDelivery> = None;
         // After an interruption the next `next()` waits first, inside its
         // own future, so running handlers are never paused.
@@ -248,7 +250,10 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                         self.broker.clone(),
                         Arc::clone(&self.queue),
                         options,
-                        subscription,
+                        Lease {
+                            subscription,
+                            home: Arc::clone(&dropped_with_next),
+                        },
                         std::mem::take(&mut pause),
                     )));
                 }
@@ -295,7 +300,15 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // Take no new deliveries; let running handlers finish until the deadline.
         health.set_state(ConsumerState::Stopping);
         drop(next);
-        drop(idle);
+        let subscription = idle.flatten().or_else(|| {
+            dropped_with_next
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+        });
+        if let Some(mut subscription) = subscription {
+            subscription.close().await;
+        }
         if tokio::time::timeout(self.shutdown_timeout, running.drain())
             .await
             .is_err()
@@ -345,32 +358,56 @@ enum Got {
 /// A subscription's pending `next()`, which owns the subscription meanwhile.
 type NextDelivery = Pin<Box<dyn Future<Output = (Option<Box<dyn Subscription>>, Got)> + Send>>;
 
+/// Where a subscription goes when the `next()` that owns it is dropped.
+type Slot = Arc<std::sync::Mutex<Option<Box<dyn Subscription>>>>;
+
+/// The subscription a pending `next()` owns. Dropped with that future (at
+/// shutdown), it leaves the subscription in `home`, so the subscription
+/// can still be closed.
+struct Lease {
+    subscription: Option<Box<dyn Subscription>>,
+    home: Slot,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(subscription) = self.subscription.take() {
+            *self
+                .home
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(subscription);
+        }
+    }
+}
+
 /// Waits `pause`, opens a subscription if there is none, and takes its next
 /// delivery.
 async fn next_delivery(
     broker: SharedBroker,
     queue: Arc<str>,
     options: SubscribeOptions,
-    subscription: Option<Box<dyn Subscription>>,
+    mut lease: Lease,
     pause: Duration,
 ) -> (Option<Box<dyn Subscription>>, Got) {
     if !pause.is_zero() {
         tokio::time::sleep(pause).await;
     }
-    let mut subscription = match subscription {
+    let subscription = match &mut lease.subscription {
         Some(subscription) => subscription,
-        None => match broker.subscribe(&queue, options).await {
-            Ok(subscription) => subscription,
+        empty => match broker.subscribe(&queue, options).await {
+            Ok(subscription) => empty.insert(subscription),
             Err(e) if e.kind() == ErrorKind::Closed => return (None, Got::Ended),
             Err(e) => return (None, Got::Broken(e)),
         },
     };
-    match subscription.next().await {
-        Some(Ok(delivery)) => (Some(subscription), Got::Delivery(delivery)),
-        Some(Err(e)) if e.is_transient() => (Some(subscription), Got::Interrupted(e)),
-        Some(Err(e)) => (None, Got::Broken(e)),
-        None => (None, Got::Ended),
-    }
+    let (keep, got) = match subscription.next().await {
+        Some(Ok(delivery)) => (true, Got::Delivery(delivery)),
+        Some(Err(e)) if e.is_transient() => (true, Got::Interrupted(e)),
+        Some(Err(e)) => (false, Got::Broken(e)),
+        None => (false, Got::Ended),
+    };
+    // A broken or ended subscription is dropped here, not kept for closing.
+    (lease.subscription.take().filter(|_| keep), got)
 }
 
 /// A consumer running on its own task.

@@ -130,6 +130,8 @@ struct ScriptedSubscription {
     /// Whether deliveries scripted next are at hand for `try_next`, as a
     /// broker's buffered deliveries are.
     at_hand: bool,
+    /// How many subscriptions were closed (`close` calls).
+    closes: Arc<Mutex<usize>>,
 }
 
 impl ScriptedSubscription {
@@ -189,6 +191,10 @@ impl Subscription for ScriptedSubscription {
         };
         Some(self.delivery(id, payload, attempt, counted))
     }
+
+    async fn close(&mut self) {
+        *self.closes.lock().unwrap() += 1;
+    }
 }
 
 /// A broker whose `subscribe` hands out scripted subscriptions in turn.
@@ -199,6 +205,7 @@ struct ScriptedBroker {
     log: Log,
     subscribes: Mutex<usize>,
     polls: Arc<Mutex<usize>>,
+    closes: Arc<Mutex<usize>>,
 }
 
 impl std::fmt::Debug for Step {
@@ -221,6 +228,7 @@ impl ScriptedBroker {
             log: Log::default(),
             subscribes: Mutex::new(0),
             polls: Arc::default(),
+            closes: Arc::default(),
         })
     }
 
@@ -267,6 +275,7 @@ impl Broker for ScriptedBroker {
                 log: Arc::clone(&self.log),
                 polls: Arc::clone(&self.polls),
                 at_hand: self.at_hand,
+                closes: Arc::clone(&self.closes),
             })),
             None => Err(Error::new(ErrorKind::NotFound, "queue `q` is gone")),
         }
@@ -543,6 +552,24 @@ async fn a_broken_subscription_is_replaced_with_backoff_never_given_up() {
     assert_eq!(*broker.subscribes.lock().unwrap(), 2);
     assert!(!running.is_finished());
     running.shutdown().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_the_live_subscription_also_while_awaiting_it() {
+    // A broken subscription is dropped, not closed; the one that replaced
+    // it is closed at shutdown, although its `next()` is pending then.
+    let broker = ScriptedBroker::new(vec![
+        vec![Step::Fail(Error::new(
+            ErrorKind::Broker,
+            "consumer deleted",
+        ))],
+        vec![deliver("a", json("ok"))],
+    ]);
+    let running = consumer(&broker).spawn();
+    assert_eq!(settled(&broker, 1).await, vec![Settled::Ack("a".into())]);
+    assert_eq!(*broker.closes.lock().unwrap(), 0, "closed before shutdown");
+    running.shutdown().await.unwrap();
+    assert_eq!(*broker.closes.lock().unwrap(), 1, "closes at shutdown");
 }
 
 #[tokio::test(start_paused = true)]
