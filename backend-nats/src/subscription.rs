@@ -191,7 +191,8 @@ impl NatsSubscription {
             reply: Some(reply),
             sequence: ack.stream_sequence,
             failure: None,
-            redelivered: ack.delivered > 1,
+            // A redelivery's record is read before it is handed out.
+            record_unread: ack.delivered > 1,
             slot: Some(slot),
             freed: Arc::clone(&self.freed),
             in_hand: Arc::clone(&self.in_hand),
@@ -266,7 +267,7 @@ impl NatsSubscription {
     /// A redelivery: reads what the broker keeps of its earlier failures, so
     /// the attempt counts retries only, and a message whose consumer kept
     /// dying goes to the DLQ after the queue's delivery limit (C13).
-    async fn redelivered(&self, pending: Pending) -> Accepted {
+    async fn redelivered(&self, mut pending: Pending) -> Accepted {
         let failure = match failures::read(
             &self.conn,
             &self.info.stream,
@@ -275,7 +276,10 @@ impl NatsSubscription {
         )
         .await
         {
-            Ok(failure) => failure,
+            Ok(failure) => {
+                pending.settle.record_unread = false;
+                failure
+            }
             Err(e) => {
                 // Without it, every redelivery counts as a retry: a few
                 // attempts fewer, never a lost message.
@@ -566,8 +570,9 @@ pub(crate) struct NatsSettle {
     sequence: u64,
     /// What the broker keeps of the message's earlier failures.
     failure: Option<FailureRecord>,
-    /// Whether this is a redelivery, which may have a failure record.
-    redelivered: bool,
+    /// A redelivery whose failure record could not be read: it may have
+    /// one.
+    record_unread: bool,
     slot: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
     in_hand: Arc<InHand>,
@@ -598,18 +603,20 @@ impl NatsSettle {
     }
 
     async fn forget_failures(&self) {
-        if self.redelivered || self.failure.is_some() {
-            if let Err(e) = failures::clear(
-                &self.conn,
-                &self.info.stream,
-                &self.info.consumer,
-                self.sequence,
-            )
-            .await
-            {
-                // It expires on its own.
-                tracing::debug!(queue = %self.info.name, error = %e, "failure record not cleared");
-            }
+        // Nothing to clear where the redelivery's read found no record.
+        if self.failure.is_none() && !self.record_unread {
+            return;
+        }
+        if let Err(e) = failures::clear(
+            &self.conn,
+            &self.info.stream,
+            &self.info.consumer,
+            self.sequence,
+        )
+        .await
+        {
+            // It expires on its own.
+            tracing::debug!(queue = %self.info.name, error = %e, "failure record not cleared");
         }
     }
 }
