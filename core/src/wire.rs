@@ -85,6 +85,10 @@ pub fn validate_id(id: &str) -> Result<()> {
             id.len()
         )));
     }
+    // Printable ASCII (every generated id) needs no decoding of characters.
+    if id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(());
+    }
     if let Some(c) = id.chars().find(|c| c.is_control()) {
         return Err(Error::invalid_name(format!(
             "message id `{}` contains {c:?}, a control character",
