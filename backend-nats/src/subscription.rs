@@ -113,6 +113,8 @@ pub(crate) struct NatsSubscription {
     in_hand: Arc<InHand>,
     /// What `try_next` took from the inbox but only `next` can finish.
     held: Option<Held>,
+    /// Whether failure records are read through direct gets.
+    direct_records: bool,
 }
 
 /// What `try_next` took and left to `next`.
@@ -139,6 +141,7 @@ impl NatsSubscription {
             .min(conn.config.ack_wait / 2)
             .max(Duration::from_millis(100));
         let puller = Puller::new(client.clone(), &info.stream, &info.consumer, expires).await?;
+        let direct_records = failures::direct_gets(&conn, &info.stream).await;
         let in_hand = Arc::new(InHand::default());
         if conn.server.progress_acks {
             in_hand.keep_alive(&client, conn.config.ack_wait);
@@ -155,6 +158,7 @@ impl NatsSubscription {
             freed: Arc::new(Notify::new()),
             in_hand,
             held: None,
+            direct_records,
         })
     }
 
@@ -273,6 +277,7 @@ impl NatsSubscription {
             &self.info.stream,
             &self.info.consumer,
             pending.ack.stream_sequence,
+            self.direct_records,
         )
         .await
         {

@@ -51,3 +51,77 @@ async fn nats_declare_again_updates_max_ack_pending_and_ack_wait() {
     before.close().await.unwrap();
     after.close().await.unwrap();
 }
+
+/// A failure record is read through the stream's direct get; a stream that
+/// takes none (made by another tool, or changed since) is read through the
+/// JetStream API instead: the retry still sees its attempt number.
+#[tokio::test]
+async fn nats_failure_records_are_read_where_the_stream_takes_no_direct_gets() {
+    use std::sync::{Arc, Mutex};
+    use ticketrail_core::{handler_fn, Consumer, Context, Fixed, HandlerError, Publisher};
+
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned());
+    let name = unique("nodirect");
+    let topology = Topology::new(format!("{name}.events"))
+        .queue(QueueSpec::new(format!("{name}.q")).bind("#"));
+    let broker: ticketrail_core::SharedBroker = Arc::new(
+        NatsBroker::connect(NatsConfig::from_url(&url).unwrap())
+            .await
+            .unwrap(),
+    );
+    broker.declare(&topology).await.unwrap();
+
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let records = format!("TR_FAIL_{}", format!("{name}.events").replace('.', "_"));
+    let mut config = js
+        .get_stream(&records)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert!(
+        config.allow_direct,
+        "ticketrail makes its record streams with direct gets"
+    );
+    config.allow_direct = false;
+    js.update_stream(config).await.unwrap();
+
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&attempts);
+    let handler = handler_fn(move |_: serde_json::Value, ctx: Context| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().unwrap().push(ctx.attempt());
+            match ctx.attempt() {
+                1 => Err(HandlerError::retryable("fails once")),
+                _ => Ok(()),
+            }
+        }
+    });
+    let consumer = Consumer::new(broker.clone(), format!("{name}.q"), handler)
+        .retry_policy(Fixed::new(Duration::from_millis(200), 3).unwrap())
+        .spawn();
+    Publisher::new(broker.clone(), format!("{name}.events"))
+        .publish("jobs.a", &serde_json::json!({ "n": 1 }))
+        .await
+        .unwrap();
+    let began = tokio::time::Instant::now();
+    while attempts.lock().unwrap().len() < 2 && began.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = began.elapsed();
+    consumer.shutdown().await.unwrap();
+    broker.delete(&topology).await.unwrap();
+    broker.close().await.unwrap();
+    assert_eq!(
+        *attempts.lock().unwrap(),
+        vec![1, 2],
+        "the retry was read as attempt 2 from its failure record"
+    );
+    // Retried after 200 ms: a read that waited for a request timeout (10 s)
+    // shows here.
+    assert!(took < Duration::from_secs(5), "the retry took {took:?}");
+}
