@@ -53,12 +53,45 @@ impl Framework {
         consumers: usize,
         fail_every: Option<usize>,
     ) -> BenchResult<Duration> {
-        let healthy_total = match fail_every {
-            Some(every) => count - count.div_ceil(every),
-            None => count,
+        self.consume_counting(count, prefetch, consumers, fail_every, None)
+            .await
+    }
+
+    /// Handles `count` messages with one consumer of `prefetch`, those of
+    /// every `fail_every`-th user failing their first attempt and retried
+    /// after `retry_after`. Returns how long until every message was
+    /// handled, the retried ones too: what retries cost while they keep
+    /// coming back, where [`Framework::consume_healthy`] stops before they
+    /// do.
+    pub(crate) async fn consume_all_retrying(
+        &self,
+        count: usize,
+        prefetch: u16,
+        fail_every: usize,
+        retry_after: Duration,
+    ) -> BenchResult<Duration> {
+        self.consume_counting(count, prefetch, 1, Some(fail_every), Some(retry_after))
+            .await
+    }
+
+    /// With `retry_after`, retried messages count once handled and the
+    /// retry waits that long; without, only the healthy ones count and a
+    /// retry waits 1 s.
+    async fn consume_counting(
+        &self,
+        count: usize,
+        prefetch: u16,
+        consumers: usize,
+        fail_every: Option<usize>,
+        retry_after: Option<Duration>,
+    ) -> BenchResult<Duration> {
+        let healthy_total = match (fail_every, retry_after) {
+            (Some(every), None) => count - count.div_ceil(every),
+            _ => count,
         };
         let handler = Arc::new(Counting {
             fail_every,
+            count_retried: retry_after.is_some(),
             healthy_total,
             healthy: AtomicUsize::new(0),
             done: Notify::new(),
@@ -68,14 +101,17 @@ impl Framework {
         for _ in 0..consumers.max(1) {
             running.push(
                 Consumer::new(self.broker.clone(), self.queue.clone(), handler.clone())
-                    .retry_policy(Fixed::new(Duration::from_secs(1), 3)?)
+                    .retry_policy(Fixed::new(
+                        retry_after.unwrap_or(Duration::from_secs(1)),
+                        3,
+                    )?)
                     .prefetch(prefetch)
                     .spawn(),
             );
         }
         handler.done.notified().await;
         let took = started.elapsed();
-        if fail_every.is_some() {
+        if fail_every.is_some() && retry_after.is_none() {
             // Let the flaky ones come back and finish, so the queue is empty.
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
@@ -89,9 +125,10 @@ impl Framework {
 /// The benchmark's handler, written as an application would write a handler
 /// with state: it counts the healthy messages and says when all are in. With
 /// `fail_every`, the messages of every `fail_every`-th user fail their first
-/// attempt.
+/// attempt; with `count_retried`, they count once their retry succeeds.
 struct Counting {
     fail_every: Option<usize>,
+    count_retried: bool,
     healthy_total: usize,
     healthy: AtomicUsize,
     done: Notify,
@@ -108,10 +145,12 @@ impl Handler for Counting {
                 .parse()
                 .unwrap_or(1);
             if number.is_multiple_of(every) {
-                return match ctx.attempt() {
-                    1 => Err(HandlerError::retryable("flaky on its first attempt")),
-                    _ => Ok(()),
-                };
+                if ctx.attempt() == 1 {
+                    return Err(HandlerError::retryable("flaky on its first attempt"));
+                }
+                if !self.count_retried {
+                    return Ok(());
+                }
             }
         }
         if self.healthy.fetch_add(1, Ordering::Relaxed) + 1 == self.healthy_total {

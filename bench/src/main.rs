@@ -15,7 +15,9 @@
 //! ticketrail, alternating, in one process: publish throughput (confirmed,
 //! a window in flight), consume throughput (decode, handle, ack), end-to-end
 //! latency at a fixed rate, healthy throughput while 10% of messages fail
-//! and retry after 1 s, and the peak memory of a consumer draining a backlog.
+//! and retry after 1 s, throughput until every message is handled while 10%
+//! fail once and retry after 1 ms, and the peak memory of a consumer
+//! draining a backlog.
 //! On NATS a second raw side carries ticketrail's two headers, so publish
 //! and consume are also compared against a raw client sending the same
 //! metadata. Built with `--features otel`, it adds the cost of tracing:
@@ -46,6 +48,9 @@ use ticketrail::SharedBroker;
 /// `--window` says otherwise. The in-process broker confirms a publish before
 /// it returns, so every side publishes one after the other there.
 const WINDOW: usize = 256;
+/// The retry delay of the figure in which the retried messages are waited
+/// for too.
+const SUSTAINED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 /// Prefetch on both sides, unless `--prefetch` says otherwise.
 const PREFETCH: u16 = 100;
 /// Rate and count of the latency run.
@@ -343,6 +348,10 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     // Index 0 is the baseline, as for `sides`: the run with no failures.
     // With failures, the CPU time includes the retries coming back.
     let mut healthy_cpu = [Spent::default(); 2];
+    // All messages, the retried ones too, with retries after 1 ms: what
+    // retries cost while they keep coming back.
+    let mut sustained = Vec::new();
+    let mut sustained_cpu = Spent::default();
     // On RabbitMQ, raw lapin loops that retry crash-safely too: the
     // baseline for ticketrail's retries.
     let raw_retry = match broker {
@@ -385,6 +394,16 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
                     .as_secs_f64(),
         );
         healthy_cpu[1] += clock.read().since(before);
+        framework.publish(n, WINDOW).await?;
+        let before = clock.read();
+        sustained.push(
+            n as f64
+                / framework
+                    .consume_all_retrying(n, prefetch, 10, SUSTAINED_RETRY_AFTER)
+                    .await?
+                    .as_secs_f64(),
+        );
+        sustained_cpu += clock.read().since(before);
         for (k, side) in raw_retry.iter().enumerate() {
             side.publish(n, WINDOW).await?;
             let before = clock.read();
@@ -488,10 +507,25 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
             "msg/s",
             true,
             workload::median(with_failures.clone()),
-            workload::median(without),
+            workload::median(without.clone()),
             "ticketrail with no failures",
         )
         .with_cpu(per_message(&healthy_cpu, 0, total)),
+        figure(
+            "throughput, 10% retried after 1 ms, all handled",
+            "msg/s",
+            true,
+            workload::median(sustained),
+            workload::median(without),
+            "ticketrail with no failures",
+        )
+        .with_cpu(
+            Some([
+                sustained_cpu.per_message(total),
+                healthy_cpu[0].per_message(total),
+            ])
+            .and_then(|[a, b]| Some([a?, b?])),
+        ),
     ]);
     for (k, baseline) in [
         "raw lapin: confirmed copy to a TTL queue, then ack",
