@@ -306,13 +306,20 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .take()
         });
-        if let Some(mut subscription) = subscription {
-            subscription.close().await;
-        }
-        if tokio::time::timeout(self.shutdown_timeout, running.drain())
-            .await
-            .is_err()
-        {
+        // The subscription closes while the handlers run on, both within
+        // the deadline: a close that waits on an unreachable broker holds
+        // up neither the handlers nor the shutdown.
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let closing = async {
+            if let Some(mut subscription) = subscription {
+                subscription.close().await;
+            }
+        };
+        let (_, drained) = tokio::join!(
+            tokio::time::timeout_at(deadline, closing),
+            tokio::time::timeout_at(deadline, running.drain()),
+        );
+        if drained.is_err() {
             tracing::warn!(
                 queue = %self.queue,
                 unfinished = running.len(),

@@ -132,6 +132,8 @@ struct ScriptedSubscription {
     at_hand: bool,
     /// How many subscriptions were closed (`close` calls).
     closes: Arc<Mutex<usize>>,
+    /// Whether `close` never returns, as on an unreachable broker.
+    close_hangs: bool,
 }
 
 impl ScriptedSubscription {
@@ -194,6 +196,9 @@ impl Subscription for ScriptedSubscription {
 
     async fn close(&mut self) {
         *self.closes.lock().unwrap() += 1;
+        if self.close_hangs {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -206,6 +211,7 @@ struct ScriptedBroker {
     subscribes: Mutex<usize>,
     polls: Arc<Mutex<usize>>,
     closes: Arc<Mutex<usize>>,
+    close_hangs: bool,
 }
 
 impl std::fmt::Debug for Step {
@@ -229,7 +235,15 @@ impl ScriptedBroker {
             subscribes: Mutex::new(0),
             polls: Arc::default(),
             closes: Arc::default(),
+            close_hangs: false,
         })
+    }
+
+    /// A broker whose subscriptions never finish closing.
+    fn with_close_hanging(scripts: Vec<Vec<Step>>) -> Arc<Self> {
+        let mut broker = Arc::into_inner(Self::new(scripts)).expect("not shared yet");
+        broker.close_hangs = true;
+        Arc::new(broker)
     }
 
     fn log(&self) -> Vec<Settled> {
@@ -276,6 +290,7 @@ impl Broker for ScriptedBroker {
                 polls: Arc::clone(&self.polls),
                 at_hand: self.at_hand,
                 closes: Arc::clone(&self.closes),
+                close_hangs: self.close_hangs,
             })),
             None => Err(Error::new(ErrorKind::NotFound, "queue `q` is gone")),
         }
@@ -551,25 +566,41 @@ async fn a_broken_subscription_is_replaced_with_backoff_never_given_up() {
     assert_eq!(settled(&broker, 1).await, vec![Settled::Ack("a".into())]);
     assert_eq!(*broker.subscribes.lock().unwrap(), 2);
     assert!(!running.is_finished());
-    running.shutdown().await.unwrap();
-}
-
-#[tokio::test(start_paused = true)]
-async fn shutdown_closes_the_live_subscription_also_while_awaiting_it() {
-    // A broken subscription is dropped, not closed; the one that replaced
-    // it is closed at shutdown, although its `next()` is pending then.
-    let broker = ScriptedBroker::new(vec![
-        vec![Step::Fail(Error::new(
-            ErrorKind::Broker,
-            "consumer deleted",
-        ))],
-        vec![deliver("a", json("ok"))],
-    ]);
-    let running = consumer(&broker).spawn();
-    assert_eq!(settled(&broker, 1).await, vec![Settled::Ack("a".into())]);
+    // The broken subscription was dropped, not closed; the one that
+    // replaced it is closed at shutdown, although its `next()` is pending.
     assert_eq!(*broker.closes.lock().unwrap(), 0, "closed before shutdown");
     running.shutdown().await.unwrap();
     assert_eq!(*broker.closes.lock().unwrap(), 1, "closes at shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_close_that_hangs_holds_up_neither_handlers_nor_the_shutdown() {
+    let broker = ScriptedBroker::with_close_hanging(vec![vec![deliver("slow", json("slow"))]]);
+    let running = consumer(&broker).spawn();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while running.health().in_flight < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let begun = Instant::now();
+    let shutdown = tokio::spawn(running.shutdown());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        broker.log(),
+        vec![Settled::Ack("slow".into())],
+        "the 1 s handler ran on while the close hung"
+    );
+    tokio::time::timeout(Duration::from_secs(60), shutdown)
+        .await
+        .expect("shutdown returned although the subscription's close hangs")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        begun.elapsed(),
+        Duration::from_secs(5),
+        "the shutdown deadline"
+    );
+    assert_eq!(*broker.closes.lock().unwrap(), 1);
 }
 
 #[tokio::test(start_paused = true)]
