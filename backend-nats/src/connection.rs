@@ -455,13 +455,14 @@ impl Connection {
     }
 
     /// Sends a message to JetStream; the future it returns awaits the
-    /// stream's acknowledgement (C1).
+    /// stream's acknowledgement (C1) and yields the stored message's
+    /// sequence.
     pub(crate) async fn send(
         &self,
         subject: String,
         headers: HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+    ) -> Result<impl Future<Output = Result<u64>> + Send + 'static> {
         // A `Subject` is shared bytes: keeping it for error messages is free.
         let subject = async_nats::Subject::from(subject);
         // async-nats' publish future is over 900 bytes: boxed on its own it
@@ -479,7 +480,7 @@ impl Connection {
             .with_source(e)
         })?;
         Ok(async move {
-            ack.await.map_err(|e| {
+            let stored = ack.await.map_err(|e| {
                 let kind = error::publish_kind(&e.kind());
                 let doing = if kind == ErrorKind::Unroutable {
                     format!("no queue is bound for `{subject}`")
@@ -488,17 +489,18 @@ impl Connection {
                 };
                 Error::new(kind, doing).with_source(e)
             })?;
-            Ok(())
+            Ok(stored.sequence)
         })
     }
 
-    /// Publishes and waits for the stream's acknowledgement.
+    /// Publishes and waits for the stream's acknowledgement; returns the
+    /// stored message's sequence.
     pub(crate) async fn publish(
         &self,
         subject: String,
         headers: HeaderMap,
         payload: bytes::Bytes,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         self.send(subject, headers, payload).await?.await
     }
 }

@@ -91,7 +91,8 @@ pub(crate) async fn write(
     if size + SIZE_MARGIN <= conn.server.max_payload {
         return conn
             .publish(subject, headers, record.envelope.payload.clone())
-            .await;
+            .await
+            .map(drop);
     }
     // Too large for one message: the payload and the application's headers
     // go to the object store first, then the record points at them.
@@ -110,7 +111,7 @@ pub(crate) async fn write(
     let bucket = topology::dlq_stream_name(&info.stream);
     bookkeeping.push((wire::PAYLOAD_REF, format!("{OBJECT_REF}{bucket}/{id}")));
     let headers = headers::copy(&record.envelope, &Headers::new(), &bookkeeping, &id);
-    conn.publish(subject, headers, Bytes::new()).await
+    conn.publish(subject, headers, Bytes::new()).await.map(drop)
 }
 
 #[derive(Deserialize)]

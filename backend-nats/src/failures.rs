@@ -9,6 +9,7 @@
 //! there were; and a redelivery that was not a retry (its consumer died)
 //! does not use up an attempt.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::SystemTime;
 
 use async_nats::{HeaderMap, StatusCode};
@@ -173,7 +174,8 @@ async fn read_through_api(
 }
 
 /// Records one more retry of message `sequence`, keeping the first failure
-/// time of `previous` (or `failed_at` for the first retry).
+/// time of `previous` (or `failed_at` for the first retry); returns the
+/// record as stored.
 pub(crate) async fn record_retry(
     conn: &Connection,
     stream: &str,
@@ -181,19 +183,69 @@ pub(crate) async fn record_retry(
     sequence: u64,
     previous: Option<FailureRecord>,
     failed_at: SystemTime,
-) -> Result<()> {
+) -> Result<FailureRecord> {
     let (first, retries, last) = match previous {
         Some(p) => (p.first_failed_at, p.retries + 1, p.sequence),
         None => (failed_at, 1, 0),
     };
     let mut headers = HeaderMap::new();
     headers.insert(EXPECTED_LAST_SUBJECT_SEQUENCE, last.to_string().as_str());
-    conn.publish(
-        topology::failure_subject(stream, consumer, sequence),
-        headers,
-        encode(first, retries).into(),
-    )
-    .await
+    let stored = conn
+        .publish(
+            topology::failure_subject(stream, consumer, sequence),
+            headers,
+            encode(first, retries).into(),
+        )
+        .await?;
+    Ok(FailureRecord {
+        first_failed_at: first,
+        retries,
+        sequence: stored,
+    })
+}
+
+/// The failure records one subscription wrote, by message, each with the
+/// delivery count its message had when it was nacked: most retries come
+/// back to the subscription that scheduled them, and then the record need
+/// not be read from the broker.
+#[derive(Default)]
+pub(crate) struct Written {
+    by_message: HashMap<u64, (u64, FailureRecord, u64)>,
+    /// Messages in the order written, with the stamp of that write.
+    order: VecDeque<(u64, u64)>,
+    stamp: u64,
+}
+
+impl Written {
+    /// At most this many are kept; the oldest go first (their messages
+    /// most likely went to another consumer, which reads the broker's).
+    const CAPACITY: usize = 10_000;
+
+    /// Message `message`, delivered `delivered` times, was nacked after
+    /// `record` was stored.
+    pub(crate) fn insert(&mut self, message: u64, delivered: u64, record: FailureRecord) {
+        self.stamp += 1;
+        self.by_message
+            .insert(message, (delivered, record, self.stamp));
+        self.order.push_back((message, self.stamp));
+        while self.order.len() > Self::CAPACITY {
+            if let Some((old, stamp)) = self.order.pop_front() {
+                if self.by_message.get(&old).is_some_and(|e| e.2 == stamp) {
+                    self.by_message.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The record of `message`, now delivered `delivered` times, if this
+    /// subscription wrote it and nobody handled the message since: its
+    /// delivery count went up by exactly this delivery (a delivery in
+    /// between, where another consumer may have written a newer record or
+    /// died, would have counted too). Forgotten either way.
+    pub(crate) fn take(&mut self, message: u64, delivered: u64) -> Option<FailureRecord> {
+        let (nacked_at, record, _) = self.by_message.remove(&message)?;
+        (delivered == nacked_at + 1).then_some(record)
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -240,5 +292,43 @@ mod tests {
         );
         assert_eq!(decode("garbage", 1), None);
         assert_eq!(decode("-5 1", 1), None);
+    }
+
+    fn record(retries: u32) -> FailureRecord {
+        FailureRecord {
+            first_failed_at: ticketrail_core::from_unix_millis(1_700_000_000_000),
+            retries,
+            sequence: u64::from(retries) + 100,
+        }
+    }
+
+    #[test]
+    fn a_written_record_is_used_only_if_nobody_had_the_message_since() {
+        let mut written = Written::default();
+        written.insert(7, 1, record(1));
+        assert_eq!(written.take(7, 2), Some(record(1)), "the next delivery");
+        assert_eq!(written.take(7, 2), None, "taken once");
+        written.insert(7, 2, record(2));
+        // Delivered twice since: another consumer may have written a newer
+        // record, or died; the broker's record is read instead.
+        assert_eq!(written.take(7, 4), None);
+        assert_eq!(written.take(7, 3), None, "forgotten after a miss");
+    }
+
+    #[test]
+    fn written_records_are_bounded_and_the_oldest_go_first() {
+        let mut written = Written::default();
+        for message in 0..Written::CAPACITY as u64 {
+            written.insert(message, 1, record(1));
+        }
+        // Message 0 retried again: its newer entry outlives the old one's
+        // eviction.
+        assert_eq!(written.take(0, 2), Some(record(1)));
+        written.insert(0, 2, record(2));
+        written.insert(1_000_000, 1, record(1));
+        assert!(written.by_message.len() <= Written::CAPACITY);
+        assert_eq!(written.take(1, 2), None, "the oldest was evicted");
+        assert_eq!(written.take(0, 3), Some(record(2)));
+        assert_eq!(written.take(1_000_000, 2), Some(record(1)));
     }
 }

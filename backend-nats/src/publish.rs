@@ -23,6 +23,8 @@ pub(crate) async fn send(
         .await?;
     let headers = headers::outgoing(&message)?;
     let subject = topology::subject(topic_space, &message.routing_key);
-    let confirm = conn.send(subject, headers, message.payload).await?;
-    Ok(Confirmation::new(message.id, confirm))
+    let stored = conn.send(subject, headers, message.payload).await?;
+    Ok(Confirmation::new(message.id, async move {
+        stored.await.map(drop)
+    }))
 }

@@ -115,6 +115,8 @@ pub(crate) struct NatsSubscription {
     held: Option<Held>,
     /// Whether failure records are read through direct gets.
     direct_records: bool,
+    /// The failure records this subscription wrote.
+    written: Arc<Mutex<failures::Written>>,
 }
 
 /// What `try_next` took and left to `next`.
@@ -159,6 +161,7 @@ impl NatsSubscription {
             in_hand,
             held: None,
             direct_records,
+            written: Arc::default(),
         })
     }
 
@@ -197,6 +200,8 @@ impl NatsSubscription {
             failure: None,
             // A redelivery's record is read before it is handed out.
             record_unread: ack.delivered > 1,
+            delivered: ack.delivered,
+            written: Arc::clone(&self.written),
             slot: Some(slot),
             freed: Arc::clone(&self.freed),
             in_hand: Arc::clone(&self.in_hand),
@@ -251,7 +256,17 @@ impl NatsSubscription {
             return Accepted::SettleHere(Rare::Unreadable(self.delivery(pending, None), why));
         }
         if ack.delivered > 1 {
-            return Accepted::Redelivered(Box::new(pending));
+            let written = self
+                .written
+                .lock()
+                .expect("not poisoned")
+                .take(ack.stream_sequence, ack.delivered);
+            return match written {
+                // Retried from here and handled nowhere since: the record
+                // this subscription wrote is the broker's.
+                Some(record) => self.judge(pending, Some(record), true),
+                None => Accepted::Redelivered(Box::new(pending)),
+            };
         }
         Accepted::Deliver(self.delivery(pending, None))
     }
@@ -271,7 +286,7 @@ impl NatsSubscription {
     /// A redelivery: reads what the broker keeps of its earlier failures, so
     /// the attempt counts retries only, and a message whose consumer kept
     /// dying goes to the DLQ after the queue's delivery limit (C13).
-    async fn redelivered(&self, mut pending: Pending) -> Accepted {
+    async fn redelivered(&self, pending: Pending) -> Accepted {
         let failure = match failures::read(
             &self.conn,
             &self.info.stream,
@@ -281,17 +296,23 @@ impl NatsSubscription {
         )
         .await
         {
-            Ok(failure) => {
-                pending.settle.record_unread = false;
-                failure
-            }
+            Ok(failure) => failure,
             Err(e) => {
                 // Without it, every redelivery counts as a retry: a few
                 // attempts fewer, never a lost message.
                 tracing::warn!(queue = %self.info.name, error = %e, "failure record unavailable");
-                None
+                return self.judge(pending, None, false);
             }
         };
+        self.judge(pending, failure, true)
+    }
+
+    /// Hands out a redelivery with its failure record (`known`: read, or
+    /// written here; `None` then means it has none), or dead-letters it
+    /// when it came back unsettled more often than the queue's delivery
+    /// limit (C13).
+    fn judge(&self, mut pending: Pending, failure: Option<FailureRecord>, known: bool) -> Accepted {
+        pending.settle.record_unread = !known;
         let delivered = pending.ack.delivered;
         let retries = failure.map_or(0, |f| u64::from(f.retries));
         let released = delivered.saturating_sub(1 + retries);
@@ -578,6 +599,10 @@ pub(crate) struct NatsSettle {
     /// A redelivery whose failure record could not be read: it may have
     /// one.
     record_unread: bool,
+    /// How many times the message has been delivered, this time included.
+    delivered: u64,
+    /// The failure records the subscription wrote, this one's retry's too.
+    written: Arc<Mutex<failures::Written>>,
     slot: Option<OwnedSemaphorePermit>,
     freed: Arc<Notify>,
     in_hand: Arc<InHand>,
@@ -664,7 +689,7 @@ impl Settle for NatsSettle {
         // The failure is on record in the broker before the nak, so another
         // process handling the redelivery knows the attempt and when the
         // first one failed.
-        failures::record_retry(
+        let record = failures::record_retry(
             &self.conn,
             &self.info.stream,
             &self.info.consumer,
@@ -673,6 +698,10 @@ impl Settle for NatsSettle {
             request.first_failed_at,
         )
         .await?;
+        self.written
+            .lock()
+            .expect("not poisoned")
+            .insert(self.sequence, self.delivered, record);
         // The server keeps the message and delivers it again after the
         // delay: the wait lives in the stream (C12).
         let reply = self.take();
