@@ -70,6 +70,9 @@ impl ServerProcess for NatsServer {
                 "-sd",
             ])
             .arg(&self.dir)
+            .arg("-l")
+            .arg(self.dir.join(LOG_FILE))
+            .args(trace_flags())
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -99,7 +102,29 @@ impl ServerProcess for NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        // The child is killed on drop; the store goes with it.
+        // The child is killed on drop; the store goes with it, unless a
+        // test is failing: then its log is what says what the server did.
+        if std::thread::panicking() {
+            eprintln!(
+                "throwaway nats-server on port {} kept for the failing test: {}",
+                self.port,
+                self.dir.join(LOG_FILE).display()
+            );
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The server's log, in its store directory.
+const LOG_FILE: &str = "nats-server.log";
+
+/// `-DV` (every protocol message in the log) when `TICKETRAIL_NATS_TRACE`
+/// is set: for chasing a test that fails once in a while.
+fn trace_flags() -> &'static [&'static str] {
+    if std::env::var_os("TICKETRAIL_NATS_TRACE").is_some() {
+        &["-DV"]
+    } else {
+        &[]
     }
 }
