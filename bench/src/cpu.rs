@@ -6,7 +6,10 @@
 //! Both come from `/proc/<pid>/stat` (user + system time of all threads, in
 //! clock ticks of 10 ms), summed over every run of a figure.
 
+use std::future::Future;
 use std::time::Duration;
+
+use crate::side::BenchResult;
 
 /// Linux reports process times in units of `USER_HZ`, which is 100.
 const TICK: Duration = Duration::from_millis(10);
@@ -52,6 +55,21 @@ impl CpuClock {
             own: cpu_time("self").unwrap_or_default(),
             broker: self.broker.and_then(|pid| cpu_time(&pid.to_string())),
         }
+    }
+
+    /// Runs `work`, which handles `count` messages in the time it returns,
+    /// adds the CPU time it took to `spent`, and returns its rate in
+    /// messages per second.
+    pub(crate) async fn rate(
+        &self,
+        spent: &mut Spent,
+        count: usize,
+        work: impl Future<Output = BenchResult<Duration>>,
+    ) -> BenchResult<f64> {
+        let before = self.read();
+        let took = work.await?;
+        *spent += self.read().since(before);
+        Ok(count as f64 / took.as_secs_f64())
     }
 }
 

@@ -316,12 +316,10 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     let mut consume_cpu = vec![Spent::default(); sides.len()];
     for _ in 0..options.repeats {
         for (k, (_, side)) in sides.iter().enumerate() {
-            let before = clock.read();
-            publish[k].push(n as f64 / side.publish(n, window).await?.as_secs_f64());
-            let between = clock.read();
-            publish_cpu[k] += between.since(before);
-            consume[k].push(n as f64 / side.consume(n, prefetch, consumers).await?.as_secs_f64());
-            consume_cpu[k] += clock.read().since(between);
+            let published = side.publish(n, window);
+            publish[k].push(clock.rate(&mut publish_cpu[k], n, published).await?);
+            let consumed = side.consume(n, prefetch, consumers);
+            consume[k].push(clock.rate(&mut consume_cpu[k], n, consumed).await?);
         }
     }
     let total = n * options.repeats;
@@ -375,41 +373,18 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     let mut raw_retry_cpu = vec![Spent::default(); raw_retry.len()];
     for _ in 0..options.repeats {
         framework.publish(n, WINDOW).await?;
-        let before = clock.read();
-        without.push(
-            healthy as f64
-                / framework
-                    .consume_healthy(n, prefetch, 1, None)
-                    .await?
-                    .as_secs_f64(),
-        );
-        healthy_cpu[0] += clock.read().since(before);
+        let run = framework.consume_healthy(n, prefetch, 1, None);
+        without.push(clock.rate(&mut healthy_cpu[0], healthy, run).await?);
         framework.publish(n, WINDOW).await?;
-        let before = clock.read();
-        with_failures.push(
-            healthy as f64
-                / framework
-                    .consume_healthy(n, prefetch, 1, Some(10))
-                    .await?
-                    .as_secs_f64(),
-        );
-        healthy_cpu[1] += clock.read().since(before);
+        let run = framework.consume_healthy(n, prefetch, 1, Some(10));
+        with_failures.push(clock.rate(&mut healthy_cpu[1], healthy, run).await?);
         framework.publish(n, WINDOW).await?;
-        let before = clock.read();
-        sustained.push(
-            n as f64
-                / framework
-                    .consume_all_retrying(n, prefetch, 10, SUSTAINED_RETRY_AFTER)
-                    .await?
-                    .as_secs_f64(),
-        );
-        sustained_cpu += clock.read().since(before);
+        let run = framework.consume_all_retrying(n, prefetch, 10, SUSTAINED_RETRY_AFTER);
+        sustained.push(clock.rate(&mut sustained_cpu, n, run).await?);
         for (k, side) in raw_retry.iter().enumerate() {
             side.publish(n, WINDOW).await?;
-            let before = clock.read();
-            raw_retry_rates[k]
-                .push(healthy as f64 / side.consume_healthy(n, prefetch, 10).await?.as_secs_f64());
-            raw_retry_cpu[k] += clock.read().since(before);
+            let run = side.consume_healthy(n, prefetch, 10);
+            raw_retry_rates[k].push(clock.rate(&mut raw_retry_cpu[k], healthy, run).await?);
         }
     }
 

@@ -52,14 +52,12 @@ pub(crate) async fn measure(
                 opentelemetry::global::set_tracer_provider(provider.clone());
                 provider
             });
-            let before = clock.read();
+            let published = framework.publish(n, window);
             run.publish
-                .push(n as f64 / framework.publish(n, window).await?.as_secs_f64());
-            let between = clock.read();
-            run.publish_cpu += between.since(before);
+                .push(clock.rate(&mut run.publish_cpu, n, published).await?);
+            let consumed = framework.consume(n, prefetch, 1);
             run.consume
-                .push(n as f64 / framework.consume(n, prefetch, 1).await?.as_secs_f64());
-            run.consume_cpu += clock.read().since(between);
+                .push(clock.rate(&mut run.consume_cpu, n, consumed).await?);
             if let Some(provider) = provider {
                 opentelemetry::global::set_tracer_provider(NoopTracerProvider::new());
                 provider.shutdown()?;
