@@ -12,7 +12,7 @@ use ticketrail_core::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
-use super::{free_port, io, wait_for_port, RabbitNode, ServerProcess};
+use super::{free_port, io, wait_for_nats, RabbitNode, ServerProcess};
 
 /// A RabbitMQ cluster: nodes started on their own, then joined to the first.
 pub struct RabbitCluster {
@@ -249,7 +249,16 @@ impl NatsCluster {
     /// (`/healthz?js-enabled-only=true`).
     async fn await_healthy(&self, i: usize, within: Duration) -> Result<()> {
         let node = &self.nodes[i];
-        wait_for_port(node.port, within, &format!("NATS node {}", node.name)).await?;
+        let what = format!("NATS node {}", node.name);
+        if !wait_for_nats(node.port, &node.name, within, &what).await? {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "{what}: another nats-server answers on 127.0.0.1:{}",
+                    node.port
+                ),
+            ));
+        }
         let deadline = Instant::now() + within;
         loop {
             if healthz(node.http_port).await {

@@ -80,15 +80,34 @@ impl<S: ServerProcess> Restartable for Throwaway<S> {
     }
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process was given before.
+///
+/// The port is free when chosen, not when the server binds it: tests that
+/// start servers side by side could otherwise be handed the same port, and
+/// one would talk to the other's server. Servers that can say who they are
+/// are checked once up, too (see [`wait_for_nats`]).
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::new(ErrorKind::Connection, "finding a free port").with_source(e))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| Error::new(ErrorKind::Connection, "finding a free port").with_source(e))?
-        .port();
-    Ok(port)
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let finding = |e| Error::new(ErrorKind::Connection, "finding a free port").with_source(e);
+    // Holding every listener until one is new keeps the kernel from
+    // offering the same old port again.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(finding)?;
+        let port = listener.local_addr().map_err(finding)?.port();
+        let mut given = GIVEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+        held.push(listener);
+    }
+    Err(Error::new(
+        ErrorKind::Connection,
+        "finding a free port: 64 in a row had been handed out before",
+    ))
 }
 
 /// Waits until something accepts connections on `port`.
@@ -109,6 +128,44 @@ pub async fn wait_for_port(port: u16, within: Duration, what: &str) -> Result<()
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until the nats-server named `name` accepts connections on `port`.
+/// Every NATS server introduces itself with an `INFO` line, which names it:
+/// another server answering there (it took the port after it was chosen)
+/// is `Ok(false)`, not a stranger the test goes on talking to.
+pub async fn wait_for_nats(port: u16, name: &str, within: Duration, what: &str) -> Result<bool> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(found) = nats_server_name(port).await {
+            return Ok(found == name);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!("{what} did not introduce itself on 127.0.0.1:{port} within {within:?}"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `server_name` of the `INFO` line the NATS server on `port` sends
+/// first; `None` if nothing there speaks NATS (yet).
+async fn nats_server_name(port: u16) -> Option<String> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let mut reader = tokio::io::BufReader::new(stream);
+    let mut line = String::new();
+    let read = reader.read_line(&mut line);
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()?
+        .ok()?;
+    let info: serde_json::Value = serde_json::from_str(line.strip_prefix("INFO ")?.trim()).ok()?;
+    Some(info.get("server_name")?.as_str()?.to_owned())
 }
 
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {

