@@ -45,23 +45,30 @@ impl NatsServer {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let mut server = NatsServer {
-                port: free_port()?,
-                name: format!("tr-{}", &id[..12]),
-                dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
-                binary: nats_server_binary(),
-                extra: extra.iter().map(|a| (*a).to_owned()).collect(),
-                child: None,
-            };
-            std::fs::create_dir_all(&server.dir)
-                .map_err(io("creating the server's store directory"))?;
+            let mut server = NatsServer::unstarted(free_port()?, extra)?;
             match server.try_launch().await? {
                 Launched::Up => return Ok(server),
                 Launched::PortTaken(e) if attempts >= 3 => return Err(e),
                 Launched::PortTaken(_) => server.remove().await?,
             }
         }
+    }
+
+    /// One on `port`, with a name and a store directory of its own, not
+    /// started yet.
+    fn unstarted(port: u16, extra: &[&str]) -> Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let server = NatsServer {
+            port,
+            name: format!("tr-{}", &id[..12]),
+            dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
+            binary: nats_server_binary(),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
+            child: None,
+        };
+        std::fs::create_dir_all(&server.dir)
+            .map_err(io("creating the server's store directory"))?;
+        Ok(server)
     }
 
     async fn try_launch(&mut self) -> Result<Launched> {
@@ -206,16 +213,7 @@ mod tests {
                 .await
                 .unwrap()
         );
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut second = NatsServer {
-            port: first.port,
-            name: format!("tr-{}", &id[..12]),
-            dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
-            binary: nats_server_binary(),
-            extra: Vec::new(),
-            child: None,
-        };
-        std::fs::create_dir_all(&second.dir).unwrap();
+        let mut second = NatsServer::unstarted(first.port, &[]).unwrap();
         let started = std::time::Instant::now();
         match second.try_launch().await.unwrap() {
             Launched::PortTaken(e) => {
@@ -234,16 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_server_that_cannot_bind_says_why() {
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut server = NatsServer {
-            port: held.local_addr().unwrap().port(),
-            name: format!("tr-{}", &id[..12]),
-            dir: std::env::temp_dir().join(format!("ticketrail-nats-{id}")),
-            binary: nats_server_binary(),
-            extra: Vec::new(),
-            child: None,
-        };
-        std::fs::create_dir_all(&server.dir).unwrap();
+        let mut server = NatsServer::unstarted(held.local_addr().unwrap().port(), &[]).unwrap();
         match server.try_launch().await.unwrap() {
             Launched::PortTaken(e) => {
                 let text = e.to_string();
