@@ -11,12 +11,19 @@ use ticketrail_conformance::DEFAULT_NATS_URL;
 use ticketrail_core::{Broker, QueueSpec, Topology};
 use ticketrail_nats::{NatsBroker, NatsConfig};
 
-#[tokio::test]
-async fn nats_declare_again_updates_max_ack_pending_and_ack_wait() {
+/// The server's URL, a fresh name, and a topic space of that name with one
+/// queue bound to everything.
+fn one_queue(prefix: &str) -> (String, String, Topology) {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned());
-    let name = unique("settings");
+    let name = unique(prefix);
     let topology = Topology::new(format!("{name}.events"))
         .queue(QueueSpec::new(format!("{name}.q")).bind("#"));
+    (url, name, topology)
+}
+
+#[tokio::test]
+async fn nats_declare_again_updates_max_ack_pending_and_ack_wait() {
+    let (url, name, topology) = one_queue("settings");
     let config = NatsConfig::from_url(&url).unwrap();
     let before = NatsBroker::connect(
         config
@@ -60,10 +67,7 @@ async fn nats_failure_records_are_read_where_the_stream_takes_no_direct_gets() {
     use std::sync::{Arc, Mutex};
     use ticketrail_core::{handler_fn, Consumer, Context, Fixed, HandlerError, Publisher};
 
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| DEFAULT_NATS_URL.to_owned());
-    let name = unique("nodirect");
-    let topology = Topology::new(format!("{name}.events"))
-        .queue(QueueSpec::new(format!("{name}.q")).bind("#"));
+    let (url, name, topology) = one_queue("nodirect");
     let broker: ticketrail_core::SharedBroker = Arc::new(
         NatsBroker::connect(NatsConfig::from_url(&url).unwrap())
             .await

@@ -343,6 +343,15 @@ async fn settled(broker: &ScriptedBroker, n: usize) -> Vec<Settled> {
     }
 }
 
+/// Waits, in paused time, until `n` handlers are running.
+async fn handling(running: &RunningConsumer, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while running.health().in_flight < n {
+        assert!(Instant::now() < deadline, "{:?}", running.health());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 fn json(s: &'static str) -> &'static str {
     // Payloads are JSON strings for the `String` message type.
     match s {
@@ -505,11 +514,7 @@ async fn shutdown_lets_handlers_finish_and_releases_those_past_the_deadline() {
     ]]);
     let running = consumer(&broker).spawn();
     // Both in hand.
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while running.health().in_flight < 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    handling(&running, 2).await;
     let begun = Instant::now();
     running.shutdown().await.unwrap();
     assert_eq!(
@@ -577,11 +582,7 @@ async fn a_broken_subscription_is_replaced_with_backoff_never_given_up() {
 async fn a_close_that_hangs_holds_up_neither_handlers_nor_the_shutdown() {
     let broker = ScriptedBroker::with_close_hanging(vec![vec![deliver("slow", json("slow"))]]);
     let running = consumer(&broker).spawn();
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while running.health().in_flight < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    handling(&running, 1).await;
     let begun = Instant::now();
     let shutdown = tokio::spawn(running.shutdown());
     tokio::time::sleep(Duration::from_secs(2)).await;
