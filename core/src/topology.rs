@@ -212,15 +212,33 @@ pub fn validate_routing_key(key: &str) -> Result<()> {
 /// also names what is wrong.
 fn is_plain_dotted(text: &str) -> bool {
     let bytes = text.as_bytes();
-    !bytes.is_empty()
-        && bytes.len() <= MAX_NAME_LEN
-        && bytes[0] != b'.'
-        && bytes[bytes.len() - 1] != b'.'
-        && bytes.windows(2).all(|pair| pair != b"..")
-        && bytes
-            .iter()
-            .all(|&b| b.is_ascii_graphic() && !matches!(b, b'*' | b'#' | b'>'))
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    if bytes.len() > MAX_NAME_LEN || first == b'.' || last == b'.' {
+        return false;
+    }
+    // Every byte is looked at, without a branch per byte.
+    let mut plain = true;
+    let mut previous = 0;
+    for &b in bytes {
+        plain &= PLAIN[usize::from(b)] & !((b == b'.') & (previous == b'.'));
+        previous = b;
+    }
+    plain
 }
+
+/// The bytes a plain name is made of: printable ASCII but the wildcards.
+static PLAIN: [bool; 256] = {
+    let mut plain = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        plain[b] = byte.is_ascii_graphic() && !matches!(byte, b'*' | b'#' | b'>');
+        b += 1;
+    }
+    plain
+};
 
 /// Checks a binding pattern: words split by `.`, none empty; `*` and `#` only
 /// as whole words.
@@ -286,8 +304,19 @@ fn truncate(s: &str, max: usize) -> &str {
 /// assert!(!topic_matches("*.created", "order.item.created"));
 /// ```
 pub fn topic_matches(pattern: &str, routing_key: &str) -> bool {
-    if !pattern.contains(['*', '#']) {
+    let has_wildcard = |text: &str| text.bytes().any(|b| b == b'*' || b == b'#');
+    if !has_wildcard(pattern) {
         return pattern == routing_key;
+    }
+    // The usual binding, `prefix.#` with a plain prefix, without splitting
+    // either side into words: it matches the prefix itself and anything
+    // under it.
+    if let Some(prefix) = pattern.strip_suffix(".#") {
+        if !has_wildcard(prefix) {
+            return routing_key
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+        }
     }
     words_match(pattern.split('.'), routing_key.split('.'))
 }
@@ -337,6 +366,22 @@ mod tests {
         for (pattern, key, expected) in cases {
             assert_eq!(topic_matches(pattern, key), expected, "{pattern} vs {key}");
         }
+    }
+
+    #[test]
+    fn a_prefix_binding_matches_as_word_by_word_matching_does() {
+        let patterns = ["a.#", "a.b.#", "ab.#", "a.*.#", "#.#"];
+        let keys = [
+            "a", "ab", "a.b", "a.bc", "ab.c", "a.b.c", "b.a", "aa.b", "a.", "a..b", "abc",
+        ];
+        for pattern in patterns {
+            for key in keys {
+                let by_words = words_match(pattern.split('.'), key.split('.'));
+                assert_eq!(topic_matches(pattern, key), by_words, "{pattern} vs {key}");
+            }
+        }
+        assert!(topic_matches("a.b.#", "a.b.c"));
+        assert!(!topic_matches("a.b.#", "a.bc"));
     }
 
     #[test]

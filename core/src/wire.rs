@@ -86,7 +86,10 @@ pub fn validate_id(id: &str) -> Result<()> {
         )));
     }
     // Printable ASCII (every generated id) needs no decoding of characters.
-    if id.bytes().all(|b| b.is_ascii_graphic()) {
+    if id
+        .bytes()
+        .fold(true, |plain, b| plain & b.is_ascii_graphic())
+    {
         return Ok(());
     }
     if let Some(c) = id.chars().find(|c| c.is_control()) {
