@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use ticketrail_core::{
     Broker, Capabilities, Confirmation, DeadLetterCursor, Finding, Message, QueueStats, Result,
-    SubscribeOptions, Subscription, Topology,
+    SubscribeOptions, Subscription, Topology, TrySend,
 };
 
 use crate::config::MemoryConfig;
@@ -96,6 +96,10 @@ impl Broker for MemoryBroker {
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         publish::send(&self.connection, topic_space, message)
+    }
+
+    fn try_send(&self, topic_space: &str, message: Message) -> TrySend {
+        TrySend::Done(publish::send(&self.connection, topic_space, message))
     }
 
     async fn subscribe(

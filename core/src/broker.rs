@@ -70,6 +70,17 @@ impl QueueStats {
     }
 }
 
+/// What [`Broker::try_send`] did with a message.
+#[derive(Debug)]
+pub enum TrySend {
+    /// The broker took it (or refused it) at once: what
+    /// [`Broker::send`] would have returned.
+    Done(Result<Confirmation>),
+    /// The broker needs to wait for something: the message, untouched, to
+    /// hand to [`Broker::send`].
+    Later(Message),
+}
+
 /// A message broker: declares topology, publishes, subscribes, and gives
 /// access to dead letters. Every method documents the rule of DESIGN.md it
 /// honours; the conformance suite proves it.
@@ -110,6 +121,18 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Applications publish through a [`Publisher`](crate::Publisher) or
     /// [`publish`](Broker::publish), which do both.
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation>;
+
+    /// [`send`](Broker::send) without a future, for a broker that takes a
+    /// message without waiting for anything (the in-process one): its
+    /// answer, as `send` would give it; or the message back, untouched,
+    /// when only `send` can take it. The default always hands it back.
+    ///
+    /// Publishers try this first, so such a broker costs no future per
+    /// publish.
+    fn try_send(&self, topic_space: &str, message: Message) -> TrySend {
+        let _ = topic_space;
+        TrySend::Later(message)
+    }
 
     /// Publishes a message and returns once the broker has confirmed it.
     ///

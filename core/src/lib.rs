@@ -30,7 +30,7 @@ mod topology;
 pub mod trace;
 pub mod wire;
 
-pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscription};
+pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscription, TrySend};
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
 pub use confirmation::Confirmation;

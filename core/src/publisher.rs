@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::broker::{Broker, SharedBroker};
+use crate::broker::{Broker, SharedBroker, TrySend};
 use crate::codec::{Codec, Json};
 use crate::confirmation::Confirmation;
 use crate::envelope::Message;
@@ -143,7 +143,11 @@ pub(crate) async fn send_observed(
         &message.routing_key,
         &mut message.headers,
     );
-    match broker.send(topic_space, message).await {
+    let sent = match broker.try_send(topic_space, message) {
+        TrySend::Done(sent) => sent,
+        TrySend::Later(message) => broker.send(topic_space, message).await,
+    };
+    match sent {
         Ok(confirmation) => Ok(confirmation.observed(metrics.clone(), span)),
         Err(e) => {
             metrics.sent(Some(e.kind()));
