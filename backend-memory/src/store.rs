@@ -367,7 +367,9 @@ impl Drop for Waiter<'_> {
 /// Topic spaces, their bindings, and the queues.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    pub(crate) spaces: HashMap<String, Vec<Binding>>,
+    /// By name, ordered: a publish finds its space in a few comparisons of
+    /// the name, cheaper than hashing it for the few spaces a process has.
+    pub(crate) spaces: BTreeMap<String, Vec<Binding>>,
     pub(crate) queues: HashMap<String, Arc<Queue>>,
 }
 
