@@ -233,7 +233,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                     let Some(delivery) = subscription.try_next() else {
                         break;
                     };
-                    running.push(handle(delivery)).await;
+                    running.push(|| handle(delivery)).await;
                     taken += 1;
                 }
                 if taken > 0 {
@@ -271,7 +271,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resubscribe.reset();
                             health.delivered();
                             metrics.consumed.increment(1);
-                            running.push(handle(delivery)).await;
+                            running.push(|| handle(delivery)).await;
                             in_flight(running.len());
                         }
                         Got::Interrupted(e) => {
@@ -475,7 +475,12 @@ impl RunningConsumer {
 /// The deliveries being handled: on the consumer's own task, or each on a
 /// task of its own ([`Consumer::parallel`]).
 enum Running<F> {
-    Inline(FuturesUnordered<Pin<Box<F>>>),
+    Inline {
+        set: FuturesUnordered<Pin<Box<F>>>,
+        /// The box of the last handling that finished at once, for the
+        /// next one: a delivery handled at once costs no allocation.
+        spare: Option<Pin<Box<F>>>,
+    },
     Spawned(JoinSet<()>),
 }
 
@@ -484,13 +489,16 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
         if parallel {
             Running::Spawned(JoinSet::new())
         } else {
-            Running::Inline(FuturesUnordered::new())
+            Running::Inline {
+                set: FuturesUnordered::new(),
+                spare: None,
+            }
         }
     }
 
     fn len(&self) -> usize {
         match self {
-            Running::Inline(set) => set.len(),
+            Running::Inline { set, .. } => set.len(),
             Running::Spawned(set) => set.len(),
         }
     }
@@ -499,19 +507,28 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
         self.len() == 0
     }
 
-    /// Starts `handling`. On the consumer's task it is polled once at
-    /// once and kept in the set only if it did not finish: a handling
-    /// whose handler and settlement await nothing (the memory broker's, a
-    /// NATS ack) costs no task in the set, no waker and no second poll.
-    async fn push(&mut self, handling: F) {
+    /// Starts the handling `start` makes. On the consumer's task it is
+    /// polled once at once and kept in the set only if it did not finish:
+    /// a handling whose handler and settlement await nothing (the memory
+    /// broker's, a NATS ack) costs no task in the set, no waker and no
+    /// second poll. It is made here, not by the caller, so the (large)
+    /// future is written into its box and not moved on the way.
+    async fn push(&mut self, start: impl FnOnce() -> F) {
         match self {
-            Running::Inline(set) => {
-                let mut handling = Box::pin(handling);
+            Running::Inline { set, spare } => {
+                let mut handling = match spare.take() {
+                    Some(mut boxed) => {
+                        boxed.set(start());
+                        boxed
+                    }
+                    None => Box::pin(start()),
+                };
                 let finished = std::future::poll_fn(|cx| {
                     std::task::Poll::Ready(handling.as_mut().poll(cx).is_ready())
                 })
                 .await;
                 if finished {
+                    *spare = Some(handling);
                     // Handlers that finish at once never make this task
                     // wait: let it yield now and then all the same.
                     tokio::task::coop::consume_budget().await;
@@ -519,14 +536,14 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
                     set.push(handling);
                 }
             }
-            Running::Spawned(set) => drop(set.spawn(handling)),
+            Running::Spawned(set) => drop(set.spawn(start())),
         }
     }
 
     /// Waits for one handling to finish.
     async fn next(&mut self) {
         match self {
-            Running::Inline(set) => drop(set.next().await),
+            Running::Inline { set, .. } => drop(set.next().await),
             Running::Spawned(set) => drop(set.join_next().await),
         }
     }
@@ -541,7 +558,7 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
     /// Drops every unfinished handling: its delivery is released unsettled.
     async fn abandon(&mut self) {
         match self {
-            Running::Inline(set) => set.clear(),
+            Running::Inline { set, .. } => set.clear(),
             Running::Spawned(set) => set.shutdown().await,
         }
     }
