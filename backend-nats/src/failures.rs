@@ -9,7 +9,7 @@
 //! there were; and a redelivery that was not a retry (its consumer died)
 //! does not use up an attempt.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::SystemTime;
 
 use async_nats::{HeaderMap, StatusCode};
@@ -19,6 +19,7 @@ use ticketrail_core::{Error, ErrorKind, Result};
 
 use crate::connection::Connection;
 use crate::headers::EXPECTED_LAST_SUBJECT_SEQUENCE;
+use crate::subscription::BySequence;
 use crate::{error, topology};
 
 /// The header of a direct get's answer that carries the stored message's
@@ -210,7 +211,7 @@ pub(crate) async fn record_retry(
 /// not be read from the broker.
 #[derive(Default)]
 pub(crate) struct Written {
-    by_message: HashMap<u64, (u64, FailureRecord, u64)>,
+    by_message: BySequence<(u64, FailureRecord, u64)>,
     /// Messages in the order written, with the stamp of that write.
     order: VecDeque<(u64, u64)>,
     stamp: u64,

@@ -107,51 +107,67 @@ pub(crate) fn block_size(headers: &HeaderMap) -> usize {
 }
 
 /// Every header as text, the server's own left out, content type apart.
-fn text_headers(headers: Option<&HeaderMap>) -> (Headers, Option<String>, Option<String>) {
-    let mut text = Headers::new();
-    let mut content_type = None;
-    let mut msg_id = None;
+/// What a header block holds, read as text: the application's headers
+/// and bookkeeping (the server's own left out), and apart from them the
+/// content type, ticketrail's id and the broker's id.
+#[derive(Default)]
+struct Text {
+    headers: Headers,
+    content_type: Option<String>,
+    id: Option<String>,
+    msg_id: Option<String>,
+}
+
+/// Every header as text, the server's own left out; content type and ids
+/// apart.
+fn text_headers(headers: Option<&HeaderMap>) -> Text {
+    let mut text = Text::default();
     if let Some(map) = headers {
         for (key, values) in map.iter() {
             let key: &str = key.as_ref();
             let Some(last) = values.last() else { continue };
+            let last = last.as_str().to_owned();
             if key == CONTENT_TYPE {
-                content_type = Some(last.as_str().to_owned());
+                text.content_type = Some(last);
+            } else if key == wire::ID {
+                text.id = Some(last);
             } else if key == MSG_ID {
-                msg_id = Some(last.as_str().to_owned());
+                text.msg_id = Some(last);
             } else if !key.starts_with(NATS_PREFIX) {
-                text.insert(key.to_owned(), last.as_str().to_owned());
+                text.headers.insert(key.to_owned(), last);
             }
         }
     }
-    (text, content_type, msg_id)
+    text
 }
 
 /// What a delivered message says about itself, in core's terms.
 pub(crate) fn incoming(
     headers: Option<&HeaderMap>,
-    routing_key: &str,
+    routing_key: String,
     payload: bytes::Bytes,
     stored_at: SystemTime,
     attempt: Attempt,
 ) -> Incoming {
-    let (text, content_type, msg_id) = text_headers(headers);
-    from_text(
-        text,
-        content_type,
-        msg_id,
+    let text = text_headers(headers);
+    let mut incoming = from_text(
+        text.headers,
+        text.content_type,
+        text.msg_id,
         routing_key,
         payload,
         stored_at,
         attempt,
-    )
+    );
+    incoming.id = text.id;
+    incoming
 }
 
 fn from_text(
     text: Headers,
     content_type: Option<String>,
     msg_id: Option<String>,
-    routing_key: &str,
+    routing_key: String,
     payload: bytes::Bytes,
     stored_at: SystemTime,
     attempt: Attempt,
@@ -244,7 +260,7 @@ impl RawBlock {
             self.headers,
             self.content_type,
             self.msg_id,
-            routing_key,
+            routing_key.to_owned(),
             payload,
             stored_at,
             attempt,
@@ -271,7 +287,7 @@ mod tests {
         map.insert("Nats-Expected-Stream", "S");
         let decoded = incoming(
             Some(&map),
-            "legacy.key",
+            "legacy.key".to_owned(),
             bytes::Bytes::from_static(b"{}"),
             SystemTime::now(),
             Attempt::Counted(1),
@@ -280,6 +296,42 @@ mod tests {
         assert_eq!(decoded.envelope.headers.len(), 1);
         assert_eq!(decoded.envelope.headers["X-Legacy"], "yes");
         assert_eq!(decoded.envelope.id, "legacy-1");
+    }
+
+    #[test]
+    fn the_id_is_read_apart_from_the_headers_and_checked_as_one() {
+        let read = |id: &str| {
+            let mut map = HeaderMap::new();
+            map.insert("X-App", "kept");
+            map.insert(wire::ID, id);
+            map.insert(CONTENT_TYPE, "application/json");
+            map.insert(MSG_ID, "broker-1");
+            incoming(
+                Some(&map),
+                "user.welcome".to_owned(),
+                bytes::Bytes::from_static(b"{}"),
+                SystemTime::now(),
+                Attempt::Counted(1),
+            )
+            .decode()
+        };
+        let ok = read("order-42");
+        assert_eq!(ok.envelope.id, "order-42");
+        assert_eq!(ok.envelope.headers.len(), 1, "{:?}", ok.envelope.headers);
+        assert_eq!(ok.envelope.headers["X-App"], "kept");
+        assert_eq!(
+            ok.envelope.content_type.as_deref(),
+            Some("application/json")
+        );
+        assert!(ok.notes.is_empty(), "{:?}", ok.notes);
+        // A forged id over the limit is set aside for the broker's, and said so.
+        let forged = read(&"x".repeat(300));
+        assert_eq!(forged.envelope.id, "broker-1");
+        assert!(
+            forged.notes.iter().any(|n| n.contains(wire::ID)),
+            "{:?}",
+            forged.notes
+        );
     }
 
     #[test]

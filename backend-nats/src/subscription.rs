@@ -7,6 +7,7 @@
 //! messages just delivered (see `quarantine.rs`).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -48,13 +49,22 @@ pub(crate) struct AckInfo {
 /// Reads `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<nanos>.<pending>`
 /// (and the longer form with a domain and account hash first).
 pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
-    // Read for every delivery: the tokens stay on the stack.
+    // Read for every delivery: the tokens stay on the stack, and the
+    // subject is walked once, byte by byte (its tokens are too short for a
+    // search per token to pay).
+    let rest = reply.strip_prefix("$JS.ACK.")?;
     let mut tokens = [""; 16];
     let mut count = 0;
-    for token in reply.strip_prefix("$JS.ACK.")?.split('.') {
-        *tokens.get_mut(count)? = token;
-        count += 1;
+    let mut start = 0;
+    for (at, &byte) in rest.as_bytes().iter().enumerate() {
+        if byte == b'.' {
+            *tokens.get_mut(count)? = rest.get(start..at)?;
+            count += 1;
+            start = at + 1;
+        }
     }
+    *tokens.get_mut(count)? = rest.get(start..)?;
+    count += 1;
     let rest = match count {
         7 => &tokens[2..count],
         n if n >= 9 => &tokens[4..count],
@@ -242,7 +252,7 @@ impl NatsSubscription {
         });
         let incoming = headers::incoming(
             message.headers.as_ref(),
-            &routing_key,
+            routing_key,
             message.payload.clone(),
             ack.published,
             Attempt::Counted(1),
@@ -542,7 +552,35 @@ impl NatsSubscription {
 /// dropped (a graceful shutdown lets handlers finish).
 #[derive(Default)]
 pub(crate) struct InHand {
-    replies: Mutex<HashMap<u64, Subject>>,
+    replies: Mutex<BySequence<Subject>>,
+}
+
+/// A map by stream sequence. Sequences are numbers the server hands out
+/// one after another, never chosen by a publisher, so they need no
+/// flood-resistant hash: one multiplication spreads them, where SipHash
+/// cost a few hundred instructions for each of the two or three lookups a
+/// delivery makes.
+pub(crate) type BySequence<V> = HashMap<u64, V, BuildHasherDefault<SequenceHasher>>;
+
+/// Hashes a stream sequence by Fibonacci multiplication.
+#[derive(Default)]
+pub(crate) struct SequenceHasher(u64);
+
+impl Hasher for SequenceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys come here; any other input still hashes, byte by byte.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 impl InHand {
@@ -739,5 +777,7 @@ mod tests {
         assert_eq!((v2.delivered, v2.stream_sequence), (2, 43));
         assert!(ack_info("$JS.ACK.S.C.x").is_none());
         assert!(ack_info("_INBOX.abc").is_none());
+        assert!(ack_info("$JS.ACK.S.C.3..7.1700000000000000000.5").is_none());
+        assert!(ack_info(&format!("$JS.ACK.{}", ["1"; 17].join("."))).is_none());
     }
 }

@@ -271,6 +271,10 @@ pub struct Incoming {
     pub headers: Headers,
     /// The content type, from the broker's property or header for it.
     pub content_type: Option<String>,
+    /// ticketrail's id (the [`ID`] header), for a backend that takes it
+    /// out as it reads the headers: it spares `headers` an entry on every
+    /// delivery. Read as that header would be; `None` looks in `headers`.
+    pub id: Option<String>,
     /// The broker's own message id, if it has one (AMQP `message-id`,
     /// NATS `Nats-Msg-Id`).
     pub broker_id: Option<String>,
@@ -291,6 +295,7 @@ impl Incoming {
             payload: payload.into(),
             headers: Headers::new(),
             content_type: None,
+            id: None,
             broker_id: None,
             stored_at: None,
             attempt: Attempt::Fresh,
@@ -345,7 +350,7 @@ impl Incoming {
             Headers::new()
         };
         // Moved into the envelope, not copied.
-        let header_id = bookkeeping.remove(ID);
+        let header_id = self.id.or_else(|| bookkeeping.remove(ID));
         let get = |name: &str| bookkeeping.get(name).map(String::as_str);
         let (mut payload, mut content_type) = (self.payload, self.content_type);
         if get(PAYLOAD_REF) == Some(PAYLOAD_IN_BODY) {
