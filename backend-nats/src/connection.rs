@@ -2,7 +2,7 @@
 //! what the server supports, where each queue lives, and the clients of
 //! subscriptions, each of their own.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,7 +93,9 @@ pub(crate) struct Connection {
     pub(crate) js: jetstream::Context,
     pub(crate) server: ServerFacts,
     queues: Mutex<HashMap<String, Arc<QueueInfo>>>,
-    routing: Mutex<HashMap<String, Routing>>,
+    /// By topic space, ordered: a publish finds its space in a few
+    /// comparisons of the name, cheaper than hashing it.
+    routing: Mutex<BTreeMap<String, Routing>>,
     closed: AtomicBool,
 }
 
