@@ -564,6 +564,21 @@ impl Broker for NatsBroker {
     }
 }
 
+/// The limits of a stream that make the server drop messages, if any.
+fn limits(config: &async_nats::jetstream::stream::Config) -> Option<String> {
+    let mut limits = Vec::new();
+    if config.max_messages > 0 {
+        limits.push(format!("max_msgs {}", config.max_messages));
+    }
+    if config.max_bytes > 0 {
+        limits.push(format!("max_bytes {}", config.max_bytes));
+    }
+    if !config.max_age.is_zero() && config.max_messages_per_subject != 1 {
+        limits.push(format!("max_age {:?}", config.max_age));
+    }
+    (!limits.is_empty()).then(|| limits.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,19 +596,4 @@ mod tests {
         let size = std::mem::size_of_val(&*send);
         assert!(size < 1024, "Broker::send's future is {size} bytes");
     }
-}
-
-/// The limits of a stream that make the server drop messages, if any.
-fn limits(config: &async_nats::jetstream::stream::Config) -> Option<String> {
-    let mut limits = Vec::new();
-    if config.max_messages > 0 {
-        limits.push(format!("max_msgs {}", config.max_messages));
-    }
-    if config.max_bytes > 0 {
-        limits.push(format!("max_bytes {}", config.max_bytes));
-    }
-    if !config.max_age.is_zero() && config.max_messages_per_subject != 1 {
-        limits.push(format!("max_age {:?}", config.max_age));
-    }
-    (!limits.is_empty()).then(|| limits.join(", "))
 }
