@@ -211,7 +211,7 @@ pub(crate) async fn record_retry(
 /// not be read from the broker.
 #[derive(Default)]
 pub(crate) struct Written {
-    by_message: BySequence<(u64, FailureRecord, u64)>,
+    by_message: BySequence<u64, (u64, FailureRecord, u64)>,
     /// Messages in the order written, with the stamp of that write.
     order: VecDeque<(u64, u64)>,
     stamp: u64,

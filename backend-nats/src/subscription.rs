@@ -199,7 +199,8 @@ impl NatsSubscription {
     ) -> NatsSettle {
         let reply = message.reply.expect("a stored message has a reply subject");
         if self.conn.server.progress_acks {
-            self.in_hand.insert(ack.stream_sequence, reply.clone());
+            self.in_hand
+                .insert((ack.stream_sequence, ack.delivered), reply.clone());
         }
         NatsSettle {
             conn: Arc::clone(&self.conn),
@@ -220,7 +221,7 @@ impl NatsSubscription {
 
     /// What becomes of a pulled message: delivered, looked up first (a
     /// redelivery), or settled here (not this queue's, unreadable).
-    fn accept(&self, message: async_nats::Message, slot: OwnedSemaphorePermit) -> Accepted {
+    fn accept(&self, mut message: async_nats::Message, slot: OwnedSemaphorePermit) -> Accepted {
         let Some(ack) = message.reply.as_deref().and_then(ack_info) else {
             tracing::warn!(queue = %self.info.name, reply = ?message.reply, "a stored message with an unknown acknowledgement subject; left alone");
             return Accepted::Skipped;
@@ -253,7 +254,8 @@ impl NatsSubscription {
         let incoming = headers::incoming(
             message.headers.as_ref(),
             routing_key,
-            message.payload.clone(),
+            // Moved: what is left of the message is its reply subject.
+            std::mem::take(&mut message.payload),
             ack.published,
             Attempt::Counted(1),
         );
@@ -552,7 +554,10 @@ impl NatsSubscription {
 /// dropped (a graceful shutdown lets handlers finish).
 #[derive(Default)]
 pub(crate) struct InHand {
-    replies: Mutex<BySequence<Subject>>,
+    /// By stream sequence and delivery count: a message the server
+    /// delivered again while an earlier delivery of it is still handled
+    /// has an entry for each, and settling one leaves the other's.
+    replies: Mutex<BySequence<(u64, u64), Subject>>,
 }
 
 /// A map by stream sequence. Sequences are numbers the server hands out
@@ -560,7 +565,7 @@ pub(crate) struct InHand {
 /// flood-resistant hash: one multiplication spreads them, where SipHash
 /// cost a few hundred instructions for each of the two or three lookups a
 /// delivery makes.
-pub(crate) type BySequence<V> = HashMap<u64, V, BuildHasherDefault<SequenceHasher>>;
+pub(crate) type BySequence<K, V> = HashMap<K, V, BuildHasherDefault<SequenceHasher>>;
 
 /// Hashes a stream sequence by Fibonacci multiplication.
 #[derive(Default)]
@@ -611,15 +616,15 @@ impl InHand {
         });
     }
 
-    fn insert(&self, sequence: u64, reply: Subject) {
+    fn insert(&self, delivery: (u64, u64), reply: Subject) {
         self.replies
             .lock()
             .expect("not poisoned")
-            .insert(sequence, reply);
+            .insert(delivery, reply);
     }
 
-    fn remove(&self, sequence: u64) {
-        self.replies.lock().expect("not poisoned").remove(&sequence);
+    fn remove(&self, delivery: (u64, u64)) {
+        self.replies.lock().expect("not poisoned").remove(&delivery);
     }
 }
 
@@ -692,7 +697,7 @@ impl NatsSettle {
 impl Drop for NatsSettle {
     fn drop(&mut self) {
         if self.conn.server.progress_acks {
-            self.in_hand.remove(self.sequence);
+            self.in_hand.remove((self.sequence, self.delivered));
         }
         // The slot first, then the wake-up, so the subscription sees it free.
         drop(self.slot.take());
@@ -768,6 +773,19 @@ impl Settle for NatsSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_settled_leaves_a_later_delivery_of_the_same_message_in_hand() {
+        // The server delivered message 7 again (after ack_wait) while its
+        // first delivery was still handled: settling the first must not
+        // stop the progress acks of the second.
+        let in_hand = InHand::default();
+        in_hand.insert((7, 1), Subject::from("$JS.ACK.S.C.1.7.7.1.0"));
+        in_hand.insert((7, 2), Subject::from("$JS.ACK.S.C.2.7.8.1.0"));
+        in_hand.remove((7, 1));
+        let left: Vec<Subject> = in_hand.replies.lock().unwrap().values().cloned().collect();
+        assert_eq!(left, [Subject::from("$JS.ACK.S.C.2.7.8.1.0")]);
+    }
 
     #[test]
     fn both_forms_of_ack_subject_are_read() {
