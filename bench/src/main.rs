@@ -639,14 +639,68 @@ async fn drain(args: &[String]) -> BenchResult<()> {
     Ok(())
 }
 
+/// `one <broker> <side> <messages> <publish|both>`: one side alone, after
+/// the usual warm-up, publishes `messages` and, with `both`, consumes
+/// them. For counting the instructions a side spends per message
+/// (scripts/bench-instructions runs it under cachegrind at two counts, so
+/// what set-up and warm-up cost cancels out): a count this machine's noise
+/// does not move, where a rate moves by tens of percent between runs.
+/// Sides: `raw`, `raw-headers` (NATS), `ticketrail`, and with `--features
+/// peers` `ruststream` and `omniqueue`.
+async fn one(args: &[String]) -> BenchResult<()> {
+    let [broker, name, count, phase] = args else {
+        return Err("usage: one <broker> <side> <messages> <publish|both>".into());
+    };
+    let count: usize = count.parse()?;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let prefix = format!("bench-{id}-one");
+    let side: Box<dyn Side> = match name.as_str() {
+        "raw" => raw_side(broker, &prefix, count.max(1000)).await?,
+        "raw-headers" if broker == "nats" => {
+            Box::new(raw_nats::RawNats::new(&nats_url(), &prefix, true).await?)
+        }
+        "ticketrail" => Box::new(framework::Framework::new(connect(broker).await?, &prefix).await?),
+        #[cfg(feature = "peers")]
+        peer => peers::sides(broker, &prefix, PREFETCH)
+            .await?
+            .into_iter()
+            .find_map(|(_, baseline, side)| baseline.starts_with(peer).then_some(side))
+            .ok_or(format!("no side `{peer}` on {broker}"))?,
+        #[cfg(not(feature = "peers"))]
+        other => return Err(format!("no side `{other}` (peers need --features peers)").into()),
+    };
+    let window = if broker == "memory" { 1 } else { WINDOW };
+    side.publish(1000, window).await?;
+    side.consume(1000, PREFETCH, 1).await?;
+    side.publish(count, window).await?;
+    match phase.as_str() {
+        // In process, what was published is left as it is until the
+        // process ends, so freeing it counts in neither figure: consuming
+        // frees it in `both`.
+        "publish" if broker == "memory" => {
+            std::mem::forget(side);
+            return Ok(());
+        }
+        "publish" => {}
+        "both" => drop(side.consume(count, PREFETCH, 1).await?),
+        other => return Err(format!("phase `{other}`: publish or both").into()),
+    }
+    side.teardown().await
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("drain") {
-        return match drain(&args[2..]).await {
+    let subcommand = match args.get(1).map(String::as_str) {
+        Some("drain") => Some(("drain", drain(&args[2..]).await)),
+        Some("one") => Some(("one", one(&args[2..]).await)),
+        _ => None,
+    };
+    if let Some((name, result)) = subcommand {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("drain: {e}");
+                eprintln!("{name}: {e}");
                 ExitCode::FAILURE
             }
         };
