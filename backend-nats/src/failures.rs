@@ -9,7 +9,8 @@
 //! there were; and a redelivery that was not a retry (its consumer died)
 //! does not use up an attempt.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::SystemTime;
 
 use async_nats::{HeaderMap, StatusCode};
@@ -19,7 +20,6 @@ use ticketrail_core::{Error, ErrorKind, Result};
 
 use crate::connection::Connection;
 use crate::headers::EXPECTED_LAST_SUBJECT_SEQUENCE;
-use crate::subscription::BySequence;
 use crate::{error, topology};
 
 /// The header of a direct get's answer that carries the stored message's
@@ -203,6 +203,34 @@ pub(crate) async fn record_retry(
         retries,
         sequence: stored,
     })
+}
+
+/// A map by stream sequence. Sequences are numbers the server hands out
+/// one after another, never chosen by a publisher, so they need no
+/// flood-resistant hash: one multiplication spreads them, where SipHash
+/// cost a few hundred instructions for each of the two or three lookups a
+/// delivery makes.
+pub(crate) type BySequence<K, V> = HashMap<K, V, BuildHasherDefault<SequenceHasher>>;
+
+/// Hashes a stream sequence by Fibonacci multiplication.
+#[derive(Default)]
+pub(crate) struct SequenceHasher(u64);
+
+impl Hasher for SequenceHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys come here; any other input still hashes, byte by byte.
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// The failure records one subscription wrote, by message, each with the

@@ -6,8 +6,6 @@
 //! After such a disconnect the subscription looks for the culprit among the
 //! messages just delivered (see `quarantine.rs`).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +20,7 @@ use ticketrail_core::{
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::connection::{open_client, Connection, Disconnects, QueueInfo};
-use crate::failures::{self, FailureRecord};
+use crate::failures::{self, BySequence, FailureRecord};
 use crate::pull::{Pulled, Puller};
 use crate::{dead_letters, error, headers, quarantine, topology};
 
@@ -558,34 +556,6 @@ pub(crate) struct InHand {
     /// delivered again while an earlier delivery of it is still handled
     /// has an entry for each, and settling one leaves the other's.
     replies: Mutex<BySequence<(u64, u64), Subject>>,
-}
-
-/// A map by stream sequence. Sequences are numbers the server hands out
-/// one after another, never chosen by a publisher, so they need no
-/// flood-resistant hash: one multiplication spreads them, where SipHash
-/// cost a few hundred instructions for each of the two or three lookups a
-/// delivery makes.
-pub(crate) type BySequence<K, V> = HashMap<K, V, BuildHasherDefault<SequenceHasher>>;
-
-/// Hashes a stream sequence by Fibonacci multiplication.
-#[derive(Default)]
-pub(crate) struct SequenceHasher(u64);
-
-impl Hasher for SequenceHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `u64` keys come here; any other input still hashes, byte by byte.
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
 }
 
 impl InHand {
