@@ -724,3 +724,59 @@ async fn deliveries_at_hand_and_awaited_ones_are_handled_alike() {
     );
     running.shutdown().await.unwrap();
 }
+
+/// Keeps what each `ticketrail.delivery` span had recorded as its outcome.
+#[derive(Default)]
+struct Outcomes {
+    recorded: Mutex<Vec<String>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl tracing::Subscriber for Outcomes {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::span::Id::from_u64(id + 1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, values: &tracing::span::Record<'_>) {
+        struct Outcome<'a>(&'a Mutex<Vec<String>>);
+        impl tracing::field::Visit for Outcome<'_> {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "outcome" {
+                    self.0.lock().unwrap().push(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        values.record(&mut Outcome(&self.recorded));
+    }
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_delivery_span_records_how_each_delivery_was_settled() {
+    let outcomes = Arc::new(Outcomes::default());
+    let _default =
+        tracing::dispatcher::set_default(&tracing::Dispatch::from(Arc::clone(&outcomes)));
+    let broker = ScriptedBroker::new(vec![vec![
+        deliver("a", json("ok")),
+        deliver("b", json("retry")),
+        deliver("c", json("permanent")),
+    ]]);
+    let running = consumer(&broker).spawn();
+    settled(&broker, 3).await;
+    running.shutdown().await.unwrap();
+    let mut recorded = outcomes.recorded.lock().unwrap().clone();
+    recorded.sort();
+    assert_eq!(recorded, ["acked", "dead-lettered", "retried"]);
+}

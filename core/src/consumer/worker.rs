@@ -43,6 +43,9 @@ impl<H: Handler, C: Codec> Worker<H, C> {
             attempt = envelope.attempt,
             outcome = field::Empty,
         );
+        // The outcome is recorded on this handle: cheaper than looking the
+        // span up again as the current one.
+        let recorded = span.clone();
         async {
             let otel = ProcessSpan::start(self.metrics.system(), &self.queue, &envelope);
             let started = std::time::Instant::now();
@@ -84,7 +87,7 @@ impl<H: Handler, C: Codec> Worker<H, C> {
                     (settled, "dead-lettered", Some(error))
                 }
             };
-            tracing::Span::current().record("outcome", settlement);
+            recorded.record("outcome", settlement);
             let failure = error_type.zip(error.as_deref());
             match settled {
                 Ok(()) => otel.end(settlement, failure),
