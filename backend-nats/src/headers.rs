@@ -126,15 +126,15 @@ fn text_headers(headers: Option<&HeaderMap>) -> Text {
         for (key, values) in map.iter() {
             let key: &str = key.as_ref();
             let Some(last) = values.last() else { continue };
-            let last = last.as_str().to_owned();
+            let value = || last.as_str().to_owned();
             if key == CONTENT_TYPE {
-                text.content_type = Some(last);
+                text.content_type = Some(value());
             } else if key == wire::ID {
-                text.id = Some(last);
+                text.id = Some(value());
             } else if key == MSG_ID {
-                text.msg_id = Some(last);
+                text.msg_id = Some(value());
             } else if !key.starts_with(NATS_PREFIX) {
-                text.headers.insert(key.to_owned(), last);
+                text.headers.insert(key.to_owned(), value());
             }
         }
     }
