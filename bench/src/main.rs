@@ -661,11 +661,19 @@ async fn one(args: &[String]) -> BenchResult<()> {
         }
         "ticketrail" => Box::new(framework::Framework::new(connect(broker).await?, &prefix).await?),
         #[cfg(feature = "peers")]
-        peer => peers::sides(broker, &prefix, PREFETCH)
-            .await?
-            .into_iter()
-            .find_map(|(_, baseline, side)| baseline.starts_with(peer).then_some(side))
-            .ok_or(format!("no side `{peer}` on {broker}"))?,
+        peer => {
+            // Every peer of the broker is set up; the others are taken
+            // down again at once, queues and all.
+            let mut chosen = None;
+            for (_, baseline, side) in peers::sides(broker, &prefix, PREFETCH).await? {
+                if chosen.is_none() && baseline.starts_with(peer) {
+                    chosen = Some(side);
+                } else {
+                    side.teardown().await?;
+                }
+            }
+            chosen.ok_or(format!("no side `{peer}` on {broker}"))?
+        }
         #[cfg(not(feature = "peers"))]
         other => return Err(format!("no side `{other}` (peers need --features peers)").into()),
     };
