@@ -297,11 +297,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     for (_, baseline, side) in &others {
         sides.push((baseline, side.as_ref()));
     }
-    let window = if broker == "memory" {
-        1
-    } else {
-        options.window
-    };
+    let window = window_on(broker, options.window);
 
     // Warm up connections, queues and code paths.
     let (prefetch, consumers) = (options.prefetch, options.consumers);
@@ -677,23 +673,43 @@ async fn one(args: &[String]) -> BenchResult<()> {
         #[cfg(not(feature = "peers"))]
         other => return Err(format!("no side `{other}` (peers need --features peers)").into()),
     };
-    let window = if broker == "memory" { 1 } else { WINDOW };
-    side.publish(1000, window).await?;
-    side.consume(1000, PREFETCH, 1).await?;
-    side.publish(count, window).await?;
-    match phase.as_str() {
+    let consume = match phase.as_str() {
+        "publish" => false,
+        "both" => true,
+        other => return Err(format!("phase `{other}`: publish or both").into()),
+    };
+    let window = window_on(broker, WINDOW);
+    let run = async {
+        side.publish(1000, window).await?;
+        side.consume(1000, PREFETCH, 1).await?;
+        side.publish(count, window).await?;
+        if consume {
+            side.consume(count, PREFETCH, 1).await?;
+        }
+        BenchResult::Ok(())
+    }
+    .await;
+    if run.is_ok() && !consume && broker == "memory" {
         // In process, what was published is left as it is until the
         // process ends, so freeing it counts in neither figure: consuming
         // frees it in `both`.
-        "publish" if broker == "memory" => {
-            std::mem::forget(side);
-            return Ok(());
-        }
-        "publish" => {}
-        "both" => drop(side.consume(count, PREFETCH, 1).await?),
-        other => return Err(format!("phase `{other}`: publish or both").into()),
+        std::mem::forget(side);
+        return Ok(());
     }
-    side.teardown().await
+    // Taken down also after a failed run: nothing is left on the broker.
+    side.teardown().await?;
+    run
+}
+
+/// Publishes in flight at once on `broker`: the in-process broker confirms
+/// a publish before it returns, so every side publishes one after the
+/// other there.
+fn window_on(broker: &str, window: usize) -> usize {
+    if broker == "memory" {
+        1
+    } else {
+        window
+    }
 }
 
 #[tokio::main]
