@@ -648,6 +648,11 @@ async fn one(args: &[String]) -> BenchResult<()> {
         return Err("usage: one <broker> <side> <messages> <publish|both>".into());
     };
     let count: usize = count.parse()?;
+    let consume = match phase.as_str() {
+        "publish" => false,
+        "both" => true,
+        other => return Err(format!("phase `{other}`: publish or both").into()),
+    };
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let prefix = format!("bench-{id}-one");
     let side: Box<dyn Side> = match name.as_str() {
@@ -672,11 +677,6 @@ async fn one(args: &[String]) -> BenchResult<()> {
         }
         #[cfg(not(feature = "peers"))]
         other => return Err(format!("no side `{other}` (peers need --features peers)").into()),
-    };
-    let consume = match phase.as_str() {
-        "publish" => false,
-        "both" => true,
-        other => return Err(format!("phase `{other}`: publish or both").into()),
     };
     let window = window_on(broker, WINDOW);
     let run = async {
