@@ -106,7 +106,6 @@ pub(crate) fn block_size(headers: &HeaderMap) -> usize {
             .sum::<usize>()
 }
 
-/// Every header as text, the server's own left out, content type apart.
 /// What a header block holds, read as text: the application's headers
 /// and bookkeeping (the server's own left out), and apart from them the
 /// content type, ticketrail's id and the broker's id.

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::AckKind;
 use async_nats::{Client, Subject};
 use async_trait::async_trait;
+use futures::FutureExt;
 use ticketrail_core::wire::Attempt;
 use ticketrail_core::{
     DeadLetter, DeadLetterReason, Delivery, Envelope, Error, ErrorKind, Result, RetryRequest,
@@ -690,6 +691,24 @@ impl Settle for NatsSettle {
         self.send(reply, AckKind::Ack, "acking").await?;
         self.forget_failures().await;
         Ok(())
+    }
+
+    fn try_ack(&mut self) -> Option<Result<()>> {
+        // The common case, an ack with no failure record to clear, needs
+        // only room in the client's queue of commands: sent here when there
+        // is, it costs no boxed future (for `ack`'s, which can hold a
+        // record's purge, a large one). A send that would wait is dropped
+        // before it queued anything, and `ack` sends it.
+        if self.failure.is_some() || self.record_unread {
+            return None;
+        }
+        let reply = self.reply.clone()?;
+        let sent = self
+            .client
+            .publish(reply, AckKind::Ack.into())
+            .now_or_never()?;
+        self.reply = None;
+        Some(sent.map_err(|e| error::client(&format!("acking message {}", self.sequence), e)))
     }
 
     async fn nack(mut self: Box<Self>) -> Result<()> {
