@@ -77,6 +77,49 @@ pub(crate) fn ack_info(reply: &str) -> Option<AckInfo> {
     })
 }
 
+/// Reads the acknowledgement subject of a delivery from the consumer whose
+/// subject prefix is `prefix` (`$JS.ACK.<stream>.<consumer>.`): the prefix
+/// compared, the five numbers after it read in one pass. `None` for any
+/// other form (with a domain and account hash, or from another consumer):
+/// [`ack_info`] reads those.
+fn ack_info_after(prefix: &str, reply: &str) -> Option<AckInfo> {
+    // Every delivery's subject is read here, so no token is split out:
+    // digits are folded into their number as they come. A number of 19
+    // digits or fewer cannot overflow; a longer one is left to `ack_info`.
+    let rest = reply.strip_prefix(prefix)?.as_bytes();
+    let mut numbers = [0u64; 5];
+    let mut at = 0;
+    let mut number = 0u64;
+    let mut digits = 0u32;
+    for &byte in rest {
+        let digit = byte.wrapping_sub(b'0');
+        if digit < 10 {
+            number = number.wrapping_mul(10).wrapping_add(u64::from(digit));
+            digits += 1;
+        } else if byte == b'.' && (1..=19).contains(&digits) {
+            *numbers.get_mut(at)? = number;
+            at += 1;
+            number = 0;
+            digits = 0;
+        } else {
+            return None;
+        }
+    }
+    if !(1..=19).contains(&digits) {
+        return None;
+    }
+    *numbers.get_mut(at)? = number;
+    if at != 4 {
+        return None;
+    }
+    let [delivered, stream_sequence, _, nanos, _] = numbers;
+    Some(AckInfo {
+        delivered,
+        stream_sequence,
+        published: SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos),
+    })
+}
+
 /// A subscription's own client, shared with its deliveries: once the last
 /// of them lets go, what was sent on it (acks above all) is flushed before
 /// the connection closes, or those acks would be lost and their messages
@@ -126,6 +169,9 @@ pub(crate) struct NatsSubscription {
     direct_records: bool,
     /// The failure records this subscription wrote.
     written: Arc<Mutex<failures::Written>>,
+    /// `$JS.ACK.<stream>.<consumer>.`, how its deliveries' acknowledgement
+    /// subjects begin.
+    ack_prefix: String,
 }
 
 /// What `try_next` took and left to `next`.
@@ -153,6 +199,7 @@ impl NatsSubscription {
             .max(Duration::from_millis(100));
         let puller = Puller::new(client.clone(), &info.stream, &info.consumer, expires).await?;
         let direct_records = failures::direct_gets(&conn, &info.stream).await;
+        let ack_prefix = format!("$JS.ACK.{}.{}.", info.stream, info.consumer);
         let in_hand = Arc::new(InHand::default());
         if conn.server.progress_acks {
             in_hand.keep_alive(&client, conn.config.ack_wait);
@@ -171,6 +218,7 @@ impl NatsSubscription {
             held: None,
             direct_records,
             written: Arc::default(),
+            ack_prefix,
         })
     }
 
@@ -221,7 +269,11 @@ impl NatsSubscription {
     /// What becomes of a pulled message: delivered, looked up first (a
     /// redelivery), or settled here (not this queue's, unreadable).
     fn accept(&self, mut message: async_nats::Message, slot: OwnedSemaphorePermit) -> Accepted {
-        let Some(ack) = message.reply.as_deref().and_then(ack_info) else {
+        let ack = message
+            .reply
+            .as_deref()
+            .and_then(|reply| ack_info_after(&self.ack_prefix, reply).or_else(|| ack_info(reply)));
+        let Some(ack) = ack else {
             tracing::warn!(queue = %self.info.name, reply = ?message.reply, "a stored message with an unknown acknowledgement subject; left alone");
             return Accepted::Skipped;
         };
@@ -786,5 +838,41 @@ mod tests {
         assert!(ack_info("_INBOX.abc").is_none());
         assert!(ack_info("$JS.ACK.S.C.3..7.1700000000000000000.5").is_none());
         assert!(ack_info(&format!("$JS.ACK.{}", ["1"; 17].join("."))).is_none());
+    }
+
+    #[test]
+    fn the_fast_reading_of_an_ack_subject_agrees_with_the_general_one() {
+        let prefix = "$JS.ACK.S.C.";
+        let read = |reply: &str| {
+            ack_info_after(prefix, reply).map(|a| (a.delivered, a.stream_sequence, a.published))
+        };
+        let general =
+            |reply: &str| ack_info(reply).map(|a| (a.delivered, a.stream_sequence, a.published));
+        for reply in [
+            "$JS.ACK.S.C.3.42.7.1700000000000000000.5",
+            "$JS.ACK.S.C.1.1.1.0.0",
+            "$JS.ACK.S.C.9999999999999999999.9.9.1.0",
+        ] {
+            assert!(read(reply).is_some(), "{reply}");
+            assert_eq!(read(reply), general(reply), "{reply}");
+        }
+        // Other forms and other consumers are left to the general reading.
+        for reply in [
+            "$JS.ACK._.HASH.S.C.2.43.8.1700000000000000000.0.TOKEN",
+            "$JS.ACK.S.CC.3.42.7.1700000000000000000.5",
+            "$JS.ACK.S.C.3.42.7.1700000000000000000",
+            "$JS.ACK.S.C.3.42.7.1700000000000000000.5.6",
+            "$JS.ACK.S.C.3..7.1700000000000000000.5",
+            "$JS.ACK.S.C.3.42.7.1700000000000000000.5.",
+            "$JS.ACK.S.C.3.4x.7.1700000000000000000.5",
+            "$JS.ACK.S.C.18446744073709551616.9.9.1.0",
+            "$JS.ACK.S.C.",
+        ] {
+            assert_eq!(read(reply), None, "{reply}");
+        }
+        // Twenty digits, still a u64: read, by the general reading.
+        let long = "$JS.ACK.S.C.18446744073709551615.9.9.1.0";
+        assert_eq!(read(long), None);
+        assert_eq!(general(long).map(|a| a.0), Some(u64::MAX));
     }
 }
