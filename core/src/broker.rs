@@ -305,6 +305,13 @@ pub trait Subscription: Send {
     /// returns, the broker sends the subscription nothing more. The default
     /// does nothing: the subscription is just dropped.
     async fn close(&mut self) {}
+
+    /// Waits, at a graceful shutdown once the handlers are done, until the
+    /// acks they queued without waiting ([`Settle::try_ack`](crate::Settle::try_ack)) are on their
+    /// way to the broker, so that a process that exits next does not leave
+    /// them unsent and their messages delivered again. The default has
+    /// nothing to wait for.
+    async fn flush(&mut self) {}
 }
 
 /// Closes `cursor` after a walk over it, whatever the walk ended with; the

@@ -311,11 +311,11 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // up neither the handlers nor the shutdown.
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         let closing = async {
-            if let Some(mut subscription) = subscription {
-                subscription.close().await;
-            }
+            let mut subscription = subscription?;
+            subscription.close().await;
+            Some(subscription)
         };
-        let (_, drained) = tokio::join!(
+        let (closed, drained) = tokio::join!(
             tokio::time::timeout_at(deadline, closing),
             tokio::time::timeout_at(deadline, running.drain()),
         );
@@ -326,6 +326,14 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                 "shutdown deadline passed; releasing unfinished deliveries for redelivery"
             );
             running.abandon().await;
+        }
+        // The handlers' acks, some only queued, go out before the
+        // subscription is dropped (and with it, maybe, its connection).
+        if let Ok(Some(mut subscription)) = closed {
+            let flushed = tokio::time::timeout_at(deadline, subscription.flush()).await;
+            if flushed.is_err() {
+                tracing::warn!(queue = %self.queue, "shutdown deadline passed before every ack was sent; their messages will be delivered again");
+            }
         }
         in_flight(0);
         ended

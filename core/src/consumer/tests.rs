@@ -134,6 +134,8 @@ struct ScriptedSubscription {
     closes: Arc<Mutex<usize>>,
     /// Whether `close` never returns, as on an unreachable broker.
     close_hangs: bool,
+    /// For each `flush` call, how many settlements were logged by then.
+    flushes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl ScriptedSubscription {
@@ -200,6 +202,11 @@ impl Subscription for ScriptedSubscription {
             std::future::pending::<()>().await;
         }
     }
+
+    async fn flush(&mut self) {
+        let logged = self.log.lock().unwrap().len();
+        self.flushes.lock().unwrap().push(logged);
+    }
 }
 
 /// A broker whose `subscribe` hands out scripted subscriptions in turn.
@@ -212,6 +219,7 @@ struct ScriptedBroker {
     polls: Arc<Mutex<usize>>,
     closes: Arc<Mutex<usize>>,
     close_hangs: bool,
+    flushes: Arc<Mutex<Vec<usize>>>,
 }
 
 impl std::fmt::Debug for Step {
@@ -236,6 +244,7 @@ impl ScriptedBroker {
             polls: Arc::default(),
             closes: Arc::default(),
             close_hangs: false,
+            flushes: Arc::default(),
         })
     }
 
@@ -291,6 +300,7 @@ impl Broker for ScriptedBroker {
                 at_hand: self.at_hand,
                 closes: Arc::clone(&self.closes),
                 close_hangs: self.close_hangs,
+                flushes: Arc::clone(&self.flushes),
             })),
             None => Err(Error::new(ErrorKind::NotFound, "queue `q` is gone")),
         }
@@ -602,6 +612,24 @@ async fn a_close_that_hangs_holds_up_neither_handlers_nor_the_shutdown() {
         "the shutdown deadline"
     );
     assert_eq!(*broker.closes.lock().unwrap(), 1);
+    // Never closed, so never flushed: dropped at the deadline.
+    assert!(broker.flushes.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_flushes_the_subscription_once_its_handlers_have_settled() {
+    // Acks that a backend only queued (`try_ack`) must be sent before the
+    // subscription, and maybe its connection, is dropped.
+    let broker = ScriptedBroker::new(vec![vec![deliver("slow", json("slow"))]]);
+    let running = consumer(&broker).spawn();
+    handling(&running, 1).await;
+    running.shutdown().await.unwrap();
+    assert_eq!(broker.log(), vec![Settled::Ack("slow".into())]);
+    assert_eq!(
+        *broker.flushes.lock().unwrap(),
+        vec![1],
+        "flushed once, after the running handler's ack"
+    );
 }
 
 #[tokio::test(start_paused = true)]
