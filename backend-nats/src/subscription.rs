@@ -546,6 +546,13 @@ impl Subscription for NatsSubscription {
         let _ = self.client.flush().await;
     }
 
+    /// Sends what the client has queued: the acks `try_ack` left there.
+    async fn flush(&mut self) {
+        if let Err(e) = self.client.flush().await {
+            tracing::debug!(queue = %self.info.name, error = %e, "could not flush the acks; their messages are delivered again after ack_wait");
+        }
+    }
+
     /// A delivery already pulled into the inbox, while no pull request is
     /// due and a prefetch slot is free; anything else is left to `next`.
     fn try_next(&mut self) -> Option<Delivery> {
