@@ -15,12 +15,20 @@ use std::sync::{Arc, Mutex};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::Channel;
 use ticketrail_core::{Error, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::connection::Owned;
 use crate::error::map;
 
-type Reply = oneshot::Sender<Result<()>>;
+/// Who hears how an ack went.
+enum Reply {
+    /// A settlement awaiting it: told once the ack is sent.
+    Waiting(oneshot::Sender<Result<()>>),
+    /// Nobody: the ack was queued and its delivery settled. Holds the
+    /// pipeline, and with it the channel's connection, open until the ack
+    /// is sent; closing the connection first would requeue the message.
+    Queued { _open: Arc<Acks> },
+}
 
 /// The ack pipeline of one consumer channel, on a connection of its own
 /// that is closed once the last delivery taken from it is settled.
@@ -30,7 +38,14 @@ pub(crate) struct Acks {
     channel: Channel,
     /// Delivery tags handed out and not yet acked or nacked.
     in_hand: Arc<Mutex<BTreeSet<u64>>>,
+    /// Woken each time `in_hand` empties.
+    emptied: Arc<Notify>,
     requests: mpsc::UnboundedSender<(u64, Reply)>,
+}
+
+/// The error of an ack the pipeline can no longer take.
+fn stopped() -> Error {
+    Error::closed("the channel's ack pipeline has stopped")
 }
 
 impl Acks {
@@ -39,17 +54,20 @@ impl Acks {
     pub(crate) fn new(connection: Owned, channel: Channel, prefetch: u16) -> Arc<Self> {
         let (requests, incoming) = mpsc::unbounded_channel();
         let in_hand = Arc::new(Mutex::new(BTreeSet::new()));
+        let emptied = Arc::new(Notify::new());
         let enough = usize::from(prefetch / 2).max(1);
         tokio::spawn(send_acks(
             channel.clone(),
             enough,
             Arc::clone(&in_hand),
+            Arc::clone(&emptied),
             incoming,
         ));
         Arc::new(Acks {
             _connection: connection,
             channel,
             in_hand,
+            emptied,
             requests,
         })
     }
@@ -57,6 +75,21 @@ impl Acks {
     /// Whether no delivery taken from this channel is still unsettled.
     pub(crate) fn idle(&self) -> bool {
         self.in_hand.lock().expect("not poisoned").is_empty()
+    }
+
+    /// Returns once every delivery taken from this channel is settled and
+    /// its ack or nack sent, those only queued by
+    /// [`ack_queued`](Acks::ack_queued) too.
+    pub(crate) async fn settled(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.idle() {
+                return;
+            }
+            emptied.await;
+        }
     }
 
     /// A delivery with `tag` was handed out.
@@ -68,11 +101,25 @@ impl Acks {
     pub(crate) async fn ack(&self, tag: u64) -> Result<()> {
         let (reply, replied) = oneshot::channel();
         self.requests
-            .send((tag, reply))
-            .map_err(|_| Error::closed("the channel's ack pipeline has stopped"))?;
-        replied
-            .await
-            .map_err(|_| Error::closed("the channel's ack pipeline has stopped"))?
+            .send((tag, Reply::Waiting(reply)))
+            .map_err(|_| stopped())?;
+        replied.await.map_err(|_| stopped())?
+    }
+
+    /// Queues an ack of `tag` and returns at once, as a NATS ack returns
+    /// once its client has queued it: an ack is not confirmed by the broker
+    /// either way, and one lost with its connection means a redelivery,
+    /// never a loss. One that cannot be sent is logged. Spares the
+    /// settlement a reply channel and a boxed future per message.
+    pub(crate) fn ack_queued(self: &Arc<Self>, tag: u64) -> Result<()> {
+        self.requests
+            .send((
+                tag,
+                Reply::Queued {
+                    _open: Arc::clone(self),
+                },
+            ))
+            .map_err(|_| stopped())
     }
 
     /// Nacks `tag` with requeue. Only once the nack is sent does the tag
@@ -83,7 +130,7 @@ impl Acks {
             ..BasicNackOptions::default()
         };
         let sent = self.channel.basic_nack(tag, options).await;
-        self.in_hand.lock().expect("not poisoned").remove(&tag);
+        settle_tags(&self.in_hand, &self.emptied, [tag]);
         sent.map_err(|e| map("nacking", e))
     }
 }
@@ -91,10 +138,27 @@ impl Acks {
 /// How long an ack may wait for others to share its frame.
 const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// Takes settled `tags` out of the hand, waking whoever waits for it to
+/// empty.
+fn settle_tags(
+    in_hand: &Mutex<BTreeSet<u64>>,
+    emptied: &Notify,
+    tags: impl IntoIterator<Item = u64>,
+) {
+    let mut in_hand = in_hand.lock().expect("not poisoned");
+    for tag in tags {
+        in_hand.remove(&tag);
+    }
+    if in_hand.is_empty() {
+        emptied.notify_waiters();
+    }
+}
+
 async fn send_acks(
     channel: Channel,
     enough: usize,
     in_hand: Arc<Mutex<BTreeSet<u64>>>,
+    emptied: Arc<Notify>,
     mut incoming: mpsc::UnboundedReceiver<(u64, Reply)>,
 ) {
     while let Some(first) = incoming.recv().await {
@@ -159,14 +223,17 @@ async fn send_acks(
                 .into_iter()
                 .map(|sent| sent.map_err(|e| map("acking", e))),
         );
-        {
-            let mut in_hand = in_hand.lock().expect("not poisoned");
-            for tag in &acking {
-                in_hand.remove(tag);
+        settle_tags(&in_hand, &emptied, acking);
+        for ((tag, reply), result) in batch.into_iter().zip(results) {
+            match (reply, result) {
+                (Reply::Waiting(reply), result) => {
+                    let _ = reply.send(result);
+                }
+                (Reply::Queued { .. }, Ok(())) => {}
+                (Reply::Queued { .. }, Err(e)) => {
+                    tracing::warn!(tag, error = %e, "an ack could not be sent; the broker will deliver the message again");
+                }
             }
-        }
-        for ((_, reply), result) in batch.into_iter().zip(results) {
-            let _ = reply.send(result);
         }
     }
 }

@@ -192,6 +192,14 @@ impl Subscription for RabbitSubscription {
         }
     }
 
+    /// Waits until the acks of the deliveries handed out are sent, those
+    /// `try_ack` only queued too.
+    async fn flush(&mut self) {
+        if let Some(open) = &self.open {
+            open.acks.settled().await;
+        }
+    }
+
     /// A delivery lapin has already received, while the whole prefetch
     /// window is open; anything else is left to `next`.
     fn try_next(&mut self) -> Option<Delivery> {
@@ -260,6 +268,13 @@ impl Settle for RabbitSettle {
     async fn ack(mut self: Box<Self>) -> Result<()> {
         let tag = self.tag();
         self.acks.ack(tag).await
+    }
+
+    fn try_ack(&mut self) -> Option<Result<()>> {
+        // Queued for the channel's ack pipeline, which keeps the channel
+        // open until it is sent.
+        let tag = self.tag();
+        Some(self.acks.ack_queued(tag))
     }
 
     async fn nack(mut self: Box<Self>) -> Result<()> {
