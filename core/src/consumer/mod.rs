@@ -193,6 +193,12 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             health.set_in_flight(n);
             metrics.in_flight.set(n as f64);
         };
+        // A handling is polled once as it is pushed, and that poll may run
+        // the handler to its end and count the outcome (a retry) before
+        // the push returns: counted in flight first, health never shows a
+        // retry counted with nothing in flight while its settlement is
+        // still under way.
+        let starting = |running: usize| health.set_in_flight(running + 1);
         let worker = Arc::new(Worker {
             queue: Arc::clone(&self.queue),
             handler: Arc::clone(&self.handler),
@@ -233,6 +239,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                     let Some(delivery) = subscription.try_next() else {
                         break;
                     };
+                    starting(running.len());
                     running.push(|| handle(delivery)).await;
                     taken += 1;
                 }
@@ -271,6 +278,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resubscribe.reset();
                             health.delivered();
                             metrics.consumed.increment(1);
+                            starting(running.len());
                             running.push(|| handle(delivery)).await;
                             in_flight(running.len());
                         }

@@ -633,6 +633,45 @@ async fn a_shutdown_flushes_the_subscription_once_its_handlers_have_settled() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_handling_counts_in_flight_while_its_handler_runs() {
+    // A handling is polled once as it is pushed: what its handler sees of
+    // the consumer's health (what a probe reports meanwhile) must count
+    // it. Seen from outside, a retry counted with nothing in flight would
+    // say its settlement was done while the copy was still being written.
+    let probe: Arc<Mutex<Option<HealthProbe>>> = Arc::default();
+    let seen: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let handler = {
+        let (probe, seen) = (Arc::clone(&probe), Arc::clone(&seen));
+        handler_fn(move |_: String, _ctx: Context| {
+            let in_flight = probe.lock().unwrap().as_ref().map(|p| p.health().in_flight);
+            seen.lock().unwrap().extend(in_flight);
+            async { Err(HandlerError::retryable("try later")) }
+        })
+    };
+    for at_hand in [false, true] {
+        seen.lock().unwrap().clear();
+        let broker = ScriptedBroker::with_deliveries_at_hand(
+            vec![vec![
+                deliver("a", json("retry")),
+                deliver("b", json("retry")),
+            ]],
+            at_hand,
+        );
+        let shared: SharedBroker = broker.clone();
+        let running = Consumer::new(shared, "q", handler.clone()).spawn();
+        // Set before the consumer's task first runs (one thread here).
+        *probe.lock().unwrap() = Some(running.probe());
+        settled(&broker, 2).await;
+        running.shutdown().await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![1, 1],
+            "in flight as each handler ran (deliveries at hand: {at_hand})"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn when_reopening_fails_too_the_consumer_keeps_trying() {
     // One subscription that breaks; every later subscribe fails.
     let broker = ScriptedBroker::new(vec![vec![Step::Fail(Error::new(
