@@ -6,7 +6,7 @@
 //! After such a disconnect the subscription looks for the culprit among the
 //! messages just delivered (see `quarantine.rs`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_nats::jetstream::AckKind;
@@ -18,7 +18,7 @@ use ticketrail_core::{
     DeadLetter, DeadLetterReason, Delivery, Envelope, Error, ErrorKind, Result, RetryRequest,
     Settle, Subscription,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use crate::connection::{open_client, Connection, Disconnects, QueueInfo};
 use crate::failures::{self, BySequence, FailureRecord};
@@ -151,27 +151,37 @@ impl Drop for OwnClient {
 /// last request has run out, so the pipe stays full. Competing
 /// subscriptions share the queue's durable consumer (C6).
 pub(crate) struct NatsSubscription {
-    conn: Arc<Connection>,
-    client: Arc<OwnClient>,
+    shared: Arc<Shared>,
     disconnects: Arc<Disconnects>,
     seen_disconnects: u64,
-    info: Arc<QueueInfo>,
     puller: Puller,
-    slots: Arc<Semaphore>,
     prefetch: usize,
-    /// Woken when a delivery is settled and its slot freed.
-    freed: Arc<Notify>,
-    /// The deliveries being handled, kept alive on the server.
-    in_hand: Arc<InHand>,
     /// What `try_next` took from the inbox but only `next` can finish.
     held: Option<Held>,
     /// Whether failure records are read through direct gets.
     direct_records: bool,
-    /// The failure records this subscription wrote.
-    written: Arc<Mutex<failures::Written>>,
     /// `$JS.ACK.<stream>.<consumer>.`, how its deliveries' acknowledgement
     /// subjects begin.
     ack_prefix: String,
+}
+
+/// What a subscription shares with the settlements of its deliveries: one
+/// reference for each delivery to count, not one for each part (seven
+/// atomic increments and as many decrements a message, before).
+pub(crate) struct Shared {
+    conn: Arc<Connection>,
+    /// Flushed and closed once the subscription and every delivery of it
+    /// let go.
+    client: OwnClient,
+    info: Arc<QueueInfo>,
+    /// Prefetch slots: a delivery holds one until it is settled or dropped.
+    slots: Semaphore,
+    /// Woken when a delivery is settled and its slot freed.
+    freed: Notify,
+    /// The deliveries being handled, kept alive on the server.
+    in_hand: InHand,
+    /// The failure records this subscription wrote.
+    written: Mutex<failures::Written>,
 }
 
 /// What `try_next` took and left to `next`.
@@ -200,24 +210,28 @@ impl NatsSubscription {
         let puller = Puller::new(client.clone(), &info.stream, &info.consumer, expires).await?;
         let direct_records = failures::direct_gets(&conn, &info.stream).await;
         let ack_prefix = format!("$JS.ACK.{}.{}.", info.stream, info.consumer);
-        let in_hand = Arc::new(InHand::default());
-        if conn.server.progress_acks {
-            in_hand.keep_alive(&client, conn.config.ack_wait);
+        let progress_acks = conn.server.progress_acks;
+        let ack_wait = conn.config.ack_wait;
+        let shared = Arc::new(Shared {
+            conn,
+            client: OwnClient(client.clone()),
+            info,
+            slots: Semaphore::new(prefetch),
+            freed: Notify::new(),
+            in_hand: InHand::default(),
+            written: Mutex::default(),
+        });
+        if progress_acks {
+            keep_alive(Arc::downgrade(&shared), client, ack_wait);
         }
         Ok(NatsSubscription {
-            conn,
-            client: Arc::new(OwnClient(client)),
+            shared,
             seen_disconnects: disconnects.count(),
             disconnects,
-            info,
             puller,
-            slots: Arc::new(Semaphore::new(prefetch)),
             prefetch,
-            freed: Arc::new(Notify::new()),
-            in_hand,
             held: None,
             direct_records,
-            written: Arc::default(),
             ack_prefix,
         })
     }
@@ -227,6 +241,7 @@ impl NatsSubscription {
     /// one once half of them are.
     fn pull_wanted(&self) -> Option<usize> {
         let free = self
+            .shared
             .slots
             .available_permits()
             .saturating_sub(self.puller.outstanding());
@@ -237,56 +252,56 @@ impl NatsSubscription {
         worth_it.then_some(free)
     }
 
-    /// The settlement of `message`, holding `slot`.
+    /// The settlement of `message`, which holds `slot` until it is settled
+    /// or dropped.
     fn settle(
         &self,
         message: async_nats::Message,
         ack: AckInfo,
-        slot: OwnedSemaphorePermit,
+        slot: SemaphorePermit<'_>,
     ) -> NatsSettle {
         let reply = message.reply.expect("a stored message has a reply subject");
-        if self.conn.server.progress_acks {
-            self.in_hand
+        if self.shared.conn.server.progress_acks {
+            self.shared
+                .in_hand
                 .insert((ack.stream_sequence, ack.delivered), reply.clone());
         }
+        // Given back by the settlement's `Drop`.
+        slot.forget();
         NatsSettle {
-            conn: Arc::clone(&self.conn),
-            client: Arc::clone(&self.client),
-            info: Arc::clone(&self.info),
+            shared: Arc::clone(&self.shared),
             reply: Some(reply),
             sequence: ack.stream_sequence,
             failure: None,
             // A redelivery's record is read before it is handed out.
             record_unread: ack.delivered > 1,
             delivered: ack.delivered,
-            written: Arc::clone(&self.written),
-            slot: Some(slot),
-            freed: Arc::clone(&self.freed),
-            in_hand: Arc::clone(&self.in_hand),
         }
     }
 
     /// What becomes of a pulled message: delivered, looked up first (a
     /// redelivery), or settled here (not this queue's, unreadable).
-    fn accept(&self, mut message: async_nats::Message, slot: OwnedSemaphorePermit) -> Accepted {
+    fn accept(&self, mut message: async_nats::Message, slot: SemaphorePermit<'_>) -> Accepted {
         let ack = message
             .reply
             .as_deref()
             .and_then(|reply| ack_info_after(&self.ack_prefix, reply).or_else(|| ack_info(reply)));
         let Some(ack) = ack else {
-            tracing::warn!(queue = %self.info.name, reply = ?message.reply, "a stored message with an unknown acknowledgement subject; left alone");
+            tracing::warn!(queue = %self.shared.info.name, reply = ?message.reply, "a stored message with an unknown acknowledgement subject; left alone");
             return Accepted::Skipped;
         };
         let subject = message.subject.as_str();
-        let routing_key = match topology::replayed_to(&self.info.stream, subject) {
-            Some(queue) if queue == &*self.info.name => None,
+        let routing_key = match topology::replayed_to(&self.shared.info.stream, subject) {
+            Some(queue) if queue == &*self.shared.info.name => None,
             Some(_) => return Accepted::SettleHere(Rare::NotOurs(self.settle(message, ack, slot))),
             None => {
                 let key = subject
-                    .strip_prefix(self.info.space.as_str())
+                    .strip_prefix(self.shared.info.space.as_str())
                     .and_then(|s| s.strip_prefix('.'))
                     .unwrap_or(subject);
-                if !self.info.exact_filter && !topology::bound(&self.info.bindings, key) {
+                if !self.shared.info.exact_filter
+                    && !topology::bound(&self.shared.info.bindings, key)
+                {
                     return Accepted::SettleHere(Rare::NotOurs(self.settle(message, ack, slot)));
                 }
                 Some(key.to_owned())
@@ -320,6 +335,7 @@ impl NatsSubscription {
         }
         if ack.delivered > 1 {
             let written = self
+                .shared
                 .written
                 .lock()
                 .expect("not poisoned")
@@ -340,7 +356,7 @@ impl NatsSubscription {
         pending.incoming.first_failed_at = failure.map(|f| f.first_failed_at);
         pending.settle.failure = failure;
         Delivery::decoded(
-            Arc::clone(&self.info.name),
+            Arc::clone(&self.shared.info.name),
             pending.incoming.decode(),
             Box::new(pending.settle),
         )
@@ -351,9 +367,9 @@ impl NatsSubscription {
     /// dying goes to the DLQ after the queue's delivery limit (C13).
     async fn redelivered(&self, pending: Pending) -> Accepted {
         let failure = match failures::read(
-            &self.conn,
-            &self.info.stream,
-            &self.info.consumer,
+            &self.shared.conn,
+            &self.shared.info.stream,
+            &self.shared.info.consumer,
             pending.ack.stream_sequence,
             self.direct_records,
         )
@@ -363,7 +379,7 @@ impl NatsSubscription {
             Err(e) => {
                 // Without it, every redelivery counts as a retry: a few
                 // attempts fewer, never a lost message.
-                tracing::warn!(queue = %self.info.name, error = %e, "failure record unavailable");
+                tracing::warn!(queue = %self.shared.info.name, error = %e, "failure record unavailable");
                 return self.judge(pending, None, false);
             }
         };
@@ -379,7 +395,7 @@ impl NatsSubscription {
         let delivered = pending.ack.delivered;
         let retries = failure.map_or(0, |f| u64::from(f.retries));
         let released = delivered.saturating_sub(1 + retries);
-        let limit = u64::from(self.info.delivery_limit);
+        let limit = u64::from(self.shared.info.delivery_limit);
         let delivery = self.delivery(pending, failure);
         if released > limit {
             return Accepted::SettleHere(Rare::AtLimit(
@@ -397,7 +413,7 @@ impl NatsSubscription {
     /// `accept` once a prefetch slot is free; `None` if the subscription's
     /// slots are gone.
     async fn accept_when_free(&self, message: async_nats::Message) -> Option<Accepted> {
-        let slot = Arc::clone(&self.slots).acquire_owned().await.ok()?;
+        let slot = self.shared.slots.acquire().await.ok()?;
         Some(self.accept(message, slot))
     }
 
@@ -409,16 +425,16 @@ impl NatsSubscription {
                 // every message of the stream: another queue's is passed
                 // over (its own consumer has its own interest in it).
                 if let Err(e) = Box::new(settle).ack().await {
-                    tracing::warn!(queue = %self.info.name, error = %e, "could not pass over a message for another queue");
+                    tracing::warn!(queue = %self.shared.info.name, error = %e, "could not pass over a message for another queue");
                 }
                 return;
             }
             Rare::AtLimit(delivery, why) => (delivery, DeadLetterReason::DeliveryLimit, why),
             Rare::Unreadable(delivery, why) => (delivery, DeadLetterReason::Unreadable, why),
         };
-        tracing::warn!(queue = %self.info.name, id = %delivery.envelope().id, reason = %reason, why = %why, "dead-lettered before its handler ran");
+        tracing::warn!(queue = %self.shared.info.name, id = %delivery.envelope().id, reason = %reason, why = %why, "dead-lettered before its handler ran");
         if let Err(e) = delivery.dead_letter(reason, &why).await {
-            tracing::error!(queue = %self.info.name, error = %e, "dead-lettering failed; the message will be delivered again");
+            tracing::error!(queue = %self.shared.info.name, error = %e, "dead-lettering failed; the message will be delivered again");
         }
     }
 
@@ -426,13 +442,13 @@ impl NatsSubscription {
     /// parse among those just delivered, and forgets the open requests.
     async fn after_disconnect(&mut self) {
         self.puller.forget_requests();
-        match quarantine::scan(&self.conn, &self.info).await {
+        match quarantine::scan(&self.shared.conn, &self.shared.info).await {
             Ok(0) => {}
             Ok(n) => {
-                tracing::warn!(queue = %self.info.name, quarantined = n, "messages the NATS client cannot parse were moved to the DLQ (reason unreadable)")
+                tracing::warn!(queue = %self.shared.info.name, quarantined = n, "messages the NATS client cannot parse were moved to the DLQ (reason unreadable)")
             }
             Err(e) => {
-                tracing::warn!(queue = %self.info.name, error = %e, "could not look for unreadable messages after a disconnect")
+                tracing::warn!(queue = %self.shared.info.name, error = %e, "could not look for unreadable messages after a disconnect")
             }
         }
     }
@@ -480,7 +496,7 @@ impl Subscription for NatsSubscription {
                     Err(e) => return Some(Err(e)),
                 },
                 None => {
-                    if self.conn.is_closed() {
+                    if self.shared.conn.is_closed() {
                         return None;
                     }
                     if self.disconnects.count() != self.seen_disconnects {
@@ -496,7 +512,7 @@ impl Subscription for NatsSubscription {
                     }
                     let pulled = tokio::select! {
                         pulled = self.puller.next() => pulled,
-                        () = self.freed.notified() => continue,
+                        () = self.shared.freed.notified() => continue,
                         () = self.disconnects.notify.notified() => continue,
                     };
                     match self.take(pulled).await? {
@@ -522,7 +538,10 @@ impl Subscription for NatsSubscription {
     /// out, so it is delivered again at once rather than after `ack_wait`
     /// (a consumer replaced while messages arrive, C14).
     async fn close(&mut self) {
-        let left = self.puller.close(self.conn.config.request_timeout).await;
+        let left = self
+            .puller
+            .close(self.shared.conn.config.request_timeout)
+            .await;
         match self.held.take() {
             Some(Held::Accepted(Accepted::Deliver(mut delivery))) => {
                 let _ = delivery.nack().await;
@@ -538,18 +557,23 @@ impl Subscription for NatsSubscription {
         // subscription's requests, so they go to other consumers.
         for message in left {
             if let Some(reply) = message.reply {
-                if let Err(e) = self.client.publish(reply, AckKind::Nak(None).into()).await {
-                    tracing::debug!(queue = %self.info.name, error = %e, "could not release a pulled message; it is delivered again after ack_wait");
+                if let Err(e) = self
+                    .shared
+                    .client
+                    .publish(reply, AckKind::Nak(None).into())
+                    .await
+                {
+                    tracing::debug!(queue = %self.shared.info.name, error = %e, "could not release a pulled message; it is delivered again after ack_wait");
                 }
             }
         }
-        let _ = self.client.flush().await;
+        let _ = self.shared.client.flush().await;
     }
 
     /// Sends what the client has queued: the acks `try_ack` left there.
     async fn flush(&mut self) {
-        if let Err(e) = self.client.flush().await {
-            tracing::debug!(queue = %self.info.name, error = %e, "could not flush the acks; their messages are delivered again after ack_wait");
+        if let Err(e) = self.shared.client.flush().await {
+            tracing::debug!(queue = %self.shared.info.name, error = %e, "could not flush the acks; their messages are delivered again after ack_wait");
         }
     }
 
@@ -557,13 +581,13 @@ impl Subscription for NatsSubscription {
     /// due and a prefetch slot is free; anything else is left to `next`.
     fn try_next(&mut self) -> Option<Delivery> {
         if self.held.is_some()
-            || self.conn.is_closed()
+            || self.shared.conn.is_closed()
             || self.disconnects.count() != self.seen_disconnects
             || self.pull_wanted().is_some()
         {
             return None;
         }
-        let slot = Arc::clone(&self.slots).try_acquire_owned().ok()?;
+        let slot = self.shared.slots.try_acquire().ok()?;
         match self.puller.try_next()? {
             Pulled::Stored(message) => match self.accept(message, slot) {
                 Accepted::Deliver(delivery) => Some(delivery),
@@ -589,12 +613,12 @@ impl NatsSubscription {
             Pulled::Refused(why) => {
                 return Some(Err(Error::new(
                     ErrorKind::Connection,
-                    format!("pulling from `{}`: {why}", self.info.name),
+                    format!("pulling from `{}`: {why}", self.shared.info.name),
                 )))
             }
             Pulled::Stored(message) => message,
         };
-        let accepted = match Arc::clone(&self.slots).try_acquire_owned() {
+        let accepted = match self.shared.slots.try_acquire() {
             Ok(slot) => self.accept(message, slot),
             Err(_) => match Box::pin(self.accept_when_free(message)).await {
                 Some(accepted) => accepted,
@@ -619,33 +643,6 @@ pub(crate) struct InHand {
 }
 
 impl InHand {
-    fn keep_alive(self: &Arc<Self>, client: &Client, ack_wait: Duration) {
-        let in_hand = Arc::downgrade(self);
-        let client = client.clone();
-        let every = (ack_wait / 2).max(Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                let Some(in_hand) = in_hand.upgrade() else {
-                    return;
-                };
-                let replies: Vec<Subject> = in_hand
-                    .replies
-                    .lock()
-                    .expect("not poisoned")
-                    .values()
-                    .cloned()
-                    .collect();
-                drop(in_hand);
-                for reply in replies {
-                    let _ = client.publish(reply, AckKind::Progress.into()).await;
-                }
-            }
-        });
-    }
-
     fn insert(&self, delivery: (u64, u64), reply: Subject) {
         self.replies
             .lock()
@@ -658,13 +655,41 @@ impl InHand {
     }
 }
 
+/// Sends every delivery in hand of `shared` a `+WPI` each half `ack_wait`,
+/// for as long as the subscription or any delivery of it is there.
+fn keep_alive(shared: Weak<Shared>, client: Client, ack_wait: Duration) {
+    let every = (ack_wait / 2).max(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(every);
+        ticks.tick().await;
+        loop {
+            ticks.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let replies: Vec<Subject> = shared
+                .in_hand
+                .replies
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .cloned()
+                .collect();
+            drop(shared);
+            for reply in replies {
+                let _ = client.publish(reply, AckKind::Progress.into()).await;
+            }
+        }
+    });
+}
+
 /// Settles one JetStream message. Dropped unsettled, it is left for the
 /// server to deliver again after `ack_wait`; its prefetch slot is freed
 /// either way.
 pub(crate) struct NatsSettle {
-    conn: Arc<Connection>,
-    client: Arc<OwnClient>,
-    info: Arc<QueueInfo>,
+    /// The subscription's client, queue and bookkeeping; one of its
+    /// prefetch slots is this delivery's.
+    shared: Arc<Shared>,
     reply: Option<Subject>,
     sequence: u64,
     /// What the broker keeps of the message's earlier failures.
@@ -674,11 +699,6 @@ pub(crate) struct NatsSettle {
     record_unread: bool,
     /// How many times the message has been delivered, this time included.
     delivered: u64,
-    /// The failure records the subscription wrote, this one's retry's too.
-    written: Arc<Mutex<failures::Written>>,
-    slot: Option<OwnedSemaphorePermit>,
-    freed: Arc<Notify>,
-    in_hand: Arc<InHand>,
 }
 
 impl NatsSettle {
@@ -690,7 +710,8 @@ impl NatsSettle {
 
     /// Sends an ack of `kind` on the subscription's client, unconfirmed.
     async fn send(&self, reply: Subject, kind: AckKind, doing: &str) -> Result<()> {
-        self.client
+        self.shared
+            .client
             .publish(reply, kind.into())
             .await
             .map_err(|e| error::client(&format!("{doing} message {}", self.sequence), e))
@@ -698,7 +719,8 @@ impl NatsSettle {
 
     /// Sends an ack of `kind` and waits for the server to confirm it.
     async fn confirmed(&self, reply: Subject, kind: AckKind, doing: &str) -> Result<()> {
-        self.client
+        self.shared
+            .client
             .request(reply, kind.into())
             .await
             .map(drop)
@@ -711,27 +733,27 @@ impl NatsSettle {
             return;
         }
         if let Err(e) = failures::clear(
-            &self.conn,
-            &self.info.stream,
-            &self.info.consumer,
+            &self.shared.conn,
+            &self.shared.info.stream,
+            &self.shared.info.consumer,
             self.sequence,
         )
         .await
         {
             // It expires on its own.
-            tracing::debug!(queue = %self.info.name, error = %e, "failure record not cleared");
+            tracing::debug!(queue = %self.shared.info.name, error = %e, "failure record not cleared");
         }
     }
 }
 
 impl Drop for NatsSettle {
     fn drop(&mut self) {
-        if self.conn.server.progress_acks {
-            self.in_hand.remove((self.sequence, self.delivered));
+        if self.shared.conn.server.progress_acks {
+            self.shared.in_hand.remove((self.sequence, self.delivered));
         }
         // The slot first, then the wake-up, so the subscription sees it free.
-        drop(self.slot.take());
-        self.freed.notify_one();
+        self.shared.slots.add_permits(1);
+        self.shared.freed.notify_one();
         // Dropped unsettled, the message is not nacked: the server delivers
         // it again after `ack_wait`. A nak here would send it straight back
         // while pull requests of this (dying) connection may still wait on
@@ -763,6 +785,7 @@ impl Settle for NatsSettle {
         }
         let reply = self.reply.clone()?;
         let sent = self
+            .shared
             .client
             .publish(reply, AckKind::Ack.into())
             .now_or_never()?;
@@ -781,18 +804,19 @@ impl Settle for NatsSettle {
         // process handling the redelivery knows the attempt and when the
         // first one failed.
         let record = failures::record_retry(
-            &self.conn,
-            &self.info.stream,
-            &self.info.consumer,
+            &self.shared.conn,
+            &self.shared.info.stream,
+            &self.shared.info.consumer,
             self.sequence,
             self.failure,
             request.first_failed_at,
         )
         .await?;
-        self.written
-            .lock()
-            .expect("not poisoned")
-            .insert(self.sequence, self.delivered, record);
+        self.shared.written.lock().expect("not poisoned").insert(
+            self.sequence,
+            self.delivered,
+            record,
+        );
         // The server keeps the message and delivers it again after the
         // delay: the wait lives in the stream (C12).
         let reply = self.take();
@@ -810,7 +834,7 @@ impl Settle for NatsSettle {
         }
         // Written under `stream:sequence:queue`, so doing it again after a
         // crash stores one record; only then is the original terminated.
-        dead_letters::write(&self.conn, &self.info, &record, self.sequence).await?;
+        dead_letters::write(&self.shared.conn, &self.shared.info, &record, self.sequence).await?;
         let reply = self.take();
         self.confirmed(reply, AckKind::Term, "terminating").await?;
         self.forget_failures().await;
