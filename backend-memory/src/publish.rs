@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use ticketrail_core::{validate_routing_key, Confirmation, Envelope, Message, Result};
+use ticketrail_core::{
+    validate_name, validate_routing_key, Confirmation, Envelope, Message, Result,
+};
 
 use crate::connection::Connection;
 use crate::error;
@@ -18,11 +20,9 @@ pub(crate) fn send(
     message: Message,
 ) -> Result<Confirmation> {
     connection.ensure_open()?;
-    message.check(
-        topic_space,
-        connection.server.config.max_payload,
-        "the memory broker",
-    )?;
+    // The topic space is checked where it is looked up: a declared one
+    // was checked when it was declared.
+    message.check_contents(connection.server.config.max_payload, "the memory broker")?;
     let id = message.id.clone();
     route(
         connection,
@@ -55,6 +55,9 @@ fn route(
     match connection.registry().route(topic_space, &envelope, notes) {
         Some(0) => Err(error::no_binding(topic_space, &envelope.routing_key)),
         Some(_) => Ok(()),
-        None => Err(error::space_not_declared(topic_space)),
+        None => {
+            validate_name("topic space", topic_space)?;
+            Err(error::space_not_declared(topic_space))
+        }
     }
 }

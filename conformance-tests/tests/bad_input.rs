@@ -76,6 +76,14 @@ async fn invalid_names_are_refused(broker: &dyn Broker) {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidName, "{err}");
     assert!(err.to_string().contains("no wildcards"), "{err}");
+    // A topic space that could never have been declared is named as such,
+    // not as one that is merely missing.
+    let err = broker
+        .publish("t.*", Message::new("a", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidName, "{err}");
+    assert!(err.to_string().contains("topic space name `t.*`"), "{err}");
 }
 
 #[tokio::test]
@@ -92,6 +100,15 @@ async fn memory_refuses_bad_names_and_oversized_payloads() {
     assert!(
         err.to_string().contains("1024"),
         "the limit is named: {err}"
+    );
+    let err = broker
+        .publish("small.events", Message::new("a", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unroutable, "{err}");
+    assert!(
+        err.to_string().contains("`small.events` is not declared"),
+        "{err}"
     );
     // Nothing half-published: the queue is empty.
     let mut sub = broker.subscribe("big.q", Default::default()).await.unwrap();

@@ -93,6 +93,13 @@ impl Message {
     /// limit of `broker` (named in the error).
     pub fn check(&self, topic_space: &str, limit: usize, broker: &str) -> crate::Result<()> {
         crate::topology::validate_name("topic space", topic_space)?;
+        self.check_contents(limit, broker)
+    }
+
+    /// [`Message::check`] but for the topic space: for a broker that finds
+    /// the space among those declared (each checked when it was declared)
+    /// and checks its name only when it is not there.
+    pub fn check_contents(&self, limit: usize, broker: &str) -> crate::Result<()> {
         crate::topology::validate_routing_key(&self.routing_key)?;
         crate::wire::validate_id(&self.id)?;
         if self.payload.len() > limit {
