@@ -635,9 +635,9 @@ async fn drain(args: &[String]) -> BenchResult<()> {
     Ok(())
 }
 
-/// `one <broker> <side> <messages> <publish|both>`: one side alone, after
-/// the usual warm-up, publishes `messages` and, with `both`, consumes
-/// them. For counting the instructions a side spends per message
+/// `one <broker> <side> <messages> <publish|both|retrying>`: one side
+/// alone, after the usual warm-up, publishes `messages` and, with `both`,
+/// consumes them (`retrying`: see [`one_retrying`]). For counting the instructions a side spends per message
 /// (scripts/bench-instructions runs it under cachegrind at two counts, so
 /// what set-up and warm-up cost cancels out): a count this machine's noise
 /// does not move, where a rate moves by tens of percent between runs.
@@ -645,16 +645,18 @@ async fn drain(args: &[String]) -> BenchResult<()> {
 /// peers` `ruststream` and `omniqueue`.
 async fn one(args: &[String]) -> BenchResult<()> {
     let [broker, name, count, phase] = args else {
-        return Err("usage: one <broker> <side> <messages> <publish|both>".into());
+        return Err("usage: one <broker> <side> <messages> <publish|both|retrying>".into());
     };
     let count: usize = count.parse()?;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let prefix = format!("bench-{id}-one");
     let consume = match phase.as_str() {
         "publish" => false,
         "both" => true,
-        other => return Err(format!("phase `{other}`: publish or both").into()),
+        "retrying" if name == "ticketrail" => return one_retrying(broker, &prefix, count).await,
+        "retrying" => return Err("phase `retrying`: ticketrail's side only".into()),
+        other => return Err(format!("phase `{other}`: publish, both or retrying").into()),
     };
-    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
-    let prefix = format!("bench-{id}-one");
     let side: Box<dyn Side> = match name.as_str() {
         "raw" => raw_side(broker, &prefix, count.max(1000)).await?,
         "raw-headers" if broker == "nats" => {
@@ -698,6 +700,28 @@ async fn one(args: &[String]) -> BenchResult<()> {
     }
     // Taken down also after a failed run: nothing is left on the broker.
     side.teardown().await?;
+    run
+}
+
+/// `one`'s phase `retrying`: publishes `count` messages through ticketrail
+/// and handles them all, every tenth user's failing its first attempt and
+/// retried after `SUSTAINED_RETRY_AFTER`; against phase `both` at the same
+/// count, what the retries cost, each through its whole way (failure
+/// record, delayed nak, redelivery, record cleared).
+async fn one_retrying(broker: &str, prefix: &str, count: usize) -> BenchResult<()> {
+    let framework = framework::Framework::new(connect(broker).await?, prefix).await?;
+    let window = window_on(broker, WINDOW);
+    let run = async {
+        framework.publish(1000, window).await?;
+        framework.consume(1000, PREFETCH, 1).await?;
+        framework.publish(count, window).await?;
+        framework
+            .consume_all_retrying(count, PREFETCH, 10, SUSTAINED_RETRY_AFTER)
+            .await?;
+        BenchResult::Ok(())
+    }
+    .await;
+    framework.teardown().await?;
     run
 }
 
