@@ -1,6 +1,11 @@
 //! Message ids: random (version 4) UUIDs from a generator seeded by the
 //! operating system and kept per thread (uuid's `fast-rng`, a ChaCha
 //! generator from `rand`), so a publish costs no system call.
+//!
+//! The generator reseeds itself every 4,096 ids, not on `fork`: a child
+//! forked from a thread that made ids makes the same ones as its parent
+//! until then (as with the pool of system randomness used before). Fork
+//! before publishing, or not at all, as a tokio program would anyway.
 
 /// A fresh message id: a random (version 4) UUID, hyphenated, lower case.
 ///
