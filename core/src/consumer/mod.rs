@@ -4,6 +4,7 @@
 
 mod decision;
 mod health;
+mod pace;
 mod worker;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ use crate::retry::{Exponential, RetryPolicy};
 
 use health::{Backoff, HealthState};
 pub use health::{ConsumerState, Health, HealthProbe};
+use pace::Pace;
 use worker::Worker;
 
 /// The longest wait between attempts to resume a subscription that the
@@ -496,6 +498,8 @@ enum Running<F> {
         /// The box of the last handling that finished at once, for the
         /// next one: a delivery handled at once costs no allocation.
         spare: Option<Pin<Box<F>>>,
+        /// When the task, its handlings finishing at once, yields.
+        pace: Pace,
     },
     Spawned(JoinSet<()>),
 }
@@ -508,6 +512,7 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
             Running::Inline {
                 set: FuturesUnordered::new(),
                 spare: None,
+                pace: Pace::default(),
             }
         }
     }
@@ -531,7 +536,8 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
     /// future is written into its box and not moved on the way.
     async fn push(&mut self, start: impl FnOnce() -> F) {
         match self {
-            Running::Inline { set, spare } => {
+            Running::Inline { set, spare, pace } => {
+                pace.starting();
                 let mut handling = match spare.take() {
                     Some(mut boxed) => {
                         boxed.set(start());
@@ -546,8 +552,10 @@ impl<F: Future<Output = ()> + Send + 'static> Running<F> {
                 if finished {
                     *spare = Some(handling);
                     // Handlers that finish at once never make this task
-                    // wait: let it yield now and then all the same.
-                    tokio::task::coop::consume_budget().await;
+                    // wait: it yields now and then all the same.
+                    if pace.finished_at_once() {
+                        tokio::task::yield_now().await;
+                    }
                 } else {
                     set.push(handling);
                 }
