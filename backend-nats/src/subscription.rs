@@ -168,7 +168,7 @@ pub(crate) struct NatsSubscription {
 /// What a subscription shares with the settlements of its deliveries: one
 /// reference for each delivery to count, not one for each part (seven
 /// atomic increments and as many decrements a message, before).
-pub(crate) struct Shared {
+struct Shared {
     conn: Arc<Connection>,
     /// Flushed and closed once the subscription and every delivery of it
     /// let go.
