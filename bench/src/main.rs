@@ -39,6 +39,7 @@ mod traced;
 mod workload;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use cpu::{CpuClock, Spent};
 use side::{BenchResult, Side};
@@ -50,7 +51,7 @@ use ticketrail::SharedBroker;
 const WINDOW: usize = 256;
 /// The retry delay of the figure in which the retried messages are waited
 /// for too.
-const SUSTAINED_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
+const SUSTAINED_RETRY_AFTER: Duration = Duration::from_millis(1);
 /// Prefetch on both sides, unless `--prefetch` says otherwise.
 const PREFETCH: u16 = 100;
 /// Rate and count of the latency run.
@@ -684,9 +685,22 @@ async fn one(args: &[String]) -> BenchResult<()> {
     let run = async {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH, 1).await?;
-        side.publish(count, window).await?;
+        let clock = cpu::CpuClock::new(broker);
+        let (before, threads) = (clock.read(), cpu::threads_cpu());
+        let took = side.publish(count, window).await?;
+        let spent = (
+            clock.read().since(before),
+            cpu::threads_cpu().saturating_sub(threads),
+        );
+        report("publish", took, spent, count);
         if consume {
-            side.consume(count, PREFETCH, 1).await?;
+            let (before, threads) = (clock.read(), cpu::threads_cpu());
+            let took = side.consume(count, PREFETCH, 1).await?;
+            let spent = (
+                clock.read().since(before),
+                cpu::threads_cpu().saturating_sub(threads),
+            );
+            report("consume", took, spent, count);
         }
         BenchResult::Ok(())
     }
@@ -701,6 +715,23 @@ async fn one(args: &[String]) -> BenchResult<()> {
     // Taken down also after a failed run: nothing is left on the broker.
     side.teardown().await?;
     run
+}
+
+/// What one phase of `one` took, on stderr: its wall time against the CPU
+/// time this process's threads spent (and the broker's), so a side that
+/// waits shows as wall time over CPU time, and one running on both cores
+/// as CPU time over wall time.
+fn report(phase: &str, took: Duration, (spent, threads): (cpu::Spent, Duration), count: usize) {
+    let micros = |d: Duration| d.as_secs_f64() * 1e6 / count.max(1) as f64;
+    let broker = spent
+        .broker
+        .map(|b| format!(", broker CPU {:.2}", micros(b)))
+        .unwrap_or_default();
+    eprintln!(
+        "{phase}: {count} messages, wall {:.2} us/msg, CPU {:.2} us/msg{broker}",
+        micros(took),
+        micros(threads),
+    );
 }
 
 /// `one`'s phase `retrying`: publishes `count` messages through ticketrail
