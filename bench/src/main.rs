@@ -699,7 +699,7 @@ async fn one(args: &[String]) -> BenchResult<()> {
     let run = async {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH, 1).await?;
-        let clock = cpu::CpuClock::new(broker);
+        let clock = CpuClock::new(broker);
         let (before, threads) = (clock.read(), cpu::threads_cpu());
         let took = side.publish(count, window).await?;
         let spent = (
