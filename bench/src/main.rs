@@ -652,10 +652,12 @@ async fn drain(args: &[String]) -> BenchResult<()> {
 
 /// `one <broker> <side> <messages> <publish|both|retrying>`: one side
 /// alone, after the usual warm-up, publishes `messages` and, with `both`,
-/// consumes them (`retrying`: see [`one_retrying`]). For counting the instructions a side spends per message
-/// (scripts/bench-instructions runs it under cachegrind at two counts, so
-/// what set-up and warm-up cost cancels out): a count this machine's noise
-/// does not move, where a rate moves by tens of percent between runs.
+/// consumes them (`retrying`: see [`one_retrying`]). For counting the
+/// instructions a side spends per message (scripts/bench-instructions runs
+/// it under cachegrind at two counts, so what set-up and warm-up cost
+/// cancels out): a count this machine's noise does not move, where a rate
+/// moves by tens of percent between runs. Each measured phase prints its
+/// wall time and CPU time per message on stderr (see [`reported`]).
 /// Sides: `raw`, `raw-headers` (NATS), `ticketrail`, and with `--features
 /// peers` `ruststream` and `omniqueue`.
 async fn one(args: &[String]) -> BenchResult<()> {
@@ -700,21 +702,9 @@ async fn one(args: &[String]) -> BenchResult<()> {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH, 1).await?;
         let clock = CpuClock::new(broker);
-        let (before, threads) = (clock.read(), cpu::threads_cpu());
-        let took = side.publish(count, window).await?;
-        let spent = (
-            clock.read().since(before),
-            cpu::threads_cpu().saturating_sub(threads),
-        );
-        report("publish", took, spent, count);
+        reported(&clock, "publish", count, side.publish(count, window)).await?;
         if consume {
-            let (before, threads) = (clock.read(), cpu::threads_cpu());
-            let took = side.consume(count, PREFETCH, 1).await?;
-            let spent = (
-                clock.read().since(before),
-                cpu::threads_cpu().saturating_sub(threads),
-            );
-            report("consume", took, spent, count);
+            reported(&clock, "consume", count, side.consume(count, PREFETCH, 1)).await?;
         }
         BenchResult::Ok(())
     }
@@ -731,11 +721,21 @@ async fn one(args: &[String]) -> BenchResult<()> {
     run
 }
 
-/// What one phase of `one` took, on stderr: its wall time against the CPU
-/// time this process's threads spent (and the broker's), so a side that
-/// waits shows as wall time over CPU time, and one running on both cores
-/// as CPU time over wall time.
-fn report(phase: &str, took: Duration, (spent, threads): (cpu::Spent, Duration), count: usize) {
+/// Runs one phase of `one`, handling `count` messages, and says on stderr
+/// what it took: its wall time against the CPU time this process's
+/// threads spent (and the broker's), so a side that waits shows as wall
+/// time over CPU time, and one running on both cores as CPU time over
+/// wall time.
+async fn reported(
+    clock: &CpuClock,
+    phase: &str,
+    count: usize,
+    work: impl std::future::Future<Output = BenchResult<Duration>>,
+) -> BenchResult<()> {
+    let (before, threads) = (clock.read(), cpu::threads_cpu());
+    let took = work.await?;
+    let threads = cpu::threads_cpu().saturating_sub(threads);
+    let spent = clock.read().since(before);
     let micros = |d: Duration| d.as_secs_f64() * 1e6 / count.max(1) as f64;
     let broker = spent
         .broker
@@ -746,6 +746,7 @@ fn report(phase: &str, took: Duration, (spent, threads): (cpu::Spent, Duration),
         micros(took),
         micros(threads),
     );
+    Ok(())
 }
 
 /// `one`'s phase `retrying`: publishes `count` messages through ticketrail
@@ -759,10 +760,10 @@ async fn one_retrying(broker: &str, prefix: &str, count: usize) -> BenchResult<(
     let run = async {
         framework.publish(1000, window).await?;
         framework.consume(1000, PREFETCH, 1).await?;
-        framework.publish(count, window).await?;
-        framework
-            .consume_all_retrying(count, PREFETCH, 10, SUSTAINED_RETRY_AFTER)
-            .await?;
+        let clock = CpuClock::new(broker);
+        reported(&clock, "publish", count, framework.publish(count, window)).await?;
+        let retrying = framework.consume_all_retrying(count, PREFETCH, 10, SUSTAINED_RETRY_AFTER);
+        reported(&clock, "consume, every tenth retried", count, retrying).await?;
         BenchResult::Ok(())
     }
     .await;
