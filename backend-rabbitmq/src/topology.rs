@@ -417,6 +417,14 @@ pub(crate) async fn delete_queue(channel: &Channel, queue: &str) -> Result<()> {
     Ok(())
 }
 
+/// A new channel, for one probe: a refused declare closes its channel.
+async fn open_channel(connection: &Connection) -> Result<Channel> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|e| map("opening a channel", e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,12 +470,4 @@ mod tests {
         assert!(tier_for(Duration::from_secs(200 * 24 * 3600)).is_err());
         assert_eq!(tiers().count(), 9 + 24 * 7);
     }
-}
-
-/// A new channel, for one probe: a refused declare closes its channel.
-async fn open_channel(connection: &Connection) -> Result<Channel> {
-    connection
-        .create_channel()
-        .await
-        .map_err(|e| map("opening a channel", e))
 }
