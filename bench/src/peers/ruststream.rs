@@ -68,12 +68,25 @@ fn app_info() -> AppInfo {
     AppInfo::new("bench", "0.1.0")
 }
 
+/// When a consume's clock stops.
+#[derive(Clone, Copy, PartialEq)]
+enum ClockStops {
+    /// Once the last message is handled.
+    Handled,
+    /// Once the apps have also shut down: on the memory broker, where
+    /// RustStream's retaining log keeps every consumed message until the
+    /// broker is dropped at shutdown, while every other side frees each
+    /// message as it consumes it.
+    ShutDown,
+}
+
 /// Runs `apps` until `count` messages are handled; how long that took,
 /// from starting them (connecting and subscribing included, as for the
-/// other sides).
+/// other sides) until `stops`.
 async fn run_until_handled<A: App>(
     count: usize,
     apps: impl IntoIterator<Item = A>,
+    stops: ClockStops,
 ) -> BenchResult<Duration> {
     LEFT.store(count, Ordering::Release);
     let done = DONE.notified();
@@ -85,16 +98,22 @@ async fn run_until_handled<A: App>(
         running.push(app.start().await?);
     }
     done.await;
-    let took = started.elapsed();
+    let handled = started.elapsed();
     for app in running {
         app.shutdown().await?;
     }
-    Ok(took)
+    Ok(match stops {
+        ClockStops::Handled => handled,
+        ClockStops::ShutDown => started.elapsed(),
+    })
 }
 
 /// RustStream's in-memory broker. It is pub/sub, not a queue: a backlog is
 /// kept by a retaining broker (one per round, sized to it) and read from
-/// its start.
+/// its start. The log frees its messages only when the broker is dropped,
+/// at the app's shutdown, so a consume is timed until then
+/// ([`ClockStops::ShutDown`]): the other sides free each message as they
+/// consume it, inside their clocks.
 pub(crate) struct RustStreamMemory {
     broker: Mutex<Option<MemoryBroker<Retaining>>>,
 }
@@ -143,7 +162,7 @@ impl Side for RustStreamMemory {
         let app = RustStream::new(app_info()).with_broker(broker, |b| {
             b.include(handle.name(ROUTING_KEY).start_at(MemoryPosition::start()));
         });
-        run_until_handled(count, [app]).await
+        run_until_handled(count, [app], ClockStops::ShutDown).await
     }
 
     async fn latency(&self, _: usize, _: u32, _: u16) -> BenchResult<Vec<f64>> {
@@ -207,7 +226,7 @@ impl Side for RustStreamRabbit {
                 b.include(handle.name(queue));
             })
         });
-        run_until_handled(count, apps.collect::<Vec<_>>()).await
+        run_until_handled(count, apps.collect::<Vec<_>>(), ClockStops::Handled).await
     }
 
     async fn latency(&self, _: usize, _: u32, _: u16) -> BenchResult<Vec<f64>> {
@@ -298,7 +317,7 @@ impl Side for RustStreamNats {
                 b.include(handle_jetstream);
             })
         });
-        run_until_handled(count, apps.collect::<Vec<_>>()).await
+        run_until_handled(count, apps.collect::<Vec<_>>(), ClockStops::Handled).await
     }
 
     async fn latency(&self, _: usize, _: u32, _: u16) -> BenchResult<Vec<f64>> {
