@@ -16,6 +16,10 @@ purge by subject and its delete by sequence (both JetStream API requests
 sent without a reply subject, as ticketrail sends its purge), and a pull
 consumer's delivery, ack and delayed nak. CPU time is read in clock
 ticks (10 ms): use 20,000 operations or more. BENCHMARKS.md, tenth pass.
+
+With a fourth argument `pulls`, prints instead what a delivery costs when
+pulled in batches of 10, 50, 100 and 400 (requests shaped as ticketrail
+sends them): use 100,000 operations.
 """
 
 import asyncio
@@ -151,9 +155,56 @@ async def settlements(nc, js):
         await js.delete_stream("PROBE_WORK")
 
 
+async def pulls(nc, js):
+    """Deliveries pulled in batches of several sizes: the slope between
+    them is what one pull request costs the server (BENCHMARKS.md,
+    twelfth pass)."""
+    for batch in (10, 50, 100, 400):
+        await recreate(
+            js,
+            StreamConfig(
+                name="PROBE_PULL",
+                subjects=["probe_pull.>"],
+                retention=RetentionPolicy.INTEREST,
+            ),
+        )
+        await js.add_consumer(
+            "PROBE_PULL",
+            ConsumerConfig(
+                durable_name="pull",
+                ack_policy=AckPolicy.EXPLICIT,
+                max_ack_pending=N + 1,
+                ack_wait=300,
+            ),
+        )
+        await publish_all(js, lambda i: "probe_pull.x")
+        # Requests as ticketrail sends them: a batch and an expiry, to an
+        # inbox of the subscription's own, the next sent once the last is
+        # answered in full.
+        inbox = nc.new_inbox()
+        received = asyncio.Queue()
+        sub = await nc.subscribe(inbox, cb=received.put)
+        delivered = 0
+        before = server_cpu()
+        while delivered < N:
+            want = min(batch, N - delivered)
+            body = json.dumps({"batch": want, "expires": 5_000_000_000}).encode()
+            await nc.publish("$JS.API.CONSUMER.MSG.NEXT.PROBE_PULL.pull", body, reply=inbox)
+            for _ in range(want):
+                await asyncio.wait_for(received.get(), 5)
+            delivered += want
+        report(f"delivery, pulled in batches of {batch}", before)
+        await sub.unsubscribe()
+        await js.delete_stream("PROBE_PULL")
+
+
 async def main():
     nc = await nats.connect(f"nats://127.0.0.1:{PORT}")
     js = nc.jetstream()
+    if "pulls" in sys.argv[4:]:
+        await pulls(nc, js)
+        await nc.close()
+        return
     await records(nc, js)
     await settlements(nc, js)
     await nc.close()
