@@ -18,8 +18,10 @@ consumer's delivery, ack and delayed nak. CPU time is read in clock
 ticks (10 ms): use 20,000 operations or more. BENCHMARKS.md, tenth pass.
 
 With a fourth argument `pulls`, prints instead what a delivery costs when
-pulled in batches of 10, 50, 100 and 400 (requests shaped as ticketrail
-sends them): use 100,000 operations.
+pulled in batches of 10, 50, 100 and 400, or of the sizes given after it
+(requests shaped as ticketrail sends them, two open at a time): use
+100,000 operations, and alternate sizes (`pulls 50 100 50 100 ...`) to
+compare two.
 """
 
 import asyncio
@@ -159,7 +161,7 @@ async def pulls(nc, js):
     """Deliveries pulled in batches of several sizes: the slope between
     them is what one pull request costs the server (BENCHMARKS.md,
     twelfth pass)."""
-    for batch in (10, 50, 100, 400):
+    for batch in [int(b) for b in sys.argv[5:]] or (10, 50, 100, 400):
         await recreate(
             js,
             StreamConfig(
@@ -179,20 +181,29 @@ async def pulls(nc, js):
         )
         await publish_all(js, lambda i: "probe_pull.x")
         # Requests as ticketrail sends them: a batch and an expiry, to an
-        # inbox of the subscription's own, the next sent once the last is
-        # answered in full.
+        # inbox of the subscription's own, two open at a time (the next
+        # sent as one is answered in full), so the server always holds one.
         inbox = nc.new_inbox()
         received = asyncio.Queue()
         sub = await nc.subscribe(inbox, cb=received.put)
-        delivered = 0
-        before = server_cpu()
-        while delivered < N:
-            want = min(batch, N - delivered)
+
+        async def request(want):
             body = json.dumps({"batch": want, "expires": 5_000_000_000}).encode()
             await nc.publish("$JS.API.CONSUMER.MSG.NEXT.PROBE_PULL.pull", body, reply=inbox)
-            for _ in range(want):
-                await asyncio.wait_for(received.get(), 5)
-            delivered += want
+
+        asked = 0
+        before = server_cpu()
+        for _ in range(2):
+            want = min(batch, N - asked)
+            if want:
+                await request(want)
+                asked += want
+        for delivered in range(1, N + 1):
+            await asyncio.wait_for(received.get(), 5)
+            if delivered % batch == 0 and asked < N:
+                want = min(batch, N - asked)
+                await request(want)
+                asked += want
         report(f"delivery, pulled in batches of {batch}", before)
         await sub.unsubscribe()
         await js.delete_stream("PROBE_PULL")
