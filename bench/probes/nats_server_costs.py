@@ -121,26 +121,32 @@ async def records(nc, js):
     await js.delete_stream("PROBE_PLAIN")
 
 
+async def filled_work_stream(js, name, durable):
+    """A new interest stream `name` holding N messages, with an explicitly
+    acked durable pull consumer `durable` that may hold them all."""
+    await recreate(
+        js,
+        StreamConfig(
+            name=name,
+            subjects=[f"{name.lower()}.>"],
+            retention=RetentionPolicy.INTEREST,
+        ),
+    )
+    await js.add_consumer(
+        name,
+        ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            max_ack_pending=N + 1,
+            ack_wait=300,
+        ),
+    )
+    await publish_all(js, lambda i: f"{name.lower()}.x")
+
+
 async def settlements(nc, js):
     for settle, payload in (("ack", b"+ACK"), ("nak, delay 60 s", b'-NAK {"delay": 60000000000}')):
-        await recreate(
-            js,
-            StreamConfig(
-                name="PROBE_WORK",
-                subjects=["probe_work.>"],
-                retention=RetentionPolicy.INTEREST,
-            ),
-        )
-        await js.add_consumer(
-            "PROBE_WORK",
-            ConsumerConfig(
-                durable_name="work",
-                ack_policy=AckPolicy.EXPLICIT,
-                max_ack_pending=N + 1,
-                ack_wait=300,
-            ),
-        )
-        await publish_all(js, lambda i: "probe_work.x")
+        await filled_work_stream(js, "PROBE_WORK", "work")
         pull = await js.pull_subscribe_bind("work", "PROBE_WORK")
         delivered = []
         before = server_cpu()
@@ -162,24 +168,7 @@ async def pulls(nc, js):
     them is what one pull request costs the server (BENCHMARKS.md,
     twelfth pass)."""
     for batch in [int(b) for b in sys.argv[5:]] or (10, 50, 100, 400):
-        await recreate(
-            js,
-            StreamConfig(
-                name="PROBE_PULL",
-                subjects=["probe_pull.>"],
-                retention=RetentionPolicy.INTEREST,
-            ),
-        )
-        await js.add_consumer(
-            "PROBE_PULL",
-            ConsumerConfig(
-                durable_name="pull",
-                ack_policy=AckPolicy.EXPLICIT,
-                max_ack_pending=N + 1,
-                ack_wait=300,
-            ),
-        )
-        await publish_all(js, lambda i: "probe_pull.x")
+        await filled_work_stream(js, "PROBE_PULL", "pull")
         # Requests as ticketrail sends them: a batch and an expiry, to an
         # inbox of the subscription's own, two open at a time (the next
         # sent as one is answered in full), so the server always holds one.
