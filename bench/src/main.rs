@@ -276,8 +276,55 @@ async fn raw_side(broker: &str, name: &str, capacity: usize) -> BenchResult<Box<
     })
 }
 
+/// Every side of one broker's run, each with queues or streams of its own
+/// on the broker.
+struct Sides {
+    raw: Box<dyn Side>,
+    framework: framework::Framework,
+    /// Further baselines: what their figures add to the metric's name, the
+    /// baseline they are, the side.
+    others: Vec<(&'static str, &'static str, Box<dyn Side>)>,
+    /// On RabbitMQ, raw lapin loops that retry crash-safely: the baseline
+    /// for ticketrail's retries.
+    raw_retry: Vec<raw_rabbitmq::RawRabbit>,
+}
+
+impl Sides {
+    /// Removes what every side declared on the broker; a side that cannot
+    /// is named, and the others are removed all the same.
+    async fn teardown(&self) -> BenchResult<()> {
+        let mut failed = Vec::new();
+        let retry = self.raw_retry.iter().map(|side| side as &dyn Side);
+        let others = self.others.iter().map(|(_, _, side)| side.as_ref());
+        let all = [self.raw.as_ref(), &self.framework as &dyn Side]
+            .into_iter()
+            .chain(retry)
+            .chain(others);
+        for side in all {
+            if let Err(e) = side.teardown().await {
+                failed.push(e.to_string());
+            }
+        }
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(format!("tearing down: {}", failed.join("; ")).into()),
+        }
+    }
+}
+
+/// One broker's figures. What the sides declared on the broker is removed
+/// also when a measurement fails half-way.
 async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let sides = set_up(broker, options, id).await?;
+    let figures = measure(broker, options, id, &sides).await;
+    let torn_down = sides.teardown().await;
+    let figures = figures?;
+    torn_down?;
+    Ok(figures)
+}
+
+async fn set_up(broker: &str, options: &Options, id: &str) -> BenchResult<Sides> {
     let n = options.messages;
     let raw = raw_side(
         broker,
@@ -301,8 +348,46 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     }
     #[cfg(feature = "peers")]
     others.extend(peers::sides(broker, &format!("bench-{id}"), options.prefetch).await?);
-    let mut sides: Vec<(&str, &dyn Side)> = vec![("raw", raw.as_ref()), ("ticketrail", &framework)];
-    for (_, baseline, side) in &others {
+    let raw_retry = match broker {
+        "rabbitmq" => vec![
+            raw_rabbitmq::RawRabbit::with_retry(
+                &amqp_url(),
+                &format!("bench-{id}-rawcopy"),
+                raw_rabbitmq::RetryDesign::CopyThenAck,
+            )
+            .await?,
+            raw_rabbitmq::RawRabbit::with_retry(
+                &amqp_url(),
+                &format!("bench-{id}-rawreject"),
+                raw_rabbitmq::RetryDesign::RejectToWaitQueue,
+            )
+            .await?,
+        ],
+        _ => Vec::new(),
+    };
+    Ok(Sides {
+        raw,
+        framework,
+        others,
+        raw_retry,
+    })
+}
+
+async fn measure(
+    broker: &str,
+    options: &Options,
+    id: &str,
+    sides: &Sides,
+) -> BenchResult<Vec<Figure>> {
+    let Sides {
+        raw,
+        framework,
+        others,
+        raw_retry,
+    } = sides;
+    let n = options.messages;
+    let mut sides: Vec<(&str, &dyn Side)> = vec![("raw", raw.as_ref()), ("ticketrail", framework)];
+    for (_, baseline, side) in others {
         sides.push((baseline, side.as_ref()));
     }
     let window = window_on(broker, options.window);
@@ -361,25 +446,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     // retries cost while they keep coming back.
     let mut sustained = Vec::new();
     let mut sustained_cpu = Spent::default();
-    // On RabbitMQ, raw lapin loops that retry crash-safely too: the
-    // baseline for ticketrail's retries.
-    let raw_retry = match broker {
-        "rabbitmq" => vec![
-            raw_rabbitmq::RawRabbit::with_retry(
-                &amqp_url(),
-                &format!("bench-{id}-rawcopy"),
-                raw_rabbitmq::RetryDesign::CopyThenAck,
-            )
-            .await?,
-            raw_rabbitmq::RawRabbit::with_retry(
-                &amqp_url(),
-                &format!("bench-{id}-rawreject"),
-                raw_rabbitmq::RetryDesign::RejectToWaitQueue,
-            )
-            .await?,
-        ],
-        _ => Vec::new(),
-    };
+    // On RabbitMQ, the raw loops that retry crash-safely run too.
     let mut raw_retry_rates = vec![Vec::new(); raw_retry.len()];
     let mut raw_retry_cpu = vec![Spent::default(); raw_retry.len()];
     for _ in 0..options.repeats {
@@ -400,7 +467,7 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
     }
 
     #[cfg(feature = "otel")]
-    let traced = traced::measure(&framework, n, window, prefetch, options.repeats, &clock).await?;
+    let traced = traced::measure(framework, n, window, prefetch, options.repeats, &clock).await?;
 
     let rss = if broker == "memory" {
         None // the in-process broker keeps the backlog in the consumer's own process
@@ -416,15 +483,6 @@ async fn bench(broker: &str, options: &Options) -> BenchResult<Vec<Figure>> {
         }
         Some(peaks)
     };
-
-    raw.teardown().await?;
-    for side in &raw_retry {
-        side.teardown().await?;
-    }
-    for (_, _, side) in &others {
-        side.teardown().await?;
-    }
-    framework.teardown().await?;
 
     let b = broker.to_owned();
     let figure = |metric: &str, unit, higher_is_better, ticketrail, raw, baseline| Figure {
