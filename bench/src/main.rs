@@ -305,10 +305,10 @@ impl Sides {
                 failed.push(e.to_string());
             }
         }
-        match failed.is_empty() {
-            true => Ok(()),
-            false => Err(format!("tearing down: {}", failed.join("; ")).into()),
+        if failed.is_empty() {
+            return Ok(());
         }
+        Err(format!("tearing down: {}", failed.join("; ")).into())
     }
 }
 

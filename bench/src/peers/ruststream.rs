@@ -69,7 +69,7 @@ fn app_info() -> AppInfo {
 }
 
 /// When a consume's clock stops.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum ClockStops {
     /// Once the last message is handled.
     Handled,
