@@ -34,19 +34,24 @@ pub(crate) struct Spent {
 }
 
 impl CpuClock {
-    /// A clock for `broker` ("rabbitmq", "nats" or "memory"). The broker's
-    /// process is found by name; `TR_BENCH_BROKER_PID` names it instead.
-    pub(crate) fn new(broker: &str) -> Self {
+    /// A clock for `broker` ("rabbitmq", "nats" or "memory") at `url`.
+    /// `TR_BENCH_BROKER_PID` names the broker's process; otherwise it is
+    /// the process listening on the URL's port, so that with several
+    /// servers running (a second NATS, a test cluster) the one measured is
+    /// the one the run talks to. Only where no listener can be seen (a
+    /// remote broker, another network namespace) is it found by name.
+    pub(crate) fn new(broker: &str, url: &str) -> Self {
         let from_env = std::env::var("TR_BENCH_BROKER_PID")
             .ok()
             .and_then(|pid| pid.parse().ok());
-        let name = match broker {
-            "rabbitmq" => Some("beam.smp"),
-            "nats" => Some("nats-server"),
-            _ => None,
+        let (name, default_port) = match broker {
+            "rabbitmq" => ("beam.smp", 5672),
+            "nats" => ("nats-server", 4222),
+            _ => return CpuClock { broker: None },
         };
+        let listening = || listener(port_of(url).unwrap_or(default_port));
         CpuClock {
-            broker: from_env.or_else(|| name.and_then(find_process)),
+            broker: from_env.or_else(listening).or_else(|| find_process(name)),
         }
     }
 
@@ -118,11 +123,68 @@ fn cpu_time(pid: &str) -> Option<Duration> {
     Some(TICK * (utime + stime))
 }
 
+/// The port of the first server in a broker URL
+/// (`scheme://[user[:password]@]host[:port][,host[:port]...][/...]`);
+/// `None` if it names none.
+fn port_of(url: &str) -> Option<u16> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    let first = hosts.split(',').next()?;
+    first.rsplit_once(':')?.1.parse().ok()
+}
+
+/// The process with a TCP socket listening on `port`, from
+/// `/proc/net/tcp{,6}` (the socket's inode) and `/proc/<pid>/fd`.
+fn listener(port: u16) -> Option<u32> {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    // sl local_address rem_address st ... uid timeout inode
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+                    let listening = *fields.get(3)? == "0A";
+                    let inode = fields.get(9)?;
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    pids().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .any(|target| {
+                inodes
+                    .iter()
+                    .any(|inode| target.as_os_str() == inode.as_str())
+            })
+    })
+}
+
+/// The ids of the processes running now.
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+}
+
 /// The process whose command name is `name`; the busiest if several are.
 fn find_process(name: &str) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    pids()
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim_end() == name)
@@ -146,4 +208,25 @@ pub(crate) fn threads_cpu() -> Duration {
         })
         .map(Duration::from_nanos)
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_names_its_first_servers_port() {
+        assert_eq!(port_of("nats://127.0.0.1:4223"), Some(4223));
+        assert_eq!(port_of("amqp://guest:guest@127.0.0.1:5673/%2f"), Some(5673));
+        assert_eq!(port_of("nats://u:p@a:4301,b:4302"), Some(4301));
+        assert_eq!(port_of("nats://127.0.0.1"), None);
+        assert_eq!(port_of("memory://"), None);
+    }
+
+    #[test]
+    fn the_listener_on_a_port_is_found() {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = socket.local_addr().unwrap().port();
+        assert_eq!(listener(port), Some(std::process::id()));
+    }
 }

@@ -398,7 +398,7 @@ async fn measure(
         side.publish(1000, window).await?;
         side.consume(1000, prefetch, consumers).await?;
     }
-    let clock = CpuClock::new(broker);
+    let clock = CpuClock::new(broker, &url_of(broker));
     let mut publish = vec![Vec::new(); sides.len()];
     let mut consume = vec![Vec::new(); sides.len()];
     let mut publish_cpu = vec![Spent::default(); sides.len()];
@@ -759,7 +759,7 @@ async fn one(args: &[String]) -> BenchResult<()> {
     let run = async {
         side.publish(1000, window).await?;
         side.consume(1000, PREFETCH, 1).await?;
-        let clock = CpuClock::new(broker);
+        let clock = CpuClock::new(broker, &url_of(broker));
         reported(&clock, "publish", count, side.publish(count, window)).await?;
         if consume {
             reported(&clock, "consume", count, side.consume(count, PREFETCH, 1)).await?;
@@ -818,7 +818,7 @@ async fn one_retrying(broker: &str, prefix: &str, count: usize) -> BenchResult<(
     let run = async {
         framework.publish(1000, window).await?;
         framework.consume(1000, PREFETCH, 1).await?;
-        let clock = CpuClock::new(broker);
+        let clock = CpuClock::new(broker, &url_of(broker));
         reported(&clock, "publish", count, framework.publish(count, window)).await?;
         let retrying = framework.consume_all_retrying(count, PREFETCH, 10, SUSTAINED_RETRY_AFTER);
         reported(&clock, "consume, every tenth retried", count, retrying).await?;
