@@ -38,8 +38,10 @@ impl CpuClock {
     /// `TR_BENCH_BROKER_PID` names the broker's process; otherwise it is
     /// the process listening on the URL's port, so that with several
     /// servers running (a second NATS, a test cluster) the one measured is
-    /// the one the run talks to. Only where no listener can be seen (a
-    /// remote broker, another network namespace) is it found by name.
+    /// the one the run talks to. Only where no listener can be seen
+    /// (another network namespace, other users' descriptors hidden) is it
+    /// found by name. A broker on another machine has no CPU figure here
+    /// unless a local process of its name is mistaken for it.
     pub(crate) fn new(broker: &str, url: &str) -> Self {
         let from_env = std::env::var("TR_BENCH_BROKER_PID")
             .ok()
