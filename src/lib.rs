@@ -20,6 +20,13 @@ pub mod nats {
     pub use ticketrail_nats::*;
 }
 
+/// The transactional outbox and idempotent inbox on PostgreSQL (feature
+/// `postgres`).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use ticketrail_postgres::*;
+}
+
 /// Connects to the broker a URL names, so a program can pick its backend at
 /// run time: `memory://` (a new in-process broker), `amqp://` or `amqps://`
 /// (RabbitMQ), `nats://` or `tls://` (NATS JetStream). A scheme whose

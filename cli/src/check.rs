@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use clap::Args;
 use serde_json::json;
-use ticketrail_conformance::{harness_for_url, Rule, Verdict, RESTART_RULES, RULES};
+use ticketrail_conformance::{
+    harness_for_url, Rule, Verdict, DATABASE_RULES, RESTART_RULES, RULES,
+};
 
 use crate::output::{json_line, table};
 use crate::{Failure, Outcome};
@@ -69,6 +71,12 @@ pub(crate) async fn run(url: &str, args: CheckArgs) -> Outcome {
             (
                 "skipped",
                 "restarts the broker: proven by the test suite on throwaway servers".to_owned(),
+            )
+        } else if DATABASE_RULES.contains(&rule.id) && std::env::var_os("DATABASE_URL").is_none() {
+            (
+                "skipped",
+                "needs a PostgreSQL server: set DATABASE_URL (each run makes and drops a database of its own)"
+                    .to_owned(),
             )
         } else {
             match (rule.run)(&*harness).await {

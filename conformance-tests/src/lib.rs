@@ -37,7 +37,8 @@ pub use memory::MemoryHarness;
 pub use nats::{NatsHarness, DEFAULT_NATS_URL};
 pub use rabbitmq::{RabbitHarness, DEFAULT_AMQP_URL};
 pub use rules::{
-    assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, RESTART_RULES, RULES,
+    assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, DATABASE_RULES,
+    RESTART_RULES, RULES,
 };
 
 /// One test per rule on one backend, named as given, and a test that fails

@@ -22,4 +22,6 @@ ticketrail_conformance::rule_tests! {
     memory_c16 => "C16",
     memory_c17 => "C17",
     memory_c18 => "C18",
+    memory_c19 => "C19",
+    memory_c20 => "C20",
 }

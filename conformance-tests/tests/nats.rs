@@ -23,4 +23,6 @@ ticketrail_conformance::rule_tests! {
     nats_c16 => "C16",
     nats_c17 => "C17",
     nats_c18 => "C18",
+    nats_c19 => "C19",
+    nats_c20 => "C20",
 }

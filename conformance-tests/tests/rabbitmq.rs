@@ -24,4 +24,6 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c16 => "C16",
     rabbitmq_c17 => "C17",
     rabbitmq_c18 => "C18",
+    rabbitmq_c19 => "C19",
+    rabbitmq_c20 => "C20",
 }

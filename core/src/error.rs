@@ -38,6 +38,9 @@ pub enum ErrorKind {
     NotFound,
     /// The broker rejected an operation for another reason.
     Broker,
+    /// The application's database refused or failed a statement (the
+    /// outbox and inbox of `ticketrail-postgres`).
+    Database,
 }
 
 impl ErrorKind {
@@ -58,6 +61,7 @@ impl ErrorKind {
             ErrorKind::Encode => "encode",
             ErrorKind::NotFound => "not_found",
             ErrorKind::Broker => "broker",
+            ErrorKind::Database => "database",
         }
     }
 
@@ -76,6 +80,7 @@ impl ErrorKind {
             ErrorKind::Encode => "encode error",
             ErrorKind::NotFound => "not found",
             ErrorKind::Broker => "broker error",
+            ErrorKind::Database => "database error",
         }
     }
 }

@@ -27,6 +27,28 @@ pub const TRACESTATE: &str = "tracestate";
 
 pub(crate) use imp::{ProcessSpan, PublishSpan};
 
+/// Opens a `publish` span for a message that is stored now and sent later
+/// (a transactional outbox row), writes its context into the message's
+/// headers and ends it: the handler's `process` span then becomes its child
+/// however late the message leaves, so the trace runs from the code that
+/// stored the message to every attempt at handling it (C18). `system` names
+/// where the message is stored (`postgresql`). Without the `otel` feature it
+/// does nothing.
+pub fn record_stored_publish(
+    system: &'static str,
+    topic_space: &str,
+    message: &mut crate::envelope::Message,
+) {
+    let span = PublishSpan::start(
+        system,
+        topic_space,
+        &message.id,
+        &message.routing_key,
+        &mut message.headers,
+    );
+    span.end(None);
+}
+
 #[cfg(feature = "otel")]
 mod imp {
     use std::borrow::Cow;

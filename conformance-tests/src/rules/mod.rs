@@ -10,6 +10,7 @@ use crate::support::Check;
 
 mod dead_letters;
 mod deliveries;
+mod effects;
 mod lifecycle;
 mod publishing;
 mod retries;
@@ -97,11 +98,17 @@ rules! {
     "C16", "topic routing", publishing::c16_topic_routing;
     "C17", "foreign messages", publishing::c17_foreign_messages;
     "C18", "trace context", tracing::c18_trace_context;
+    "C19", "outbox", effects::c19_outbox;
+    "C20", "inbox", effects::c20_inbox;
 }
 
 /// Rules that restart or kill the broker (on a throwaway server of their
 /// own): not run against a broker someone runs (`ticketrail check`).
 pub const RESTART_RULES: &[&str] = &["C15"];
+
+/// Rules that need a PostgreSQL database besides the broker (the outbox
+/// and inbox): run by `ticketrail check` only when it is given one.
+pub const DATABASE_RULES: &[&str] = &["C19", "C20"];
 
 /// Runs one rule by id (`C07` or `c07`).
 pub async fn run_rule(harness: &dyn Harness, id: &str) -> Option<Verdict> {

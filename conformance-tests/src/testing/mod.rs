@@ -8,6 +8,7 @@ mod certs;
 mod clusters;
 mod freezer;
 mod nats_server;
+mod postgres;
 mod rabbit_node;
 mod raw;
 
@@ -24,6 +25,7 @@ pub use certs::TestCerts;
 pub use clusters::{nats_server_215_binary, NatsCluster, RabbitCluster};
 pub use freezer::Freezer;
 pub use nats_server::{nats_server_binary, NatsServer};
+pub use postgres::{database_url, TestDatabase, DEFAULT_DATABASE_URL};
 pub use rabbit_node::RabbitNode;
 pub use raw::{raw_amqp, raw_nats_publish};
 
