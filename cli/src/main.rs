@@ -7,6 +7,7 @@
 //! and why), 2 on a usage error, 130 when interrupted (Ctrl-C).
 
 mod check;
+mod database;
 mod dlq;
 mod output;
 mod publish;
@@ -51,6 +52,12 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Run the conformance rules against the broker on throwaway queues.
     Check(check::CheckArgs),
+    /// The outbox and inbox tables in the application's PostgreSQL database.
+    #[command(subcommand)]
+    Db(database::DbCommand),
+    /// The outbox: what waits to be relayed, and what the broker refused.
+    #[command(subcommand)]
+    Outbox(database::OutboxCommand),
 }
 
 /// What a command ended with, beyond success.
@@ -89,7 +96,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let secret = cli.broker.as_deref().and_then(password_of);
+    let secret = match &cli.command {
+        Command::Db(command) => password_of(command.database()),
+        Command::Outbox(command) => password_of(command.database()),
+        _ => cli.broker.as_deref().and_then(password_of),
+    };
     match runtime.block_on(run(cli, &matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Interrupted) => ExitCode::from(130),
@@ -120,6 +131,8 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> Outcome {
         }
         Command::Publish(args) => publish::run(&connect(url).await?, args).await,
         Command::Check(args) => check::run(&broker_url(url)?, args).await,
+        Command::Db(command) => database::migrate(command).await,
+        Command::Outbox(command) => database::outbox(command).await,
     }
 }
 

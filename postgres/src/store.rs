@@ -3,9 +3,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Row};
-use ticketrail_core::{Handler, Result, SharedBroker};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use ticketrail_core::{Error, ErrorKind, Handler, Result, SharedBroker};
+
+/// How long [`Store::connect`] waits for the database to answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 use crate::error::database;
 use crate::inbox::{Inbox, InboxHandler};
@@ -140,15 +143,35 @@ impl Store {
     /// without a pool of their own (the CLI, examples). The error names the
     /// host, never the password.
     pub async fn connect(url: &str) -> Result<Self> {
+        let options: PgConnectOptions = url.parse().map_err(|e| {
+            Error::config(format!(
+                "not a PostgreSQL URL: `{}`",
+                ticketrail_core::redact_url(url)
+            ))
+            .with_source(e)
+        })?;
+        let doing = format!(
+            "connecting to {}:{} as `{}`",
+            options.get_host(),
+            options.get_port(),
+            options.get_username()
+        );
+        // One connection first, so a refused or wrong login says so at once
+        // instead of as a pool timeout.
+        let first = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+            .map_err(|_| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!("PostgreSQL: {doing} took over {CONNECT_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(database(&doing))?;
+        let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(10)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await
-            .map_err(|e| {
-                let doing = format!("connecting to {}", ticketrail_core::redact_url(url));
-                database(&doing)(e)
-            })?;
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_lazy_with(options);
         Ok(Store::new(pool))
     }
 
