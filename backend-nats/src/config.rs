@@ -40,7 +40,18 @@ pub struct NatsConfig {
     pub(crate) require_tls: bool,
     pub(crate) progress_acks: Option<bool>,
     pub(crate) replicas: usize,
+    pub(crate) heartbeat: Duration,
+    pub(crate) publish_timeout: Duration,
 }
+
+/// The ping interval unless the URL or [`NatsConfig::heartbeat`] says
+/// otherwise: async-nats gives a connection up when a third ping goes
+/// unanswered, so a silently dropped connection is noticed within 12 s.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(4);
+
+/// How long a whole publish may take unless the URL or
+/// [`NatsConfig::publish_timeout`] says otherwise.
+const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 impl NatsConfig {
     /// Settings for a `nats://` or `tls://` URL, e.g. `nats://127.0.0.1:4222`.
@@ -75,6 +86,28 @@ impl NatsConfig {
                     None => Credentials::Token(userinfo.to_owned()),
                 });
         let tail = &rest[authority.len()..];
+        let invalid =
+            |why: String| Error::config(format!("invalid NATS URL `{}`: {why}", redact_url(url)));
+        let mut heartbeat = DEFAULT_HEARTBEAT;
+        let mut publish_timeout = DEFAULT_PUBLISH_TIMEOUT;
+        let query = tail.split_once('?').map_or("", |(_, q)| q);
+        for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            let parsed = || {
+                value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| invalid(format!("{key}={value}: seconds above 0 expected")))
+            };
+            match key {
+                "heartbeat" => heartbeat = parsed()?,
+                "publish_timeout" => publish_timeout = parsed()?,
+                _ => {}
+            }
+        }
+        // The client is given no query: async-nats does not read one.
+        let tail = tail.split_once('?').map_or(tail, |(path, _)| path);
         let mut servers = Vec::new();
         let mut addresses = Vec::new();
         for host in host_port.split(',') {
@@ -106,7 +139,34 @@ impl NatsConfig {
             require_tls: scheme == "tls",
             progress_acks: None,
             replicas: 1,
+            heartbeat,
+            publish_timeout,
         })
+    }
+
+    /// How often the client pings the server. A connection that goes
+    /// silent, as one a NAT table, a load balancer's idle timeout or a
+    /// partition dropped without a reset does, is given up when the third
+    /// ping in a row goes unanswered and reconnected: the default 4 s
+    /// notices within 12 s. Shorter costs a small frame each way per
+    /// interval per connection, and risks dropping a connection whose
+    /// process stalls that long. The URL sets it too: `?heartbeat=4`.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// How long a whole publish may take (checking its subject, sending it
+    /// and awaiting the stream's acknowledgement) before it fails with
+    /// [`ErrorKind::Timeout`](ticketrail_core::ErrorKind::Timeout). Default
+    /// 15 s; the URL sets it too: `?publish_timeout=15`.
+    ///
+    /// A publish that timed out may still have been stored: publish the
+    /// same message (same id) again; the stream's duplicate window drops a
+    /// second copy that arrives within it.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
     }
 
     /// How long connecting may take before it fails naming the host and
@@ -198,6 +258,7 @@ impl NatsConfig {
             .name("ticketrail")
             .connection_timeout(self.connect_timeout)
             .request_timeout(Some(self.request_timeout))
+            .ping_interval(self.heartbeat)
             .max_reconnects(None)
     }
 
@@ -227,6 +288,29 @@ impl fmt::Debug for NatsConfig {
             .field("require_tls", &self.require_tls)
             .field("progress_acks", &self.progress_acks)
             .field("replicas", &self.replicas)
+            .field("heartbeat", &self.heartbeat)
+            .field("publish_timeout", &self.publish_timeout)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_and_publish_timeout_come_from_the_url_or_the_defaults() {
+        let plain = NatsConfig::from_url("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(plain.heartbeat, DEFAULT_HEARTBEAT);
+        assert_eq!(plain.publish_timeout, DEFAULT_PUBLISH_TIMEOUT);
+        let set = NatsConfig::from_url("nats://a:1,b:2?heartbeat=2&publish_timeout=0.5").unwrap();
+        assert_eq!(set.heartbeat, Duration::from_secs(2));
+        assert_eq!(set.publish_timeout, Duration::from_millis(500));
+        assert_eq!(set.servers, ["nats://a:1", "nats://b:2"]);
+        for bad in ["?heartbeat=0", "?heartbeat=often", "?publish_timeout=-3"] {
+            let err = NatsConfig::from_url(&format!("nats://a:1{bad}")).unwrap_err();
+            let key = bad[1..].split('=').next().unwrap();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! stream that captures more than its bindings, the bindings are checked
 //! here first.
 
-use ticketrail_core::{Confirmation, Message, Result};
+use ticketrail_core::{Confirmation, Error, ErrorKind, Message, Result};
 
 use crate::connection::Connection;
 use crate::{headers, topology};
@@ -19,12 +19,36 @@ pub(crate) async fn send(
         limit => limit,
     };
     message.check(topic_space, limit, "the NATS server (max_payload)")?;
-    conn.check_routable(topic_space, &message.routing_key)
-        .await?;
-    let headers = headers::outgoing(&message)?;
-    let subject = topology::subject(topic_space, &message.routing_key);
-    let stored = conn.send(subject, headers, message.payload).await?;
-    Ok(Confirmation::new(message.id, async move {
-        stored.await.map(drop)
+    let limit = conn.config.publish_timeout;
+    let deadline = tokio::time::Instant::now() + limit;
+    let id = message.id.clone();
+    let handed = async {
+        conn.check_routable(topic_space, &message.routing_key)
+            .await?;
+        let headers = headers::outgoing(&message)?;
+        let subject = topology::subject(topic_space, &message.routing_key);
+        conn.send(subject, headers, message.payload).await
+    };
+    let stored = tokio::time::timeout_at(deadline, handed)
+        .await
+        .map_err(|_| unconfirmed(limit))??;
+    Ok(Confirmation::new(id, async move {
+        tokio::time::timeout_at(deadline, stored)
+            .await
+            .map_err(|_| unconfirmed(limit))?
+            .map(drop)
     }))
+}
+
+/// The error of a publish that took longer than the publish timeout.
+fn unconfirmed(limit: std::time::Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "no acknowledgement from JetStream within {limit:?}: the message may or may not \
+             have been stored; publishing it again with the same id is safe within the \
+             stream's duplicate window (the publish timeout is set by \
+             NatsConfig::publish_timeout or ?publish_timeout=)"
+        ),
+    )
 }

@@ -72,6 +72,10 @@ impl Broker for RabbitBroker {
         format!("{} at {}", self.link.server, self.link.config.address())
     }
 
+    fn publishing_blocked(&self) -> Option<String> {
+        self.link.blocked_reason()
+    }
+
     async fn declare(&self, topology: &Topology) -> Result<()> {
         topology::validate(topology)?;
         self.link.declare(topology).await

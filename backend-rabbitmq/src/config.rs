@@ -35,7 +35,19 @@ pub struct RabbitConfig {
     pub(crate) reconnect_max: Duration,
     pub(crate) connection_name: String,
     pub(crate) tls_ca_pem: Option<String>,
+    pub(crate) heartbeat: u16,
+    pub(crate) publish_timeout: Duration,
 }
+
+/// The heartbeat asked for unless the URL or [`RabbitConfig::heartbeat`]
+/// says otherwise: lapin gives up on a connection after twice this with
+/// nothing read, checking every half, so a silently dropped connection is
+/// noticed within 10 to 12.5 s.
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How long a publish may wait for its confirm unless the URL or
+/// [`RabbitConfig::publish_timeout`] says otherwise.
+pub(crate) const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One node of the broker.
 #[derive(Clone)]
@@ -61,6 +73,26 @@ impl RabbitConfig {
             Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
             None => (String::new(), authority),
         };
+        let query = tail.split_once('?').map_or("", |(_, q)| q);
+        let mut heartbeat = None;
+        let mut publish_timeout = DEFAULT_PUBLISH_TIMEOUT;
+        for (key, value) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+            match key {
+                "heartbeat" => {
+                    heartbeat = Some(value.parse::<u16>().map_err(|_| {
+                        invalid(format!(
+                            "heartbeat={value}: whole seconds from 0 to 65535 expected"
+                        ))
+                    })?)
+                }
+                "publish_timeout" => {
+                    publish_timeout = seconds(value).ok_or_else(|| {
+                        invalid(format!("publish_timeout={value}: seconds above 0 expected"))
+                    })?
+                }
+                _ => {}
+            }
+        }
         let mut nodes = Vec::new();
         for host in hosts.split(',') {
             let node_url = format!("{scheme}://{userinfo}{host}{tail}");
@@ -79,7 +111,35 @@ impl RabbitConfig {
             reconnect_max: Duration::from_secs(5),
             connection_name: "ticketrail".to_owned(),
             tls_ca_pem: None,
+            heartbeat: heartbeat.unwrap_or(DEFAULT_HEARTBEAT.as_secs() as u16),
+            publish_timeout,
         })
+    }
+
+    /// The AMQP heartbeat to ask for (whole seconds; 0 turns heartbeats
+    /// off). A connection that goes silent, as one a NAT table, a load
+    /// balancer's idle timeout or a partition dropped without a reset does,
+    /// is given up after about twice this and reopened: the default 5 s
+    /// notices within 12.5 s. Shorter costs a small frame each way per
+    /// interval and risks dropping a connection whose process stalls (a
+    /// long GC-free but CPU-starved pause) for that long. The URL sets it
+    /// too: `?heartbeat=5`. RabbitMQ takes the lower of this and its own
+    /// (60 s by default).
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval.as_secs().min(u64::from(u16::MAX)) as u16;
+        self
+    }
+
+    /// How long a publish may wait for the broker's confirm before it fails
+    /// with [`ErrorKind::Timeout`](ticketrail_core::ErrorKind::Timeout).
+    /// Default 15 s; the URL sets it too: `?publish_timeout=15`.
+    ///
+    /// A publish that timed out may still have reached the broker: publish
+    /// the same message (same id) again, and let the consumer's inbox or
+    /// idempotence absorb the duplicate.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
     }
 
     /// How long connecting may take before it fails with a timeout naming
@@ -143,8 +203,16 @@ impl fmt::Debug for RabbitConfig {
             .field("reconnect_max", &self.reconnect_max)
             .field("connection_name", &self.connection_name)
             .field("tls_ca", &self.tls_ca_pem.as_ref().map(|_| "custom"))
+            .field("heartbeat", &self.heartbeat)
+            .field("publish_timeout", &self.publish_timeout)
             .finish()
     }
+}
+
+/// A positive number of seconds, fractions allowed.
+fn seconds(value: &str) -> Option<Duration> {
+    let secs: f64 = value.parse().ok()?;
+    (secs.is_finite() && secs > 0.0).then(|| Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]
@@ -167,5 +235,22 @@ mod tests {
         assert!(RabbitConfig::from_url("nope").is_err());
         let err = RabbitConfig::from_url("amqp://u:secret@a:notaport/").unwrap_err();
         assert!(!err.to_string().contains("secret"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_and_publish_timeout_come_from_the_url_or_the_defaults() {
+        let plain = RabbitConfig::from_url("amqp://a/%2f").unwrap();
+        assert_eq!(u64::from(plain.heartbeat), DEFAULT_HEARTBEAT.as_secs());
+        assert_eq!(plain.publish_timeout, DEFAULT_PUBLISH_TIMEOUT);
+        let set = RabbitConfig::from_url("amqp://a/%2f?heartbeat=3&publish_timeout=2.5").unwrap();
+        assert_eq!(set.heartbeat, 3);
+        assert_eq!(set.publish_timeout, Duration::from_millis(2500));
+        let set = set.heartbeat(Duration::from_secs(7));
+        assert_eq!(set.heartbeat, 7);
+        for bad in ["?heartbeat=-1", "?heartbeat=soon", "?publish_timeout=0"] {
+            let err = RabbitConfig::from_url(&format!("amqp://a/%2f{bad}")).unwrap_err();
+            let key = bad[1..].split('=').next().unwrap();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use ticketrail_core::{Error, ErrorKind, Result, Topology};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 
 use crate::config::RabbitConfig;
 use crate::error::{is_untrusted_certificate, kind_of, map};
@@ -101,7 +101,13 @@ async fn open_node(
     };
     let runtime =
         lapin::runtime::default_runtime().map_err(|e| map("starting lapin's runtime", e))?;
-    let connecting = Connection::connect_with_config(url, properties, tls, runtime);
+    let mut uri: lapin::uri::AMQPUri = url
+        .parse()
+        .map_err(|e: String| Error::config(format!("invalid RabbitMQ URL for {address}: {e}")))?;
+    // Heartbeats notice a connection that died without a reset (C15 for
+    // the faults that close nothing); the setting wins over the URL's.
+    uri.query.heartbeat = Some(config.heartbeat);
+    let connecting = Connection::connect_uri_with_config(uri, properties, tls, runtime);
     match tokio::time::timeout(config.connect_timeout, connecting).await {
         Err(_) => Err(Error::new(
             ErrorKind::Timeout,
@@ -178,6 +184,48 @@ pub(crate) async fn open_raw(config: &RabbitConfig) -> Result<RawConnection> {
 pub(crate) struct Session {
     pub(crate) connection: Arc<Owned>,
     publish: Channel,
+    /// Follows the connection's `connection.blocked` / `unblocked`
+    /// notifications; ends with the session.
+    _alarms: AbortOnDrop,
+}
+
+/// A task aborted when its handle is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Whether RabbitMQ blocks the publishing connection, and why: it sends
+/// `connection.blocked` with its reason when a resource alarm (memory or
+/// disk) goes off, and stops reading from connections that publish until
+/// `connection.unblocked`.
+pub(crate) type Blocked = watch::Sender<Option<String>>;
+
+/// Follows the alarms of `connection` into `blocked`; a new connection
+/// starts unblocked.
+fn follow_alarms(connection: &Connection, blocked: &Arc<Blocked>) -> AbortOnDrop {
+    blocked.send_replace(None);
+    let events = connection.events_listener();
+    let blocked = Arc::clone(blocked);
+    AbortOnDrop(tokio::spawn(async move {
+        futures::pin_mut!(events);
+        while let Some(event) = futures::StreamExt::next(&mut events).await {
+            match event {
+                lapin::Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(reason = %reason, "RabbitMQ blocks publishing (a resource alarm)");
+                    blocked.send_replace(Some(reason));
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!("RabbitMQ unblocked publishing");
+                    blocked.send_replace(None);
+                }
+                _ => {}
+            }
+        }
+    }))
 }
 
 impl Session {
@@ -200,6 +248,8 @@ pub(crate) struct Link {
     wait_queues: SyncMutex<HashSet<String>>,
     /// The broker's product and version, read at connect.
     pub(crate) server: String,
+    /// Why RabbitMQ blocks this link's publishes, while it does.
+    blocked: Arc<Blocked>,
 }
 
 impl Link {
@@ -219,6 +269,7 @@ impl Link {
             declared: SyncMutex::default(),
             wait_queues: SyncMutex::default(),
             server,
+            blocked: Arc::new(watch::channel(None).0),
         });
         link.session().await?;
         Ok(link)
@@ -244,11 +295,13 @@ impl Link {
             Some(old) if old.connection.status().connected() => Session {
                 publish: confirm_channel(config, &old.connection).await?,
                 connection: Arc::clone(&old.connection),
+                _alarms: follow_alarms(&old.connection, &self.blocked),
             },
             _ => {
                 let (connection, address) = open(config, &self.next_node, "publishing").await?;
                 let session = Session {
                     publish: confirm_channel(config, &connection).await?,
+                    _alarms: follow_alarms(&connection, &self.blocked),
                     connection: Arc::new(connection),
                 };
                 let topologies = self.declared.lock().expect("not poisoned").clone();
@@ -308,7 +361,12 @@ impl Link {
         payload: Bytes,
         properties: BasicProperties,
     ) -> Result<impl Future<Output = Result<()>> + Send + 'static> {
+        if let Some(reason) = self.blocked_reason() {
+            return Err(blocked(&reason));
+        }
         let session = self.session().await?;
+        let limit = self.config.publish_timeout;
+        let alarm = self.blocked.subscribe();
         let where_to = if exchange.is_empty() {
             Target::Queue(routing_key.into())
         } else {
@@ -336,7 +394,7 @@ impl Link {
         if let std::task::Poll::Ready(Err(e)) = first {
             return Err(map(&format!("publishing to {where_to}"), e));
         }
-        Ok(async move {
+        let confirmed = async move {
             let confirm = match first {
                 std::task::Poll::Ready(queued) => queued,
                 std::task::Poll::Pending => written.await,
@@ -372,18 +430,76 @@ impl Link {
                     "the publishing channel is not in confirm mode",
                 )),
             }
+        };
+        Ok(async move {
+            match tokio::time::timeout(limit, confirmed).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(match alarm.borrow().clone() {
+                    Some(reason) => blocked(&reason).with_source(unconfirmed(limit)),
+                    None => unconfirmed(limit),
+                }),
+            }
         })
     }
 
+    /// Why RabbitMQ blocks publishing now, if it does.
+    pub(crate) fn blocked_reason(&self) -> Option<String> {
+        self.blocked.borrow().clone()
+    }
+
+    /// Waits until RabbitMQ no longer blocks publishing; at once if it
+    /// does not. Ends with the link.
+    pub(crate) async fn unblocked(&self) -> Result<()> {
+        let mut alarm = self.blocked.subscribe();
+        loop {
+            if self.is_closed() {
+                return Err(Error::closed("the RabbitMQ connection was closed"));
+            }
+            if alarm.borrow_and_update().is_none() {
+                return Ok(());
+            }
+            // Checked again now and then: a connection lost while blocked
+            // never says "unblocked"; its successor starts afresh.
+            let _ = tokio::time::timeout(Duration::from_secs(1), alarm.changed()).await;
+        }
+    }
+
     /// Publishes a copy straight to `queue` (the default exchange) and waits
-    /// for the broker's confirm.
+    /// for the broker's confirm. While RabbitMQ blocks publishing (a
+    /// resource alarm) the copy waits for it to clear, however long, rather
+    /// than fail: a failed copy would put its message back in the queue,
+    /// to be handled again and counted against its delivery limit. A copy
+    /// cut off by an alarm is sent again after it (same id: a duplicate at
+    /// worst, never a loss).
     pub(crate) async fn publish_to_queue(
         &self,
         queue: &str,
         payload: Bytes,
         properties: BasicProperties,
     ) -> Result<()> {
-        self.send("", queue, payload, properties).await?.await
+        let mut said = false;
+        loop {
+            if self.blocked_reason().is_some() {
+                if !said {
+                    said = true;
+                    tracing::warn!(
+                        queue,
+                        reason = ?self.blocked_reason(),
+                        "a retry or dead-letter copy waits for RabbitMQ to unblock publishing"
+                    );
+                }
+                self.unblocked().await?;
+            }
+            let sent = async {
+                self.send("", queue, payload.clone(), properties.clone())
+                    .await?
+                    .await
+            };
+            match sent.await {
+                Err(e) if e.kind() == ErrorKind::Blocked => continue,
+                outcome => return outcome,
+            }
+        }
     }
 
     /// Makes sure the wait queue of `queue` for `tier` exists: declared
@@ -456,6 +572,30 @@ impl Link {
         let closing = session.connection.close(200, "ticketrail closing".into());
         answered(&self.config, "closing the connection", closing).await
     }
+}
+
+/// The error of a publish refused because RabbitMQ blocks publishing.
+fn blocked(reason: &str) -> Error {
+    Error::new(
+        ErrorKind::Blocked,
+        format!(
+            "RabbitMQ blocks publishing: {reason} (a memory or disk alarm; it clears when \
+             consumers drain the queues or the disk has room). Not published"
+        ),
+    )
+}
+
+/// The error of a publish whose confirm did not come in time.
+fn unconfirmed(limit: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "no confirm from RabbitMQ within {limit:?}: the message may or may not have \
+             been published; publishing it again with the same id is safe for an idempotent \
+             consumer (the publish timeout is set by RabbitConfig::publish_timeout or \
+             ?publish_timeout=)"
+        ),
+    )
 }
 
 async fn confirm_channel(config: &RabbitConfig, connection: &Connection) -> Result<Channel> {

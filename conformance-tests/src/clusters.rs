@@ -159,6 +159,14 @@ macro_rules! cluster_harness {
                 (self.0.connect)(self.0.url.clone()).await
             }
 
+            fn broker_url(&self) -> Option<String> {
+                Some(self.0.url.clone())
+            }
+
+            async fn connect_to(&self, url: &str) -> Result<SharedBroker> {
+                (self.0.connect)(url.to_owned()).await
+            }
+
             async fn publish_foreign(&self, topic_space: &str, message: Foreign<'_>) -> Result<()> {
                 let urls: Vec<String> = $node_urls(&self.0.url);
                 publish_plain(urls, |url| async move {

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
-use ticketrail_core::{Error, Result, SharedBroker};
+use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 
 use crate::{MemoryHarness, NatsHarness, RabbitHarness};
 
@@ -80,6 +80,23 @@ pub trait Harness: Send + Sync {
     /// delivered again.
     fn redelivery_timeout(&self) -> Duration {
         Duration::from_secs(10)
+    }
+
+    /// The broker's URL, for a rule that connects its own way (through a
+    /// [`FaultProxy`](crate::testing::FaultProxy), C21); `None` for the
+    /// in-process broker, which has no network.
+    fn broker_url(&self) -> Option<String> {
+        None
+    }
+
+    /// Connects the suite's way to `url`, a variant of
+    /// [`broker_url`](Harness::broker_url) (another address, settings in
+    /// its query).
+    async fn connect_to(&self, url: &str) -> Result<SharedBroker> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the {} harness connects to no URL (`{url}`)", self.name()),
+        ))
     }
 
     /// A throwaway broker that the suite may restart (C15); `None` where the

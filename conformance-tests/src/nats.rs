@@ -77,6 +77,14 @@ impl Harness for NatsHarness {
         "nats"
     }
 
+    fn broker_url(&self) -> Option<String> {
+        Some(self.url.clone())
+    }
+
+    async fn connect_to(&self, url: &str) -> Result<SharedBroker> {
+        Self::connect_url(url).await
+    }
+
     async fn connect(&self) -> Result<SharedBroker> {
         Self::connect_url(&self.url).await
     }

@@ -76,6 +76,14 @@ impl Harness for RabbitHarness {
         "rabbitmq"
     }
 
+    fn broker_url(&self) -> Option<String> {
+        Some(self.url.clone())
+    }
+
+    async fn connect_to(&self, url: &str) -> Result<SharedBroker> {
+        Self::connect_url(url).await
+    }
+
     async fn connect(&self) -> Result<SharedBroker> {
         Self::connect_url(&self.url).await
     }

@@ -24,4 +24,5 @@ ticketrail_conformance::rule_tests! {
     memory_c18 => "C18",
     memory_c19 => "C19",
     memory_c20 => "C20",
+    memory_c21 => "C21",
 }

@@ -25,4 +25,5 @@ ticketrail_conformance::rule_tests! {
     nats_c18 => "C18",
     nats_c19 => "C19",
     nats_c20 => "C20",
+    nats_c21 => "C21",
 }

@@ -26,4 +26,5 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c18 => "C18",
     rabbitmq_c19 => "C19",
     rabbitmq_c20 => "C20",
+    rabbitmq_c21 => "C21",
 }

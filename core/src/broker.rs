@@ -259,6 +259,14 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// Why the broker refuses publishes now, if it does: RabbitMQ's
+    /// `connection.blocked` reason while a memory or disk alarm lasts.
+    /// Publishes meanwhile fail with [`ErrorKind::Blocked`]. The default
+    /// never is.
+    fn publishing_blocked(&self) -> Option<String> {
+        None
+    }
+
     /// A line saying which broker this is connected to, for logs and
     /// reports (`RabbitMQ 3.10.8 at 127.0.0.1:5672`).
     fn describe(&self) -> String {

@@ -41,6 +41,11 @@ pub enum ErrorKind {
     /// The application's database refused or failed a statement (the
     /// outbox and inbox of `ticketrail-postgres`).
     Database,
+    /// The broker refuses publishes for now: a resource alarm (RabbitMQ's
+    /// memory or disk watermark) or a full stream. Nothing was published;
+    /// the message says the broker's reason. Transient: it clears when the
+    /// broker has room again.
+    Blocked,
 }
 
 impl ErrorKind {
@@ -62,6 +67,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::Broker => "broker",
             ErrorKind::Database => "database",
+            ErrorKind::Blocked => "blocked",
         }
     }
 
@@ -81,6 +87,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not found",
             ErrorKind::Broker => "broker error",
             ErrorKind::Database => "database error",
+            ErrorKind::Blocked => "publishing blocked by the broker",
         }
     }
 }
@@ -130,7 +137,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.kind,
-            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed | ErrorKind::Blocked
         )
     }
 

@@ -11,6 +11,7 @@ use crate::support::Check;
 mod dead_letters;
 mod deliveries;
 mod effects;
+mod faults;
 mod lifecycle;
 mod publishing;
 mod retries;
@@ -100,6 +101,7 @@ rules! {
     "C18", "trace context", tracing::c18_trace_context;
     "C19", "outbox", effects::c19_outbox;
     "C20", "inbox", effects::c20_inbox;
+    "C21", "silent faults", faults::c21_silent_faults, needs |c: &Capabilities| c.reconnect;
 }
 
 /// Rules that restart or kill the broker (on a throwaway server of their

@@ -9,6 +9,7 @@ mod clusters;
 mod freezer;
 mod nats_server;
 mod postgres;
+mod proxy;
 mod rabbit_node;
 mod raw;
 
@@ -26,6 +27,7 @@ pub use clusters::{nats_server_215_binary, NatsCluster, RabbitCluster};
 pub use freezer::Freezer;
 pub use nats_server::{nats_server_binary, NatsServer};
 pub use postgres::{database_url, TestDatabase, DEFAULT_DATABASE_URL};
+pub use proxy::{proxied, FaultProxy};
 pub use rabbit_node::RabbitNode;
 pub use raw::{raw_amqp, raw_nats_publish};
 

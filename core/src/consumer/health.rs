@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::broker::SharedBroker;
 use crate::error::Error;
 
 /// Where a consumer is in its life.
@@ -82,6 +83,10 @@ pub struct Health {
     pub retried: u64,
     /// Deliveries moved to the DLQ.
     pub dead_lettered: u64,
+    /// Why the broker refuses publishes now (RabbitMQ's memory or disk
+    /// alarm), if it does: the consumer still takes and acks deliveries,
+    /// and its retries and dead letters wait for the block to clear.
+    pub publishing_blocked: Option<String>,
 }
 
 impl Health {
@@ -115,6 +120,7 @@ impl HealthProbe {
 #[derive(Debug)]
 pub(crate) struct HealthState {
     queue: Arc<str>,
+    broker: SharedBroker,
     started: Instant,
     state: AtomicU8,
     in_flight: AtomicUsize,
@@ -128,9 +134,10 @@ pub(crate) struct HealthState {
 }
 
 impl HealthState {
-    pub(crate) fn new(queue: Arc<str>) -> Arc<Self> {
+    pub(crate) fn new(queue: Arc<str>, broker: SharedBroker) -> Arc<Self> {
         Arc::new(HealthState {
             queue,
+            broker,
             started: Instant::now(),
             state: AtomicU8::new(ConsumerState::Starting.to_u8()),
             in_flight: AtomicUsize::new(0),
@@ -197,6 +204,7 @@ impl HealthState {
             handled: self.handled.load(Ordering::Acquire),
             retried: self.retried.load(Ordering::Acquire),
             dead_lettered: self.dead_lettered.load(Ordering::Acquire),
+            publishing_blocked: self.broker.publishing_blocked(),
         }
     }
 }

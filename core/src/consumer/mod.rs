@@ -159,7 +159,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
     /// the broker connection is closed under it. Any later interruption is
     /// logged, reported in [`Health`] and resumed with backoff.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<()> {
-        let health = HealthState::new(Arc::clone(&self.queue));
+        let health = HealthState::new(Arc::clone(&self.queue), Arc::clone(&self.broker));
         self.run_reporting(signal, health).await
     }
 
@@ -353,7 +353,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
     /// down.
     pub fn spawn(self) -> RunningConsumer {
         let (stop, stopped) = oneshot::channel::<()>();
-        let health = HealthState::new(Arc::clone(&self.queue));
+        let health = HealthState::new(Arc::clone(&self.queue), Arc::clone(&self.broker));
         let task = tokio::spawn(self.run_reporting(
             async move {
                 let _ = stopped.await;
