@@ -87,17 +87,32 @@ pub(crate) async fn write(
         &bookkeeping,
         &id,
     );
-    let size = headers::block_size(&headers) + record.envelope.payload.len() + subject.len();
-    if size + SIZE_MARGIN <= conn.server.max_payload {
+    let limit = conn.server.max_payload;
+    let block = headers::block_size(&headers);
+    if fits(block, record.envelope.payload.len() + subject.len(), limit) {
         return conn
             .publish(subject, headers, record.envelope.payload.clone())
             .await
             .map(drop);
     }
+    // The application's headers do not fit next to the bookkeeping (the
+    // server refuses a header block over 64 KiB) or the whole is too
+    // large: they travel in the body, wrapped, as RabbitMQ's copies do;
+    // the reader unwraps it.
+    let body = wire::wrap(&record.envelope);
+    let mut inline = bookkeeping.clone();
+    inline.push((wire::PAYLOAD_REF, wire::PAYLOAD_IN_BODY.to_owned()));
+    let wrapped = headers::copy(&record.envelope, &Headers::new(), &inline, &id);
+    if fits(
+        headers::block_size(&wrapped),
+        body.len() + subject.len(),
+        limit,
+    ) {
+        return conn.publish(subject, wrapped, body).await.map(drop);
+    }
     // Too large for one message: the payload and the application's headers
     // go to the object store first, then the record points at them.
     let store = object_store(conn, info).await?;
-    let body = wire::wrap(&record.envelope);
     store
         .put(id.as_str(), &mut body.as_ref())
         .await
@@ -112,6 +127,18 @@ pub(crate) async fn write(
     bookkeeping.push((wire::PAYLOAD_REF, format!("{OBJECT_REF}{bucket}/{id}")));
     let headers = headers::copy(&record.envelope, &Headers::new(), &bookkeeping, &id);
     conn.publish(subject, headers, Bytes::new()).await.map(drop)
+}
+
+/// The largest header block nats-server stores: it refuses a larger one
+/// ("header size exceeds maximum allowed of 64k", JetStream error 10097).
+const MAX_HEADER_BLOCK: usize = u16::MAX as usize;
+
+/// Whether a message with a header block of `block` bytes and `rest` bytes
+/// of body and subject goes out as one message under a server's
+/// `max_payload` of `limit`, with room to spare for what the sizes do not
+/// count exactly.
+fn fits(block: usize, rest: usize, limit: usize) -> bool {
+    block + SIZE_MARGIN <= MAX_HEADER_BLOCK && block + rest + SIZE_MARGIN <= limit
 }
 
 #[derive(Deserialize)]
@@ -428,7 +455,18 @@ impl DeadLetterHandle for NatsDeadLetter {
         let id = format!("{}:replay:{}", envelope.id, self.sequence);
         let bookkeeping = wire::copy_headers(&envelope);
         let headers = headers::copy(&envelope, &envelope.headers, &bookkeeping, &id);
-        let size = headers::block_size(&headers) + envelope.payload.len();
+        let block = headers::block_size(&headers);
+        if block > MAX_HEADER_BLOCK {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "replaying message {} needs a header block of {block} bytes with its \
+                     bookkeeping, over the 65,535 bytes nats-server stores; it stays in the DLQ",
+                    envelope.id
+                ),
+            ));
+        }
+        let size = block + envelope.payload.len();
         if size > self.conn.server.max_payload {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
@@ -501,4 +539,21 @@ pub(crate) async fn purge(conn: &Connection, info: &QueueInfo) -> Result<usize> 
         }
     }
     Ok(purged.purged as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_fits_only_under_both_the_header_and_the_payload_limit() {
+        let mib = 1024 * 1024;
+        assert!(fits(1_000, 10_000, mib));
+        // The server's 64 KiB header block, whatever max_payload allows.
+        assert!(!fits(65_000, 10, mib));
+        assert!(fits(MAX_HEADER_BLOCK - SIZE_MARGIN, 10, mib));
+        assert!(!fits(MAX_HEADER_BLOCK - SIZE_MARGIN + 1, 10, mib));
+        // max_payload counts headers and body together.
+        assert!(!fits(1_000, mib - 1_000, mib));
+    }
 }

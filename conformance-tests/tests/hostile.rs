@@ -486,6 +486,23 @@ async fn nats_hostile_battery() {
         "big-headers",
         Expect::DeadLettered(DeadLetterReason::Undecodable),
     );
+    // A header block the server stores, but with no room left for the
+    // record's bookkeeping next to it: the record carries the headers in
+    // its body instead.
+    battery.good().await;
+    let huge = 65_400 - "NATS/1.0\r\nBig: \r\n\r\n".len();
+    let block = format!("NATS/1.0\r\nBig: {}\r\n\r\n", "h".repeat(huge));
+    assert_eq!(block.len(), 65_400);
+    publish(
+        "huge-headers".into(),
+        Some(block.into_bytes()),
+        garbage("huge-headers", 1000),
+    )
+    .await;
+    battery.expect(
+        "huge-headers",
+        Expect::DeadLettered(DeadLetterReason::Undecodable),
+    );
     // A stranger publishing on another queue's replay subject reaches only
     // that queue (none here): unroutable, nothing stored.
     battery.good().await;
@@ -504,6 +521,9 @@ async fn nats_hostile_battery() {
             record.last_error
         );
     }
+    // The wrapped record gives the headers back whole.
+    let big = report.record("huge-headers").envelope.headers.get("Big");
+    assert_eq!(big.map(String::len), Some(huge), "on {server}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

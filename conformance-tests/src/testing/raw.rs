@@ -75,14 +75,15 @@ pub async fn raw_nats_publish(
         }
         seen.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&seen);
-        if text.contains("\"seq\"") {
-            return Ok(());
-        }
+        // A refusal carries `"seq":0` too: the error is looked for first.
         if text.contains("\"error\"") || text.contains("-ERR") || text.contains(" 503") {
             return Err(Error::new(
                 ErrorKind::Broker,
                 format!("the raw publish to `{subject}` was refused: {text}"),
             ));
+        }
+        if text.contains("\"seq\"") {
+            return Ok(());
         }
     }
 }
