@@ -22,6 +22,7 @@
 
 mod clusters;
 mod drill;
+mod effects;
 mod harness;
 mod memory;
 mod nats;
@@ -32,6 +33,7 @@ pub mod testing;
 
 pub use clusters::{NatsClusterHarness, RabbitClusterHarness};
 pub use drill::{run_drill, DrillReport};
+pub use effects::{run_effects_drill, run_node, EffectsReport};
 pub use harness::{harness_for, harness_for_url, Foreign, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
 pub use nats::{NatsHarness, DEFAULT_NATS_URL};
