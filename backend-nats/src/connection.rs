@@ -476,14 +476,14 @@ impl Connection {
         .await
         .map_err(|e| {
             Error::new(
-                error::publish_kind(&e.kind()),
+                error::publish_kind(&e),
                 format!("publishing to `{subject}`"),
             )
             .with_source(e)
         })?;
         Ok(async move {
             let stored = ack.await.map_err(|e| {
-                let kind = error::publish_kind(&e.kind());
+                let kind = error::publish_kind(&e);
                 let doing = if kind == ErrorKind::Unroutable {
                     format!("no queue is bound for `{subject}`")
                 } else {

@@ -1,7 +1,7 @@
 //! async-nats' errors as ticketrail's: by async-nats' error kinds and
 //! JetStream's API error codes, never by their text.
 
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::ErrorCode;
 use async_nats::ConnectErrorKind;
 use ticketrail_core::{Error, ErrorKind};
@@ -40,14 +40,34 @@ pub(crate) fn request(doing: &str, error: async_nats::RequestError) -> Error {
     Error::new(kind, doing.to_owned()).with_source(error)
 }
 
-/// What a failed JetStream publish is to ticketrail.
-pub(crate) fn publish_kind(kind: &PublishErrorKind) -> ErrorKind {
-    match kind {
+/// What a failed JetStream publish is to ticketrail: by the client's kind,
+/// and for a refusal in the stream's acknowledgement by its API code.
+pub(crate) fn publish_kind(error: &PublishError) -> ErrorKind {
+    match error.kind() {
         PublishErrorKind::StreamNotFound => ErrorKind::Unroutable,
         PublishErrorKind::MaxPayloadExceeded => ErrorKind::PayloadTooLarge,
         PublishErrorKind::TimedOut => ErrorKind::Timeout,
         PublishErrorKind::BrokenPipe => ErrorKind::Connection,
-        _ => ErrorKind::Broker,
+        _ => std::error::Error::source(error)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .map_or(ErrorKind::Broker, |e| refusal_kind(e.error_code())),
+    }
+}
+
+/// What the stream's refusal of a message is to ticketrail. A stream or
+/// account out of room (a full stream that discards new messages, storage
+/// or memory limits) is [`ErrorKind::Blocked`]: it clears when consumers
+/// make room, as RabbitMQ's resource alarms do.
+pub(crate) fn refusal_kind(code: ErrorCode) -> ErrorKind {
+    match code {
+        ErrorCode::STREAM_STORE_FAILED
+        | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+        | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+        | ErrorCode::INSUFFICIENT_RESOURCES => ErrorKind::Blocked,
+        ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM => {
+            ErrorKind::PayloadTooLarge
+        }
+        other => api_kind(other),
     }
 }
 

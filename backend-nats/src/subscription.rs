@@ -727,6 +727,23 @@ impl NatsSettle {
             .map_err(|e| error::client(&format!("{doing} message {}", self.sequence), e))
     }
 
+    /// Waits a second before a record the server had no room for (a full
+    /// stream or account) is written again, holding the delivery (its
+    /// progress acks keep it): a record that cannot be written yet must
+    /// neither lose the message nor spend its deliveries. Says so once.
+    async fn wait_for_room(&self, error: &Error, said: &mut bool) {
+        if !*said {
+            *said = true;
+            tracing::warn!(
+                queue = %self.shared.info.name,
+                sequence = self.sequence,
+                error = %error,
+                "no room for a retry or dead-letter record; holding the message until there is"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
     async fn forget_failures(&self) {
         // Nothing to clear where the redelivery's read found no record.
         if self.failure.is_none() && !self.record_unread {
@@ -803,15 +820,24 @@ impl Settle for NatsSettle {
         // The failure is on record in the broker before the nak, so another
         // process handling the redelivery knows the attempt and when the
         // first one failed.
-        let record = failures::record_retry(
-            &self.shared.conn,
-            &self.shared.info.stream,
-            &self.shared.info.consumer,
-            self.sequence,
-            self.failure,
-            request.first_failed_at,
-        )
-        .await?;
+        let mut waited = false;
+        let record = loop {
+            let written = failures::record_retry(
+                &self.shared.conn,
+                &self.shared.info.stream,
+                &self.shared.info.consumer,
+                self.sequence,
+                self.failure,
+                request.first_failed_at,
+            )
+            .await;
+            match written {
+                Err(e) if e.kind() == ErrorKind::Blocked => {
+                    self.wait_for_room(&e, &mut waited).await
+                }
+                written => break written?,
+            }
+        };
         self.shared.written.lock().expect("not poisoned").insert(
             self.sequence,
             self.delivered,
@@ -834,7 +860,17 @@ impl Settle for NatsSettle {
         }
         // Written under `stream:sequence:queue`, so doing it again after a
         // crash stores one record; only then is the original terminated.
-        dead_letters::write(&self.shared.conn, &self.shared.info, &record, self.sequence).await?;
+        let mut waited = false;
+        loop {
+            match dead_letters::write(&self.shared.conn, &self.shared.info, &record, self.sequence)
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::Blocked => {
+                    self.wait_for_room(&e, &mut waited).await
+                }
+                written => break written?,
+            }
+        }
         let reply = self.take();
         self.confirmed(reply, AckKind::Term, "terminating").await?;
         self.forget_failures().await;

@@ -434,8 +434,19 @@ impl Link {
         Ok(async move {
             match tokio::time::timeout(limit, confirmed).await {
                 Ok(outcome) => outcome,
+                // Blocked while in flight: the broker stopped reading with
+                // the message perhaps unread; it is published if the
+                // connection lives until the alarm clears.
                 Err(_) => Err(match alarm.borrow().clone() {
-                    Some(reason) => blocked(&reason).with_source(unconfirmed(limit)),
+                    Some(reason) => Error::new(
+                        ErrorKind::Blocked,
+                        format!(
+                            "RabbitMQ blocked publishing while this message was in flight: \
+                             {reason}; no confirm within {limit:?}, so it may still be \
+                             published when the alarm clears"
+                        ),
+                    )
+                    .with_source(unconfirmed(limit)),
                     None => unconfirmed(limit),
                 }),
             }
@@ -580,7 +591,7 @@ fn blocked(reason: &str) -> Error {
         ErrorKind::Blocked,
         format!(
             "RabbitMQ blocks publishing: {reason} (a memory or disk alarm; it clears when \
-             consumers drain the queues or the disk has room). Not published"
+             consumers drain the queues or the disk has room); not published"
         ),
     )
 }
