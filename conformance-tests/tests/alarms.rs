@@ -114,7 +114,7 @@ async fn rabbitmq_memory_alarm_blocks_publishing_not_consuming() {
             let seen = Arc::clone(&seen);
             async move {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                if n % 10 == 0 && ctx.attempt() == 1 {
+                if n.is_multiple_of(10) && ctx.attempt() == 1 {
                     return Err(HandlerError::retryable("fails once"));
                 }
                 seen.lock()
