@@ -5,7 +5,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::context::FutureExt;
+use opentelemetry::trace::{SpanKind, TraceContextExt, Tracer};
 use sqlx::{PgConnection, PgPool, Row};
+use ticketrail_core::trace::TRACEPARENT;
 use ticketrail_core::{
     Consumer, Context, Fixed, Handler, HandlerError, QueueSpec, Replay, SharedBroker, Subscription,
 };
@@ -204,6 +207,47 @@ pub(crate) async fn c19_outbox(h: &dyn Harness) -> Result<(), Skip> {
                     && stats.refused_rows[0].message_id == refused_id
                     && stats.refused_rows[0].error_kind == "unroutable",
                 "stats after a refusal: {stats:?}"
+            );
+
+            // A row stored inside a trace carries it (C18 through the
+            // outbox): the handler's attempts join the request's trace.
+            super::tracing::exporter();
+            let tracer = opentelemetry::global::tracer("c19");
+            let request = opentelemetry::Context::current_with_span(tracer.start("POST /users"));
+            let trace = request.span().span_context().trace_id();
+            let stored = async {
+                let mut tx = begin(pool).await?;
+                let id = outbox
+                    .publish(&mut tx, "jobs.d", &job("traced"))
+                    .await
+                    .doing("writing a row inside a trace")?;
+                tx.commit().await.map_err(sql("committing it"))?;
+                Ok::<_, String>(id)
+            }
+            .with_context(request.clone())
+            .await?;
+            request.span().end();
+            relay.run_once().await.doing("relaying the traced row")?;
+            let mut d = receive(&mut sub, WAIT).await?;
+            let carried = d.envelope().headers.get(TRACEPARENT).cloned();
+            d.ack().await.doing("acking")?;
+            ensure!(
+                d.envelope().id == stored,
+                "received {} instead of the traced row {stored}",
+                d.envelope().id
+            );
+            let carried = carried.ok_or("the relayed message carries no traceparent")?;
+            ensure!(
+                carried.contains(&trace.to_string()),
+                "the relayed message's traceparent {carried} is not in the request's trace {trace}"
+            );
+            let stored_span = super::tracing::spans_of(trace).into_iter().any(|s| {
+                s.span_kind == SpanKind::Producer
+                    && carried.contains(&s.span_context.span_id().to_string())
+            });
+            ensure!(
+                stored_span,
+                "no publish span of the outbox row is the message's parent in trace {trace}"
             );
 
             // A spawned relay polling once a minute is woken by the commit.

@@ -23,7 +23,7 @@ use crate::support::{ensure, wait_for_dead_letters, wait_until, Act, Doing, Scen
 const WAIT: Duration = Duration::from_secs(10);
 
 /// The in-memory exporter behind the global tracer provider.
-fn exporter() -> &'static InMemorySpanExporter {
+pub(super) fn exporter() -> &'static InMemorySpanExporter {
     static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
     EXPORTER.get_or_init(|| {
         let exporter = InMemorySpanExporterBuilder::new().build();
@@ -36,7 +36,7 @@ fn exporter() -> &'static InMemorySpanExporter {
 }
 
 /// The finished spans of `trace`.
-fn spans_of(trace: TraceId) -> Vec<SpanData> {
+pub(super) fn spans_of(trace: TraceId) -> Vec<SpanData> {
     exporter()
         .get_finished_spans()
         .unwrap_or_default()
