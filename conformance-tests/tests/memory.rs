@@ -25,4 +25,5 @@ ticketrail_conformance::rule_tests! {
     memory_c19 => "C19",
     memory_c20 => "C20",
     memory_c21 => "C21",
+    memory_c22 => "C22",
 }

@@ -26,4 +26,5 @@ ticketrail_conformance::rule_tests! {
     nats_c19 => "C19",
     nats_c20 => "C20",
     nats_c21 => "C21",
+    nats_c22 => "C22",
 }

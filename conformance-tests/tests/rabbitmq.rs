@@ -27,4 +27,5 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c19 => "C19",
     rabbitmq_c20 => "C20",
     rabbitmq_c21 => "C21",
+    rabbitmq_c22 => "C22",
 }

@@ -22,6 +22,7 @@ mod envelope;
 mod error;
 mod handler;
 mod id;
+pub mod layers;
 pub mod metrics;
 mod publisher;
 mod redact;
@@ -34,7 +35,9 @@ pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscriptio
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
 pub use confirmation::Confirmation;
-pub use consumer::{Consumer, ConsumerState, Health, HealthProbe, RunningConsumer};
+pub use consumer::{
+    CircuitBreaker, Consumer, ConsumerState, Health, HealthProbe, Pause, RunningConsumer,
+};
 pub use dead_letter::{
     bound_error_text, bound_text, DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle,
     DeadLetterReason, Replay, MAX_ERROR_LEN,

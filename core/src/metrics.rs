@@ -15,6 +15,7 @@
 //! | `ticketrail.replays` | counter | `messaging.system`, `messaging.destination.name` |
 //! | `ticketrail.reconnects` | counter | `messaging.system`, `messaging.destination.name` |
 //! | `ticketrail.deliveries.in_flight` | gauge | `messaging.system`, `messaging.destination.name` |
+//! | `ticketrail.consumer.paused` | gauge (1 paused, 0 consuming) | `messaging.system`, `messaging.destination.name` |
 //!
 //! Prometheus exporters write the dots as underscores; with the
 //! Prometheus exporter's recommended naming on, counters end in `_total`
@@ -48,6 +49,8 @@ pub const REPLAYS: &str = "ticketrail.replays";
 pub const RECONNECTS: &str = "ticketrail.reconnects";
 /// Handlers running now.
 pub const IN_FLIGHT: &str = "ticketrail.deliveries.in_flight";
+/// 1 while a consumer's circuit breaker holds consumption, else 0.
+pub const PAUSED: &str = "ticketrail.consumer.paused";
 
 /// The broker (`rabbitmq`, `nats`, `memory`).
 pub const SYSTEM: &str = "messaging.system";
@@ -95,6 +98,11 @@ pub fn describe() {
         "Times a consumer's subscription broke and was resumed or reopened"
     );
     metrics::describe_gauge!(IN_FLIGHT, Unit::Count, "Handlers running now");
+    metrics::describe_gauge!(
+        PAUSED,
+        Unit::Count,
+        "1 while the consumer's circuit breaker holds consumption (a downstream outage), else 0"
+    );
 }
 
 /// [`describe`], once per process.
@@ -129,6 +137,12 @@ impl ConsumerMetrics {
             in_flight: metrics::gauge!(IN_FLIGHT, &labels),
             duration_ok: metrics::histogram!(PROCESS_DURATION, &labels),
         }
+    }
+
+    /// Whether the consumer's breaker holds consumption.
+    pub(crate) fn paused(&self, paused: bool) {
+        metrics::gauge!(PAUSED, SYSTEM => self.system, DESTINATION => self.queue.clone())
+            .set(if paused { 1.0 } else { 0.0 });
     }
 
     /// The broker these metrics are labelled with.

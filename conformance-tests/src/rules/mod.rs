@@ -12,6 +12,7 @@ mod dead_letters;
 mod deliveries;
 mod effects;
 mod faults;
+mod flow;
 mod lifecycle;
 mod publishing;
 mod retries;
@@ -102,6 +103,7 @@ rules! {
     "C19", "outbox", effects::c19_outbox;
     "C20", "inbox", effects::c20_inbox;
     "C21", "silent faults", faults::c21_silent_faults, needs |c: &Capabilities| c.reconnect;
+    "C22", "downstream outage", flow::c22_downstream_outage;
 }
 
 /// Rules that restart or kill the broker (on a throwaway server of their

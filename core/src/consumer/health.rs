@@ -10,6 +10,8 @@ use tokio::time::Instant;
 use crate::broker::SharedBroker;
 use crate::error::Error;
 
+use super::flow::Pause;
+
 /// Where a consumer is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -83,6 +85,9 @@ pub struct Health {
     pub retried: u64,
     /// Deliveries moved to the DLQ.
     pub dead_lettered: u64,
+    /// Why and since when the consumer's circuit breaker holds
+    /// consumption, and when it probes next; `None` while it consumes.
+    pub paused: Option<Pause>,
     /// Why the broker refuses publishes now (RabbitMQ's memory or disk
     /// alarm), if it does: the consumer still takes and acks deliveries,
     /// and its retries and dead letters wait for the block to clear.
@@ -131,6 +136,8 @@ pub(crate) struct HealthState {
     pub(crate) handled: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    /// The breaker's pause as of `at`, when it holds consumption.
+    pause: Mutex<Option<(Pause, Instant)>>,
 }
 
 impl HealthState {
@@ -147,7 +154,13 @@ impl HealthState {
             handled: AtomicU64::new(0),
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            pause: Mutex::new(None),
         })
+    }
+
+    /// The breaker's pause changed (`None`: consuming again).
+    pub(crate) fn set_pause(&self, pause: Option<Pause>) {
+        *self.pause.lock().unwrap_or_else(|e| e.into_inner()) = pause.map(|p| (p, Instant::now()));
     }
 
     pub(crate) fn set_state(&self, state: ConsumerState) {
@@ -204,6 +217,19 @@ impl HealthState {
             handled: self.handled.load(Ordering::Acquire),
             retried: self.retried.load(Ordering::Acquire),
             dead_lettered: self.dead_lettered.load(Ordering::Acquire),
+            paused: self
+                .pause
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(pause, at)| {
+                    let ago = at.elapsed();
+                    Pause {
+                        reason: pause.reason.clone(),
+                        since: pause.since + ago,
+                        next_probe: pause.next_probe.map(|d| d.saturating_sub(ago)),
+                    }
+                }),
             publishing_blocked: self.broker.publishing_blocked(),
         }
     }

@@ -3,6 +3,7 @@
 //! graceful shutdown, and a subscription that is resumed, never given up.
 
 mod decision;
+mod flow;
 mod health;
 mod pace;
 mod worker;
@@ -28,6 +29,8 @@ use crate::handler::Handler;
 use crate::metrics::ConsumerMetrics;
 use crate::retry::{Exponential, RetryPolicy};
 
+use flow::{Admission, Change, Flow, RateLimit, Ticket, Verdict};
+pub use flow::{CircuitBreaker, Pause};
 use health::{Backoff, HealthState};
 pub use health::{ConsumerState, Health, HealthProbe};
 use pace::Pace;
@@ -77,6 +80,8 @@ pub struct Consumer<H: Handler, C: Codec = Json> {
     handler_timeout: Option<Duration>,
     shutdown_timeout: Duration,
     parallel: bool,
+    breaker: Option<CircuitBreaker>,
+    rate: Option<(u32, Duration)>,
 }
 
 impl<H: Handler> Consumer<H, Json> {
@@ -94,6 +99,8 @@ impl<H: Handler> Consumer<H, Json> {
             handler_timeout: None,
             shutdown_timeout: Duration::from_secs(30),
             parallel: false,
+            breaker: None,
+            rate: None,
         }
     }
 }
@@ -111,6 +118,8 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             handler_timeout: self.handler_timeout,
             shutdown_timeout: self.shutdown_timeout,
             parallel: self.parallel,
+            breaker: self.breaker,
+            rate: self.rate,
         }
     }
 
@@ -151,6 +160,50 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         self
     }
 
+    /// Wraps the handler in `layer` (see [`layers`](crate::layers)): a
+    /// timeout, a concurrency limit shared with other consumers, or one of
+    /// your own. The last layer added is the outermost.
+    pub fn layer<L>(self, layer: L) -> Consumer<L::Service, C>
+    where
+        L: crate::layers::Layer<Arc<H>>,
+        L::Service: Handler<Message = H::Message>,
+    {
+        Consumer {
+            broker: self.broker,
+            queue: self.queue,
+            handler: Arc::new(layer.layer(self.handler)),
+            codec: self.codec,
+            policy: self.policy,
+            prefetch: self.prefetch,
+            handler_timeout: self.handler_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            parallel: self.parallel,
+            breaker: self.breaker,
+            rate: self.rate,
+        }
+    }
+
+    /// Pauses consumption while the handler fails for most messages (a
+    /// downstream outage), probing now and then, instead of spending every
+    /// message's attempts; see [`CircuitBreaker`]. The pause shows in
+    /// [`Health::paused`], the `ticketrail.consumer.paused` gauge and one
+    /// log line per change.
+    pub fn circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.breaker = Some(breaker);
+        self
+    }
+
+    /// Takes at most `messages` deliveries per `per`, evenly spaced (200
+    /// per second: one every 5 ms), for a downstream with a rate limit of
+    /// its own. Deliveries over the rate stay in the broker (or, up to the
+    /// prefetch limit, unsettled in the subscription); none is taken and
+    /// held. Zero messages or a zero interval fails with a
+    /// [`ErrorKind::Config`] error when the consumer runs.
+    pub fn rate_limit(mut self, messages: u32, per: Duration) -> Self {
+        self.rate = Some((messages, per));
+        self
+    }
+
     /// Runs until `signal` completes, then shuts down gracefully (C14):
     /// takes no new deliveries, lets running handlers finish until the
     /// shutdown deadline, and releases the rest for redelivery.
@@ -188,6 +241,10 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             ))
         })?;
         let options = SubscribeOptions::prefetch(prefetch);
+        let rate = self
+            .rate
+            .map(|(messages, per)| RateLimit::new(messages, per))
+            .transpose()?;
         let subscription = self.broker.subscribe(&self.queue, options).await?;
         health.resumed();
         let metrics = Arc::new(ConsumerMetrics::new(self.broker.backend(), &self.queue));
@@ -201,7 +258,17 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // retry counted with nothing in flight while its settlement is
         // still under way.
         let starting = |running: usize| health.set_in_flight(running + 1);
+        let flow = Flow::new(self.breaker.clone(), rate, tokio::time::Instant::now());
+        let flow = flow.is_active().then(|| {
+            Arc::new(FlowControl {
+                flow: std::sync::Mutex::new(flow),
+                queue: Arc::clone(&self.queue),
+                health: Arc::clone(health),
+                metrics: Arc::clone(&metrics),
+            })
+        });
         let worker = Arc::new(Worker {
+            flow: flow.clone(),
             queue: Arc::clone(&self.queue),
             handler: Arc::clone(&self.handler),
             codec: self.codec.clone(),
@@ -210,10 +277,28 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             health: Arc::clone(health),
             metrics: Arc::clone(&metrics),
         });
-        let handle = |delivery: Delivery| {
+        let handle = |delivery: Delivery, ticket: Ticket| {
             let worker = Arc::clone(&worker);
-            async move { worker.process(delivery).await }
+            async move { worker.process(delivery, ticket).await }
         };
+        // Whether a delivery may be taken now: always, without flow
+        // control; else as the breaker and rate limit say, with when to
+        // look again.
+        let ready = || match &flow {
+            None => Ok(Ticket::Normal),
+            Some(flow) => flow.ready(),
+        };
+        let took = |ticket: Ticket| {
+            if let Some(flow) = &flow {
+                flow.took(ticket);
+            }
+        };
+        // Deliveries received while flow control holds consumption, taken
+        // first, in order, once it allows. They count against the prefetch
+        // limit as running handlers do; received rather than left in the
+        // client, they are the subscription's to keep alive (NATS's
+        // progress acks) for as long as the pause lasts.
+        let mut held: std::collections::VecDeque<Delivery> = std::collections::VecDeque::new();
         let mut running = Running::new(self.parallel);
         let limit = usize::from(prefetch.get());
         tokio::pin!(signal);
@@ -233,16 +318,43 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let ended = loop {
             // Deliveries at hand are taken without a future each; the
             // subscription is awaited only when it has none.
+            // When flow control allows the next delivery, if it holds.
+            let mut wake: Option<tokio::time::Instant> = None;
+            while !held.is_empty() && running.len() < limit {
+                match ready() {
+                    Ok(ticket) => {
+                        took(ticket);
+                        let delivery = held.pop_front().expect("checked");
+                        starting(running.len());
+                        running.push(|| handle(delivery, ticket)).await;
+                        in_flight(running.len());
+                    }
+                    Err(until) => {
+                        wake = until;
+                        break;
+                    }
+                }
+            }
             if let (Some(Some(subscription)), true) = (idle.as_mut(), pause.is_zero()) {
                 // At most `limit` a turn, also when each finishes at once,
                 // so a stop signal is seen while a backlog drains.
                 let mut taken: usize = 0;
-                while running.len() < limit && taken < limit {
+                while running.len() + held.len() < limit && taken < limit {
+                    let ticket = if held.is_empty() { ready() } else { Err(wake) };
                     let Some(delivery) = subscription.try_next() else {
                         break;
                     };
-                    starting(running.len());
-                    running.push(|| handle(delivery)).await;
+                    match ticket {
+                        Ok(ticket) => {
+                            took(ticket);
+                            starting(running.len());
+                            running.push(|| handle(delivery, ticket)).await;
+                        }
+                        Err(until) => {
+                            wake = wake.or(until);
+                            held.push_back(delivery);
+                        }
+                    }
                     taken += 1;
                 }
                 if taken > 0 {
@@ -253,7 +365,14 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                     in_flight(running.len());
                 }
             }
-            if next.is_none() && running.len() < limit {
+            if let Err(until) = ready() {
+                // Held until then (or until a running probe ends, which
+                // `running.next()` sees).
+                wake = wake.or(until);
+            }
+            // Receiving goes on while flow control holds, into `held`,
+            // within the prefetch limit.
+            if next.is_none() && running.len() + held.len() < limit {
                 if let Some(subscription) = idle.take() {
                     next = Some(Box::pin(next_delivery(
                         self.broker.clone(),
@@ -271,6 +390,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                 biased;
                 () = &mut signal => break Ok(()),
                 () = running.next(), if !running.is_empty() => in_flight(running.len()),
+                () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)), if wake.is_some() => {}
                 (subscription, got) = async { next.as_mut().expect("checked").await }, if next.is_some() => {
                     next = None;
                     idle = Some(subscription);
@@ -280,9 +400,16 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
                             resubscribe.reset();
                             health.delivered();
                             metrics.consumed.increment(1);
-                            starting(running.len());
-                            running.push(|| handle(delivery)).await;
-                            in_flight(running.len());
+                            match ready() {
+                                Ok(ticket) if held.is_empty() => {
+                                    took(ticket);
+                                    starting(running.len());
+                                    running.push(|| handle(delivery, ticket)).await;
+                                    in_flight(running.len());
+                                }
+                                // Held, behind any held before it.
+                                _ => held.push_back(delivery),
+                            }
                         }
                         Got::Interrupted(e) => {
                             metrics.reconnects.increment(1);
@@ -310,6 +437,8 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // Take no new deliveries; let running handlers finish until the deadline.
         health.set_state(ConsumerState::Stopping);
         drop(next);
+        // Unsettled: the broker delivers them again.
+        drop(held);
         let subscription = idle.flatten().or_else(|| {
             dropped_with_next
                 .lock()
@@ -365,6 +494,86 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             task,
             health,
         }
+    }
+}
+
+/// A consumer's breaker and rate limit, shared by its loop (which asks
+/// before taking a delivery) and its worker (which says how each attempt
+/// ended), with what reports a pause.
+pub(crate) struct FlowControl {
+    flow: std::sync::Mutex<Flow>,
+    queue: Arc<str>,
+    health: Arc<HealthState>,
+    metrics: Arc<ConsumerMetrics>,
+}
+
+impl FlowControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flow> {
+        self.flow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether flow control allows a delivery now, and as what; else when
+    /// to ask again (`None`: when a running probe ends).
+    fn ready(&self) -> std::result::Result<Ticket, Option<tokio::time::Instant>> {
+        match self.lock().admits(tokio::time::Instant::now()) {
+            Admission::Take(ticket) => Ok(ticket),
+            Admission::Wait(until) => Err(until),
+        }
+    }
+
+    /// A delivery was taken as `ticket`.
+    fn took(&self, ticket: Ticket) {
+        let now = tokio::time::Instant::now();
+        let mut flow = self.lock();
+        flow.took(now, ticket);
+        if ticket == Ticket::Probe {
+            tracing::info!(queue = %self.queue, "consumption paused; probing with one delivery");
+            self.health.set_pause(flow.pause(now));
+        }
+    }
+
+    /// An attempt taken with `ticket` was decided as `decided`.
+    fn ended(&self, ticket: Ticket, decided: &decision::Settlement) {
+        use crate::dead_letter::DeadLetterReason;
+        use decision::Settlement;
+        let (verdict, error) = match decided {
+            Settlement::Ack => (Verdict::Succeeded, None),
+            Settlement::Retry { error, .. } => (Verdict::Failed, Some(error.as_str())),
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::Exhausted,
+                error,
+            } => (Verdict::Failed, Some(error.as_str())),
+            Settlement::DeadLetter { .. } => (Verdict::Ignored, None),
+        };
+        let now = tokio::time::Instant::now();
+        let mut flow = self.lock();
+        let change = flow.ended(now, ticket, verdict, error);
+        let Some(change) = change else {
+            return;
+        };
+        match &change {
+            Change::Paused { reason, probe_in } => tracing::warn!(
+                queue = %self.queue,
+                reason = %reason,
+                probe_in = ?probe_in,
+                "pausing consumption: the handler fails for most messages (a downstream outage?)"
+            ),
+            Change::ProbeFailed { pause } => tracing::warn!(
+                queue = %self.queue,
+                pause = ?pause,
+                "probe failed; consumption stays paused"
+            ),
+            Change::Resumed { after } => tracing::info!(
+                queue = %self.queue,
+                paused_for = ?after,
+                "probe succeeded; consumption resumed"
+            ),
+        }
+        let pause = flow.pause(now);
+        self.metrics.paused(pause.is_some());
+        self.health.set_pause(pause);
     }
 }
 

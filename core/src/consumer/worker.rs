@@ -11,7 +11,9 @@ use futures::FutureExt;
 use tracing::{field, Instrument};
 
 use super::decision::{decide, over_limit, Outcome, Settlement};
+use super::flow::Ticket;
 use super::health::HealthState;
+use super::FlowControl;
 use crate::codec::Codec;
 use crate::delivery::Delivery;
 use crate::handler::{Context, FailureKind, Handler, HandlerError};
@@ -28,13 +30,15 @@ pub(crate) struct Worker<H: Handler, C: Codec> {
     pub(crate) handler_timeout: Option<Duration>,
     pub(crate) health: Arc<HealthState>,
     pub(crate) metrics: Arc<ConsumerMetrics>,
+    /// The breaker to tell how each attempt ended, if there is one.
+    pub(crate) flow: Option<Arc<FlowControl>>,
 }
 
 /// The `error.type` of a failed attempt (see [`crate::metrics::ERROR_TYPE`]).
 type ErrorType = &'static str;
 
 impl<H: Handler, C: Codec> Worker<H, C> {
-    pub(crate) async fn process(&self, mut delivery: Delivery) {
+    pub(crate) async fn process(&self, mut delivery: Delivery, ticket: Ticket) {
         // The envelope is borrowed from the delivery where it is read, not
         // shared: each `Arc` clone and drop is two atomic operations a
         // message. Only the handler's `Context` takes a share.
@@ -56,7 +60,11 @@ impl<H: Handler, C: Codec> Worker<H, C> {
             let (outcome, error_type) = otel.within(self.attempt(&delivery)).await;
             self.metrics
                 .duration(started.elapsed().as_secs_f64(), error_type);
-            let (settled, settlement, error) = match decide(outcome, attempt, &*self.policy) {
+            let decided = decide(outcome, attempt, &*self.policy);
+            if let Some(flow) = &self.flow {
+                flow.ended(ticket, &decided);
+            }
+            let (settled, settlement, error) = match decided {
                 Settlement::Ack => {
                     self.metrics.handled.increment(1);
                     self.health.handled.fetch_add(1, Ordering::Relaxed);

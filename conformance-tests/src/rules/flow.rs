@@ -1,0 +1,130 @@
+//! C22: a downstream outage pauses consumption instead of spending every
+//! message's attempts.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ticketrail_core::{
+    handler_fn, CircuitBreaker, Consumer, Context, Fixed, HandlerError, QueueSpec,
+};
+
+use super::{checked, Skip};
+use crate::harness::Harness;
+use crate::support::{ensure, wait_until, Doing, Job, Scenario};
+
+const MESSAGES: usize = 60;
+const PREFETCH: u16 = 4;
+const OUTAGE: Duration = Duration::from_secs(4);
+
+pub(crate) async fn c22_downstream_outage(h: &dyn Harness) -> Result<(), Skip> {
+    let sc = Scenario::new(h, "c22", vec![QueueSpec::new("q").bind("jobs.#")]).await?;
+    checked(
+        sc.run(|sc| async move {
+            let down = Arc::new(AtomicBool::new(true));
+            let failed = Arc::new(AtomicUsize::new(0));
+            let handled: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
+            let (is_down, failures, seen) =
+                (Arc::clone(&down), Arc::clone(&failed), Arc::clone(&handled));
+            let consumer = Consumer::new(
+                sc.broker.clone(),
+                sc.queue("q"),
+                handler_fn(move |_job: Job, ctx: Context| {
+                    let (is_down, failures, seen) =
+                        (Arc::clone(&is_down), Arc::clone(&failures), Arc::clone(&seen));
+                    async move {
+                        if is_down.load(Ordering::SeqCst) {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                            return Err(HandlerError::retryable("the mail provider is down"));
+                        }
+                        seen.lock()
+                            .expect("not poisoned")
+                            .entry(ctx.id().to_owned())
+                            .or_default()
+                            .push(ctx.attempt());
+                        Ok(())
+                    }
+                }),
+            )
+            // Without the breaker these three quick attempts would put most
+            // messages in the DLQ during the outage.
+            .retry_policy(Fixed::new(Duration::from_millis(200), 3).expect("valid"))
+            .circuit_breaker(
+                CircuitBreaker::default()
+                    .min_attempts(4)
+                    .window(Duration::from_secs(10))
+                    .cool_down(Duration::from_millis(500), Duration::from_secs(2)),
+            )
+            .prefetch(PREFETCH)
+            .spawn();
+            let mut ids = Vec::new();
+            for i in 0..MESSAGES {
+                ids.push(sc.publish_job("jobs.a", &format!("m{i}")).await?);
+            }
+            wait_until(
+                Duration::from_secs(10),
+                || consumer.health().paused.is_some(),
+                || format!("the consumer did not pause: {:?}", consumer.health()),
+            )
+            .await?;
+            let paused = consumer.health();
+            let started = Instant::now();
+            let mut most_in_flight = 0;
+            while started.elapsed() < OUTAGE {
+                most_in_flight = most_in_flight.max(consumer.health().in_flight);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            down.store(false, Ordering::SeqCst);
+            let all = wait_until(
+                Duration::from_secs(30),
+                || handled.lock().expect("not poisoned").len() == MESSAGES,
+                || {
+                    format!(
+                        "handled {} of {MESSAGES} after the outage: {:?}",
+                        handled.lock().expect("not poisoned").len(),
+                        consumer.health()
+                    )
+                },
+            )
+            .await;
+            let after = consumer.health();
+            consumer.shutdown().await.doing("stopping the consumer")?;
+            all?;
+            let dead = sc
+                .broker
+                .dead_letters(&sc.queue("q"), 100)
+                .await
+                .doing("listing the DLQ")?;
+            ensure!(dead.is_empty(), "{} messages dead-lettered during an outage the breaker covered", dead.len());
+            ensure!(after.dead_lettered == 0, "health counted dead letters: {after:?}");
+            ensure!(
+                most_in_flight <= usize::from(PREFETCH),
+                "{most_in_flight} handlers ran at once while paused; the prefetch is {PREFETCH}"
+            );
+            // What tripped the breaker, what was in hand then, and one probe
+            // per pause (0.5 s doubling to 2 s over the outage: at most 5).
+            let failures = failed.load(Ordering::SeqCst);
+            let budget = 4 + usize::from(PREFETCH) + 5;
+            ensure!(
+                failures <= budget,
+                "{failures} attempts failed during the outage; the breaker should hold it to {budget} \
+                 (paused: {:?})",
+                paused.paused
+            );
+            let handled = handled.lock().expect("not poisoned");
+            let first_time = handled.values().filter(|attempts| attempts == &&vec![1]).count();
+            ensure!(
+                first_time + failures >= MESSAGES,
+                "only {first_time} of {MESSAGES} messages were handled at their first attempt with \
+                 {failures} failures: the pause spent attempts on held messages"
+            );
+            ensure!(
+                ids.iter().all(|id| handled.get(id).is_some_and(|a| a.len() == 1)),
+                "a message was handled twice: {handled:?}"
+            );
+            Ok(())
+        })
+        .await,
+    )
+}
