@@ -166,8 +166,10 @@ pub struct Pause {
 #[derive(Debug)]
 enum State {
     Closed {
-        /// When each attempt in the window ended, and whether it failed.
-        outcomes: VecDeque<(Instant, bool)>,
+        /// The attempts in the window, in buckets of a tenth of it: when
+        /// each bucket began, its attempts and failures. Kept per bucket,
+        /// not per attempt: a busy consumer ends millions in a window.
+        outcomes: VecDeque<(Instant, u32, u32)>,
     },
     Open {
         since: Instant,
@@ -283,16 +285,27 @@ impl Flow {
                     Verdict::Failed => true,
                     Verdict::Succeeded => false,
                 };
-                outcomes.push_back((now, failed));
+                let slice = config.window / 10;
+                match outcomes.back_mut() {
+                    Some((began, total, failures)) if now.duration_since(*began) < slice => {
+                        *total += 1;
+                        *failures += u32::from(failed);
+                    }
+                    _ => outcomes.push_back((now, 1, u32::from(failed))),
+                }
                 while outcomes
                     .front()
-                    .is_some_and(|(at, _)| now.duration_since(*at) > config.window)
+                    .is_some_and(|(began, _, _)| now.duration_since(*began) > config.window)
                 {
                     outcomes.pop_front();
                 }
-                let total = outcomes.len();
-                let failures = outcomes.iter().filter(|(_, failed)| *failed).count();
-                if total < config.min_attempts as usize
+                let (total, failures) =
+                    outcomes
+                        .iter()
+                        .fold((0u64, 0u64), |(t, f), (_, total, failures)| {
+                            (t + u64::from(*total), f + u64::from(*failures))
+                        });
+                if total < u64::from(config.min_attempts)
                     || (failures as f64) < config.failure_ratio * total as f64
                 {
                     return None;
