@@ -26,4 +26,5 @@ ticketrail_conformance::rule_tests! {
     memory_c20 => "C20",
     memory_c21 => "C21",
     memory_c22 => "C22",
+    memory_c23 => "C23",
 }

@@ -27,4 +27,5 @@ ticketrail_conformance::rule_tests! {
     nats_c20 => "C20",
     nats_c21 => "C21",
     nats_c22 => "C22",
+    nats_c23 => "C23",
 }

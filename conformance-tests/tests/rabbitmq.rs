@@ -28,4 +28,5 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c20 => "C20",
     rabbitmq_c21 => "C21",
     rabbitmq_c22 => "C22",
+    rabbitmq_c23 => "C23",
 }

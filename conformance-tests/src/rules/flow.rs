@@ -128,3 +128,80 @@ pub(crate) async fn c22_downstream_outage(h: &dyn Harness) -> Result<(), Skip> {
         .await,
     )
 }
+
+/// The rate of C23: a downstream that allows 200 calls a second.
+const RATE: u32 = 200;
+/// How long C23 measures.
+const RATED_SECONDS: usize = 6;
+
+pub(crate) async fn c23_rate_limit(h: &dyn Harness) -> Result<(), Skip> {
+    let sc = Scenario::new(h, "c23", vec![QueueSpec::new("q").bind("jobs.#")]).await?;
+    checked(
+        sc.run(|sc| async move {
+            let total = RATE as usize * (RATED_SECONDS + 2);
+            let mut sent = Vec::with_capacity(total);
+            for i in 0..total {
+                let message = crate::support::job_message("jobs.a", &format!("r{i}"));
+                sent.push(
+                    sc.broker
+                        .send(sc.space(), message)
+                        .await
+                        .doing("publishing")?,
+                );
+            }
+            for confirmation in sent {
+                confirmation.await.doing("confirming")?;
+            }
+            let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+            let seen = Arc::clone(&times);
+            let consumer = Consumer::new(
+                sc.broker.clone(),
+                sc.queue("q"),
+                handler_fn(move |_job: Job, _ctx: Context| {
+                    let seen = Arc::clone(&seen);
+                    async move {
+                        seen.lock().expect("not poisoned").push(Instant::now());
+                        Ok::<(), HandlerError>(())
+                    }
+                }),
+            )
+            .rate_limit(RATE, Duration::from_secs(1))
+            .prefetch(50)
+            .spawn();
+            let measured = Duration::from_secs(RATED_SECONDS as u64 + 1);
+            wait_until(
+                measured + Duration::from_secs(5),
+                || {
+                    let times = times.lock().expect("not poisoned");
+                    times
+                        .first()
+                        .is_some_and(|first| first.elapsed() >= measured)
+                },
+                || "no delivery was handled".to_owned(),
+            )
+            .await?;
+            consumer.shutdown().await.doing("stopping the consumer")?;
+            let times = times.lock().expect("not poisoned");
+            let first = times[0];
+            let mut per_second = vec![0usize; RATED_SECONDS + 1];
+            for t in times.iter() {
+                let second = t.duration_since(first).as_secs() as usize;
+                if let Some(count) = per_second.get_mut(second) {
+                    *count += 1;
+                }
+            }
+            // Every full second after the first within 5 % of the rate.
+            let low = (f64::from(RATE) * 0.95) as usize;
+            let high = (f64::from(RATE) * 1.05) as usize;
+            ensure!(
+                per_second[1..RATED_SECONDS]
+                    .iter()
+                    .all(|n| (low..=high).contains(n)),
+                "handled per second {per_second:?} with a limit of {RATE}/s; every full second \
+                 after the first must be within {low}..={high}"
+            );
+            Ok(())
+        })
+        .await,
+    )
+}

@@ -104,6 +104,7 @@ rules! {
     "C20", "inbox", effects::c20_inbox;
     "C21", "silent faults", faults::c21_silent_faults, needs |c: &Capabilities| c.reconnect;
     "C22", "downstream outage", flow::c22_downstream_outage;
+    "C23", "rate limit", flow::c23_rate_limit;
 }
 
 /// Rules that restart or kill the broker (on a throwaway server of their

@@ -263,8 +263,14 @@ impl Flow {
             *probing = true;
         }
         if let Some((rate, next)) = &mut self.rate {
-            // No credit for idle time: at most one delivery per interval.
-            *next = (*next).max(now) + rate.interval;
+            // On schedule, or late by less than an interval (a timer fires
+            // a little late): the next slot follows this one, so the
+            // average holds. Idle for longer: no credit, no burst.
+            *next = if now > *next + rate.interval {
+                now + rate.interval
+            } else {
+                *next + rate.interval
+            };
         }
     }
 
