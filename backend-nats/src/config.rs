@@ -46,8 +46,8 @@ pub struct NatsConfig {
 
 /// The ping interval unless the URL or [`NatsConfig::heartbeat`] says
 /// otherwise: async-nats gives a connection up when a third ping goes
-/// unanswered, so a silently dropped connection is noticed within 12 s.
-const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(4);
+/// unanswered, so a silently dropped connection is noticed within 9 s.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(3);
 
 /// How long a whole publish may take unless the URL or
 /// [`NatsConfig::publish_timeout`] says otherwise.
@@ -147,8 +147,8 @@ impl NatsConfig {
     /// How often the client pings the server. A connection that goes
     /// silent, as one a NAT table, a load balancer's idle timeout or a
     /// partition dropped without a reset does, is given up when the third
-    /// ping in a row goes unanswered and reconnected: the default 4 s
-    /// notices within 12 s. Shorter costs a small frame each way per
+    /// ping in a row goes unanswered and reconnected: the default 3 s
+    /// notices within 9 s. Shorter costs a small frame each way per
     /// interval per connection, and risks dropping a connection whose
     /// process stalls that long. The URL sets it too: `?heartbeat=4`.
     pub fn heartbeat(mut self, interval: Duration) -> Self {

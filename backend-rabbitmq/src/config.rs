@@ -42,8 +42,8 @@ pub struct RabbitConfig {
 /// The heartbeat asked for unless the URL or [`RabbitConfig::heartbeat`]
 /// says otherwise: lapin gives up on a connection after twice this with
 /// nothing read, checking every half, so a silently dropped connection is
-/// noticed within 10 to 12.5 s.
-pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// noticed within 8 to 10 s.
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(4);
 
 /// How long a publish may wait for its confirm unless the URL or
 /// [`RabbitConfig::publish_timeout`] says otherwise.
@@ -119,8 +119,8 @@ impl RabbitConfig {
     /// The AMQP heartbeat to ask for (whole seconds; 0 turns heartbeats
     /// off). A connection that goes silent, as one a NAT table, a load
     /// balancer's idle timeout or a partition dropped without a reset does,
-    /// is given up after about twice this and reopened: the default 5 s
-    /// notices within 12.5 s. Shorter costs a small frame each way per
+    /// is given up after about twice this and reopened: the default 4 s
+    /// notices within 10 s. Shorter costs a small frame each way per
     /// interval and risks dropping a connection whose process stalls (a
     /// long GC-free but CPU-starved pause) for that long. The URL sets it
     /// too: `?heartbeat=5`. RabbitMQ takes the lower of this and its own
