@@ -1,6 +1,35 @@
 #![doc = include_str!("../README.md")]
 
-pub use ticketrail_core::*;
+// What applications use, by name: a change here is a change of the
+// public API (see public-api.txt).
+pub use ticketrail_core::{
+    handler_fn, redact_url, Broker, CircuitBreaker, Codec, Confirmation, Consumer, ConsumerState,
+    Context, DeadLetter, DeadLetterReason, Envelope, Error, ErrorKind, Exponential,
+    ExponentialBuilder, FailureKind, Fixed, Handler, HandlerError, HandlerFn, Headers, Health,
+    HealthProbe, Json, Message, NoRetry, Pause, Publisher, QueueSpec, QueueStats, Replay, Result,
+    RetryDecision, RetryPolicy, RunningConsumer, SharedBroker, Topology,
+};
+pub use ticketrail_core::{layers, metrics, trace};
+
+/// What [`Broker::inspect`] reports: each object of a topology as the
+/// broker has it, and how it differs from the declaration.
+pub mod inspect {
+    pub use ticketrail_core::{Finding, FindingStatus};
+}
+
+/// For authors of backends and tools below the [`Consumer`]: the
+/// subscription and settlement traits, dead-letter cursors, the wire form
+/// of ticketrail's headers, and the checks every backend shares. An
+/// application does not need any of it.
+pub mod backend {
+    pub use ticketrail_core::wire;
+    pub use ticketrail_core::{
+        async_trait, from_unix_millis, new_message_id, to_unix_millis, topic_matches,
+        truncate_error_text, truncate_text, validate_name, validate_pattern, validate_routing_key,
+        BoxError, Capabilities, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle, Delivery,
+        RetryRequest, Settle, SubscribeOptions, Subscription, TrySend, MAX_ERROR_LEN, MAX_NAME_LEN,
+    };
+}
 
 /// The in-process broker (feature `memory`, on by default).
 #[cfg(feature = "memory")]

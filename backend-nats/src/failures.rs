@@ -290,7 +290,7 @@ struct PurgeSubject<'a> {
 /// one whose purge failed always did. So settling a retried message waits
 /// for no round trip, and no answer is parsed (a retried message's whole
 /// way took 92,839 client instructions with the purge awaited, 70,003
-/// without: BENCHMARKS.md, ninth pass).
+/// without: BENCHMARKS.md).
 pub(crate) async fn clear(
     conn: &Connection,
     stream: &str,

@@ -15,7 +15,7 @@ ticketrail writes them), a plain publish for comparison, the record's
 purge by subject and its delete by sequence (both JetStream API requests
 sent without a reply subject, as ticketrail sends its purge), and a pull
 consumer's delivery, ack and delayed nak. CPU time is read in clock
-ticks (10 ms): use 20,000 operations or more. BENCHMARKS.md, tenth pass.
+ticks (10 ms): use 20,000 operations or more. BENCHMARKS.md.
 
 With a fourth argument `pulls`, prints instead what a delivery costs when
 pulled in batches of 10, 50, 100 and 400, or of the sizes given after it
@@ -165,8 +165,7 @@ async def settlements(nc, js):
 
 async def pulls(nc, js):
     """Deliveries pulled in batches of several sizes: the slope between
-    them is what one pull request costs the server (BENCHMARKS.md,
-    twelfth pass)."""
+    them is what one pull request costs the server (BENCHMARKS.md)."""
     for batch in [int(b) for b in sys.argv[5:]] or (10, 50, 100, 400):
         await filled_work_stream(js, "PROBE_PULL", "pull")
         # Requests as ticketrail sends them: a batch and an expiry, to an

@@ -45,7 +45,7 @@ fn rule_id(given: &str) -> Result<&'static Rule, Failure> {
 }
 
 pub(crate) async fn run(url: &str, args: CheckArgs) -> Outcome {
-    ticketrail::validate_name("prefix", &args.prefix)?;
+    ticketrail::backend::validate_name("prefix", &args.prefix)?;
     let rules: Vec<&Rule> = if args.rules.is_empty() {
         RULES.iter().collect()
     } else {

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
-use ticketrail::{DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterReason, SharedBroker};
+use ticketrail::backend::{DeadLetterCursor, DeadLetterEntry};
+use ticketrail::{DeadLetter, DeadLetterReason, SharedBroker};
 
 use crate::output::{confirm, interactive, json_line, table, Progress};
 use crate::records::{group_of, one_line, rfc3339, selects, to_json};

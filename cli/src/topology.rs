@@ -7,7 +7,8 @@ use std::io::Write;
 
 use clap::{ArgAction, Args, Subcommand};
 use serde_json::json;
-use ticketrail::{FindingStatus, QueueSpec, SharedBroker, Topology};
+use ticketrail::inspect::FindingStatus;
+use ticketrail::{QueueSpec, SharedBroker, Topology};
 
 use crate::output::{json_line, table};
 use crate::{Failure, Outcome};

@@ -592,7 +592,7 @@ async fn replay_interrupted(url: &str) {
     // The work queue: take everything, counting ids.
     let mut back = Vec::new();
     let mut sub = broker
-        .subscribe(&queue, ticketrail::SubscribeOptions::default())
+        .subscribe(&queue, ticketrail::backend::SubscribeOptions::default())
         .await
         .unwrap();
     while let Ok(Some(delivery)) = tokio::time::timeout(Duration::from_secs(5), sub.next()).await {

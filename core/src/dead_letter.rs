@@ -138,13 +138,13 @@ impl Replay {
 
 /// Cuts `text` to at most [`MAX_ERROR_LEN`] bytes on a character boundary,
 /// marking the cut with `…`.
-pub fn bound_error_text(text: &str) -> String {
-    bound_text(text, MAX_ERROR_LEN)
+pub fn truncate_error_text(text: &str) -> String {
+    truncate_text(text, MAX_ERROR_LEN)
 }
 
 /// Cuts `text` to at most `max` bytes (at least 4) on a character boundary,
 /// marking the cut with `…`.
-pub fn bound_text(text: &str, max: usize) -> String {
+pub fn truncate_text(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
@@ -273,10 +273,10 @@ mod tests {
     #[test]
     fn error_text_is_bounded_on_a_char_boundary() {
         let long = "é".repeat(5000);
-        let bounded = bound_error_text(&long);
+        let bounded = truncate_error_text(&long);
         assert!(bounded.len() <= MAX_ERROR_LEN);
         assert!(bounded.ends_with('…'));
-        assert_eq!(bound_error_text("short"), "short");
-        assert_eq!(bound_text("abcdef", 5).len(), 5);
+        assert_eq!(truncate_error_text("short"), "short");
+        assert_eq!(truncate_text("abcdef", 5).len(), 5);
     }
 }

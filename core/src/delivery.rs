@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use crate::dead_letter::{bound_error_text, DeadLetter, DeadLetterReason};
+use crate::dead_letter::{truncate_error_text, DeadLetter, DeadLetterReason};
 use crate::envelope::Envelope;
 use crate::error::{Error, ErrorKind, Result};
 use crate::wire::Decoded;
@@ -196,7 +196,7 @@ impl Delivery {
             after,
             next_attempt: self.envelope.attempt.saturating_add(1),
             first_failed_at: self.first_failed_at.unwrap_or_else(SystemTime::now),
-            last_error: bound_error_text(error),
+            last_error: truncate_error_text(error),
         };
         settle.retry(&self.envelope, request).await
     }
@@ -208,7 +208,7 @@ impl Delivery {
             envelope: Envelope::clone(&self.envelope),
             queue: self.queue.to_string(),
             reason,
-            last_error: bound_error_text(error),
+            last_error: truncate_error_text(error),
             attempts: self.envelope.attempt,
             first_failed_at: self.first_failed_at.unwrap_or(now).min(now),
             last_failed_at: now,

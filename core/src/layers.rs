@@ -1,6 +1,6 @@
 //! Layers around a [`Handler`]: a timeout, a concurrency limit shared by
 //! several consumers, or your own. A layer is a
-//! [`tower_layer::Layer`](Layer), so layers compose as tower's do (a
+//! [`tower_layer::Layer`], so layers compose as tower's do (a
 //! `tower::ServiceBuilder` stacks them too, and yields a handler);
 //! [`Consumer::layer`](crate::Consumer::layer) puts one around a
 //! consumer's handler.

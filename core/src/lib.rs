@@ -39,8 +39,8 @@ pub use consumer::{
     CircuitBreaker, Consumer, ConsumerState, Health, HealthProbe, Pause, RunningConsumer,
 };
 pub use dead_letter::{
-    bound_error_text, bound_text, DeadLetter, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle,
-    DeadLetterReason, Replay, MAX_ERROR_LEN,
+    truncate_error_text, truncate_text, DeadLetter, DeadLetterCursor, DeadLetterEntry,
+    DeadLetterHandle, DeadLetterReason, Replay, MAX_ERROR_LEN,
 };
 pub use delivery::{Delivery, RetryRequest, Settle};
 pub use envelope::{from_unix_millis, to_unix_millis, Envelope, Headers, Message};

@@ -593,7 +593,7 @@ impl crate::DeadLetter {
         };
         let last_error = get(ERROR)
             .map(unescape)
-            .map(|e| crate::dead_letter::bound_error_text(&e))
+            .map(|e| crate::dead_letter::truncate_error_text(&e))
             .unwrap_or(fallback.last_error);
         let last_failed_at = get(LAST_FAILED_AT)
             .and_then(decode_time)

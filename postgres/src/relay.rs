@@ -239,7 +239,7 @@ impl Relay {
             "the broker refused an outbox row; kept, tried again later"
         );
         crate::metrics::failed(self.broker.backend(), topic_space, error.kind());
-        let text = ticketrail_core::bound_error_text(&error.to_string());
+        let text = ticketrail_core::truncate_error_text(&error.to_string());
         sqlx::query(&self.mark_refused)
             .bind(row_id)
             .bind(error.kind().code())

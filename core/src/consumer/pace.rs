@@ -8,7 +8,7 @@
 //! multi-threaded runtime each such yield also wakes an idle worker, which
 //! finds nothing to do and sleeps again. On two cores, draining the memory
 //! broker, that was a context switch every 200 messages and 0.05 to 0.10 us
-//! of CPU a message (BENCHMARKS.md, tenth pass). So the task yields after a
+//! of CPU a message (BENCHMARKS.md). So the task yields after a
 //! slice of time instead, looking at the clock once every 128 handlings:
 //! light handlers give their thread away about every [`SLICE`], heavy ones
 //! every 128 handlings as before.
