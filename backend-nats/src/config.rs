@@ -161,9 +161,11 @@ impl NatsConfig {
     /// [`ErrorKind::Timeout`](ticketrail_core::ErrorKind::Timeout). Default
     /// 15 s; the URL sets it too: `?publish_timeout=15`.
     ///
-    /// A publish that timed out may still have been stored: publish the
-    /// same message (same id) again; the stream's duplicate window drops a
-    /// second copy that arrives within it.
+    /// A publish that timed out may still have been stored: publishing the
+    /// same message (same id) again may store it twice, so the consumer
+    /// should be idempotent (an inbox, `ticketrail::postgres`). Publishes
+    /// carry no `Nats-Msg-Id`, so the stream's duplicate window does not
+    /// catch the second copy.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
         self.publish_timeout = timeout;
         self

@@ -46,9 +46,9 @@ fn unconfirmed(limit: std::time::Duration) -> Error {
         ErrorKind::Timeout,
         format!(
             "no acknowledgement from JetStream within {limit:?}: the message may or may not \
-             have been stored; publishing it again with the same id is safe within the \
-             stream's duplicate window (the publish timeout is set by \
-             NatsConfig::publish_timeout or ?publish_timeout=)"
+             have been stored; publishing it again may store it twice, which an idempotent \
+             consumer absorbs (the publish timeout is set by NatsConfig::publish_timeout or \
+             ?publish_timeout=)"
         ),
     )
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::harness::{Harness, Restartable};
 use crate::support::{job_message, Job};
+use crate::testing::{proxied, FaultProxy};
 use ticketrail_core::{
     Consumer, Context, DeadLetterReason, Error, ErrorKind, Fixed, Handler, HandlerError, QueueSpec,
     Result, SharedBroker, Topology,
@@ -88,13 +89,17 @@ const CONSUMERS: usize = 3;
 struct Target {
     harness: Arc<dyn Harness>,
     server: Option<Box<dyn Restartable>>,
+    /// With silent drops: every connection goes through this proxy, by
+    /// this URL.
+    proxy: Option<(FaultProxy, String)>,
 }
 
 impl Target {
     async fn connect(&self) -> Result<SharedBroker> {
-        match &self.server {
-            Some(server) => server.connect().await,
-            None => self.harness.connect().await,
+        match (&self.proxy, &self.server) {
+            (Some((_, url)), _) => self.harness.connect_to(url).await,
+            (None, Some(server)) => server.connect().await,
+            (None, None) => self.harness.connect().await,
         }
     }
 }
@@ -103,9 +108,54 @@ impl Target {
 /// a throwaway server of the harness, which it restarts twice, where there
 /// is one.
 pub async fn run_drill(harness: Arc<dyn Harness>, messages: usize) -> Result<DrillReport> {
+    run_drill_with(harness, messages, false).await
+}
+
+/// [`run_drill`], and with `silent_drops` every connection goes through a
+/// fault proxy that, every 2 to 5 s, silently drops every flow it holds
+/// (no FIN, no RST): only heartbeats notice. Publishes run with a 3 s
+/// publish timeout, and are tried again until the broker confirms them.
+pub async fn run_drill_with(
+    harness: Arc<dyn Harness>,
+    messages: usize,
+    silent_drops: bool,
+) -> Result<DrillReport> {
     let server = harness.restartable().await?;
-    let target = Arc::new(Target { harness, server });
+    let proxy = match (silent_drops, server.as_ref().and_then(|s| s.url())) {
+        (false, _) => None,
+        (true, Some(url)) => {
+            let (target, _) = proxied(&url, 0, "");
+            let proxy = FaultProxy::start(&target).await?;
+            let (_, via) = proxied(&url, proxy.port(), "publish_timeout=3");
+            Some((proxy, via))
+        }
+        (true, None) => {
+            return Err(Error::config(
+                "silent drops need a throwaway server of one node (rabbitmq, nats)",
+            ))
+        }
+    };
+    let target = Arc::new(Target {
+        harness,
+        server,
+        proxy,
+    });
+    let dropping = target.proxy.is_some().then(|| {
+        let target = Arc::clone(&target);
+        tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(11);
+            loop {
+                tokio::time::sleep(Duration::from_millis(rng.u64(2000..5000))).await;
+                if let Some((proxy, _)) = &target.proxy {
+                    proxy.blackhole_existing();
+                }
+            }
+        })
+    });
     let report = drill(&target, messages).await;
+    if let Some(dropping) = dropping {
+        dropping.abort();
+    }
     if let Some(server) = &target.server {
         server.remove().await?;
     }

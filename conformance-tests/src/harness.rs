@@ -117,6 +117,12 @@ pub trait Restartable: Send + Sync {
     /// Opens a connection to the throwaway server.
     async fn connect(&self) -> Result<SharedBroker>;
 
+    /// The throwaway server's URL, for connecting another way (through a
+    /// fault proxy); `None` where there is no single one.
+    fn url(&self) -> Option<String> {
+        None
+    }
+
     /// Stops the server, keeping its data; on a cluster, kills (SIGKILL)
     /// the node that leads `queue`, the one whose loss matters most.
     async fn halt(&self, queue: &str) -> Result<()>;

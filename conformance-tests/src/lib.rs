@@ -32,7 +32,7 @@ mod support;
 pub mod testing;
 
 pub use clusters::{NatsClusterHarness, RabbitClusterHarness};
-pub use drill::{run_drill, DrillReport};
+pub use drill::{run_drill, run_drill_with, DrillReport};
 pub use effects::{run_effects_drill, run_node, EffectsReport};
 pub use harness::{harness_for, harness_for_url, Foreign, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;

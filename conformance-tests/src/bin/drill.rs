@@ -20,7 +20,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ticketrail_conformance::{harness_for, run_drill, run_effects_drill, run_node};
+use ticketrail_conformance::{harness_for, run_drill_with, run_effects_drill, run_node};
 
 const USAGE: &str =
     "usage: drill <memory|rabbitmq|nats|rabbitmq-cluster|nats-cluster> [--messages N]\n       \
@@ -57,8 +57,15 @@ async fn main() -> ExitCode {
         };
     }
     let mut messages: usize = 5_000;
+    let mut silent_drops = false;
     let mut users = 4_000;
     let mut rate = 250;
+    let mut rest: Vec<String> = args.collect();
+    if let Some(at) = rest.iter().position(|a| a == "--silent-drops") {
+        rest.remove(at);
+        silent_drops = true;
+    }
+    let mut args = rest.into_iter();
     while let Some(arg) = args.next() {
         match (
             arg.as_str(),
@@ -104,7 +111,12 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = run_drill(Arc::clone(&harness), messages).await;
+    let report = run_drill_with(Arc::clone(&harness), messages, silent_drops).await;
+    let backend = if silent_drops {
+        format!("{backend} with silent drops")
+    } else {
+        backend
+    };
     let finished = harness.finish().await;
     match (report, finished) {
         (Ok(r), Ok(())) => {

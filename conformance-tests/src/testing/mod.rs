@@ -73,6 +73,10 @@ impl<S: ServerProcess> Restartable for Throwaway<S> {
         (self.connect)(&self.url).await
     }
 
+    fn url(&self) -> Option<String> {
+        Some(self.url.clone())
+    }
+
     async fn halt(&self, _queue: &str) -> Result<()> {
         self.server.lock().await.halt().await
     }
