@@ -28,6 +28,7 @@ pub mod backend {
         truncate_error_text, truncate_text, validate_name, validate_pattern, validate_routing_key,
         BoxError, Capabilities, DeadLetterCursor, DeadLetterEntry, DeadLetterHandle, Delivery,
         RetryRequest, Settle, SubscribeOptions, Subscription, TrySend, MAX_ERROR_LEN, MAX_NAME_LEN,
+        REPLAYED_FROM,
     };
 }
 

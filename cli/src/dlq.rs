@@ -108,6 +108,11 @@ pub(crate) struct ReplayArgs {
     /// Do not ask before going on.
     #[arg(long)]
     yes: bool,
+    /// Replays each as a new message, with a fresh id (the old one in the
+    /// `replayed-from` header): for messages an inbox already handled, which
+    /// it would skip as duplicates under their own id.
+    #[arg(long)]
+    new_id: bool,
 }
 
 pub(crate) async fn run(broker: &SharedBroker, command: DlqCommand) -> Outcome {
@@ -452,7 +457,7 @@ async fn replay(broker: &SharedBroker, args: ReplayArgs) -> Outcome {
     let stop = interrupt_flag();
     let mut left = total;
     if args.first {
-        let first = replay_first(broker, queue, filters, args.wait).await?;
+        let first = replay_first(broker, queue, filters, args.wait, args.new_id).await?;
         left -= 1;
         println!("{first}");
         if left == 0 {
@@ -493,7 +498,11 @@ async fn replay(broker: &SharedBroker, args: ReplayArgs) -> Outcome {
                     return Ok(true);
                 }
             }
-            entry.replay().await?;
+            if args.new_id {
+                entry.replay_with_new_id().await?;
+            } else {
+                entry.replay().await?;
+            }
             replayed += 1;
             progress.inc();
         }
@@ -517,6 +526,7 @@ async fn replay_first(
     queue: &str,
     filters: &Filters,
     wait: Duration,
+    new_id: bool,
 ) -> Result<String, Failure> {
     let before = broker
         .queue_stats(queue)
@@ -529,9 +539,14 @@ async fn replay_first(
         while let Some(entry) = cursor.next().await {
             let entry = entry?;
             if selects(filters, entry.record(), now) {
-                let id = entry.record().envelope.id.clone();
                 let replayed_at = SystemTime::now();
-                entry.replay().await?;
+                let id = if new_id {
+                    entry.replay_with_new_id().await?
+                } else {
+                    let id = entry.record().envelope.id.clone();
+                    entry.replay().await?;
+                    id
+                };
                 return Ok((id, replayed_at));
             }
         }

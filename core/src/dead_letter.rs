@@ -214,11 +214,31 @@ impl DeadLetterEntry {
         replayed
     }
 
+    /// [`replay`](Self::replay), but as a new message: a fresh id, and the
+    /// old one in the `replayed-from` header. For a message whose effects
+    /// an inbox already holds (it succeeded, then ended in the DLQ all the
+    /// same) and that the operator wants run again: replayed with its own
+    /// id, an inbox would skip it as a duplicate. Returns the new id.
+    pub async fn replay_with_new_id(mut self) -> Result<String> {
+        let old = std::mem::replace(&mut self.record.envelope.id, crate::id::new_message_id());
+        self.record
+            .envelope
+            .headers
+            .insert(REPLAYED_FROM.to_owned(), old);
+        let id = self.record.envelope.id.clone();
+        self.replay().await?;
+        Ok(id)
+    }
+
     /// Removes the record from the DLQ for good.
     pub async fn remove(self) -> Result<()> {
         self.handle.remove().await
     }
 }
+
+/// The application header a replay with a new id
+/// ([`DeadLetterEntry::replay_with_new_id`]) names the original id in.
+pub const REPLAYED_FROM: &str = "replayed-from";
 
 /// The backend half of a [`DeadLetterEntry`]. Dropped without a call, the
 /// record stays in the DLQ.

@@ -40,7 +40,7 @@ pub use consumer::{
 };
 pub use dead_letter::{
     truncate_error_text, truncate_text, DeadLetter, DeadLetterCursor, DeadLetterEntry,
-    DeadLetterHandle, DeadLetterReason, Replay, MAX_ERROR_LEN,
+    DeadLetterHandle, DeadLetterReason, Replay, MAX_ERROR_LEN, REPLAYED_FROM,
 };
 pub use delivery::{Delivery, RetryRequest, Settle};
 pub use envelope::{from_unix_millis, to_unix_millis, Envelope, Headers, Message};
