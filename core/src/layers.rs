@@ -138,12 +138,16 @@ impl<H: Handler> Handler for ConcurrencyLimit<H> {
     type Message = H::Message;
 
     async fn handle(&self, message: H::Message, ctx: &Context) -> Result<(), HandlerError> {
-        // The semaphore is never closed.
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(HandlerError::retryable)?;
+        // A free permit is taken without a future; the semaphore is never
+        // closed.
+        let _permit = match self.permits.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => self
+                .permits
+                .acquire()
+                .await
+                .map_err(HandlerError::retryable)?,
+        };
         self.inner.handle(message, ctx).await
     }
 }

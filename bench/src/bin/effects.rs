@@ -10,6 +10,7 @@
 //! `cargo run --release -p ticketrail-bench --bin effects -- [memory|rabbitmq|nats] [N]`
 //! (default memory, 20,000), against the PostgreSQL of `DATABASE_URL`
 //! (default the tests' role on 127.0.0.1) in a database of its own.
+//! `RELAYS=n` runs n relays side by side (default 1).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -120,11 +121,28 @@ async fn measure(
         }
         tx.commit().await?;
     }
-    let relay = store.relay(Arc::clone(broker)).batch(WINDOW as u32);
+    // RELAYS relays side by side (as spawned relays of one process or
+    // several would run), each locking its own batches.
+    let relays: usize = std::env::var("RELAYS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        sent += relay.run_once().await?.sent;
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..relays {
+        let relay = store.relay(Arc::clone(broker)).batch(WINDOW as u32);
+        let sent = Arc::clone(&sent);
+        tasks.push(tokio::spawn(async move {
+            while sent.load(Ordering::Relaxed) < n {
+                let pass = relay.run_once().await?;
+                sent.fetch_add(pass.sent, Ordering::Relaxed);
+            }
+            Ok::<(), ticketrail::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
     }
     let relayed = rate(n, started.elapsed());
 

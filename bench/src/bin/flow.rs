@@ -3,7 +3,8 @@
 //! the same consumer without them, in alternating rounds on one broker.
 //!
 //! `cargo run --release -p ticketrail-bench --bin flow -- [memory|rabbitmq|nats] [N] [ROUNDS]`
-//! (default memory, 200,000 messages, 5 rounds a side).
+//! (default memory, 200,000 messages, 5 rounds a side). `FLOW=timeout`,
+//! `limit` or `breaker` measures one of them alone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,14 +101,21 @@ async fn drain(broker: &SharedBroker, queue: &str, n: u64, layers: bool) -> Benc
     let handler = handler_fn(|_n: u64, _ctx: Context| async { Ok::<(), HandlerError>(()) });
     let consumer = Consumer::new(Arc::clone(broker), queue, handler).prefetch(100);
     let started = Instant::now();
-    let running = if layers {
-        consumer
+    // FLOW=timeout,limit,breaker (the default: all three) picks which.
+    let picked = std::env::var("FLOW").unwrap_or_else(|_| "timeout,limit,breaker".to_owned());
+    let has = |what: &str| layers && picked.split(',').any(|p| p == what);
+    let running = match (has("timeout"), has("limit"), has("breaker")) {
+        (true, true, true) => consumer
             .layer(TimeoutLayer::new(Duration::from_secs(30)))
             .layer(ConcurrencyLimitLayer::new(1000))
             .circuit_breaker(CircuitBreaker::default())
-            .spawn()
-    } else {
-        consumer.spawn()
+            .spawn(),
+        (true, _, _) => consumer
+            .layer(TimeoutLayer::new(Duration::from_secs(30)))
+            .spawn(),
+        (_, true, _) => consumer.layer(ConcurrencyLimitLayer::new(1000)).spawn(),
+        (_, _, true) => consumer.circuit_breaker(CircuitBreaker::default()).spawn(),
+        _ => consumer.spawn(),
     };
     while running.health().handled < n {
         tokio::time::sleep(Duration::from_millis(1)).await;

@@ -407,6 +407,11 @@ impl Flow {
         }
     }
 
+    /// Whether it spaces deliveries out.
+    pub(crate) fn has_rate(&self) -> bool {
+        self.rate.is_some()
+    }
+
     /// Whether it tells anything: no breaker and no rate limit costs the
     /// consumer nothing.
     pub(crate) fn is_active(&self) -> bool {

@@ -261,6 +261,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let flow = Flow::new(self.breaker.clone(), rate, tokio::time::Instant::now());
         let flow = flow.is_active().then(|| {
             Arc::new(FlowControl {
+                open: std::sync::atomic::AtomicBool::new(rate.is_none()),
                 flow: std::sync::Mutex::new(flow),
                 queue: Arc::clone(&self.queue),
                 health: Arc::clone(health),
@@ -502,6 +503,10 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
 /// ended), with what reports a pause.
 pub(crate) struct FlowControl {
     flow: std::sync::Mutex<Flow>,
+    /// Whether every delivery may be taken as a normal one without asking
+    /// `flow`: a closed breaker and no rate limit. Spares the lock and the
+    /// clock on each take while nothing trips.
+    open: std::sync::atomic::AtomicBool,
     queue: Arc<str>,
     health: Arc<HealthState>,
     metrics: Arc<ConsumerMetrics>,
@@ -517,6 +522,9 @@ impl FlowControl {
     /// Whether flow control allows a delivery now, and as what; else when
     /// to ask again (`None`: when a running probe ends).
     fn ready(&self) -> std::result::Result<Ticket, Option<tokio::time::Instant>> {
+        if self.open.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(Ticket::Normal);
+        }
         match self.lock().admits(tokio::time::Instant::now()) {
             Admission::Take(ticket) => Ok(ticket),
             Admission::Wait(until) => Err(until),
@@ -525,6 +533,9 @@ impl FlowControl {
 
     /// A delivery was taken as `ticket`.
     fn took(&self, ticket: Ticket) {
+        if self.open.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let now = tokio::time::Instant::now();
         let mut flow = self.lock();
         flow.took(now, ticket);
@@ -572,6 +583,12 @@ impl FlowControl {
             ),
         }
         let pause = flow.pause(now);
+        // Asked again on each take while paused; free once resumed (with
+        // no rate limit, which is always asked).
+        self.open.store(
+            pause.is_none() && !flow.has_rate(),
+            std::sync::atomic::Ordering::Release,
+        );
         self.metrics.paused(pause.is_some());
         self.health.set_pause(pause);
     }
