@@ -140,6 +140,17 @@ async fn rabbitmq_memory_alarm_blocks_publishing_not_consuming() {
         || consumer.health().publishing_blocked.is_some(),
     )
     .await;
+    // The alarm holds for 30 s, as a real one would for a while; the
+    // worker keeps handling (its retries wait) until the backlog is done.
+    let mut rising = vec![count()];
+    while alarm_on.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        rising.push(count());
+    }
+    assert!(
+        publisher.publishing_blocked().is_some(),
+        "still blocked 30 s in"
+    );
     let during = count();
     let held = alarm_on.elapsed();
 
@@ -161,7 +172,9 @@ async fn rabbitmq_memory_alarm_blocks_publishing_not_consuming() {
     assert!(attempts.iter().all(|a| *a <= 2), "attempts: {attempts:?}");
     assert!(worker.publishing_blocked().is_none());
     consumer.shutdown().await.unwrap();
-    println!("alarm held {held:?}; handled {during} during it; publish refused with: {blocked}");
+    println!(
+        "alarm held {held:?}; handled during it, every 5 s: {rising:?}; publish refused with: {blocked}"
+    );
     let _ = publisher.close().await;
     let _ = worker.close().await;
     node.remove().await.unwrap();
