@@ -151,7 +151,6 @@ async fn rabbitmq_memory_alarm_blocks_publishing_not_consuming() {
         publisher.publishing_blocked().is_some(),
         "still blocked 30 s in"
     );
-    let during = count();
     let held = alarm_on.elapsed();
 
     watermark(&node, "0.4").await;
