@@ -25,24 +25,16 @@ use ticketrail::{Consumer, Context, HandlerError, Publisher, QueueSpec, SharedBr
 const WINDOW: usize = 100;
 const CONCURRENCY: u16 = 10;
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+#[path = "shared/args.rs"]
+mod args;
+
+use args::{Args, BenchResult};
 
 #[tokio::main]
 async fn main() -> BenchResult<()> {
-    let mut args = std::env::args().skip(1);
-    let broker_name = args.next().unwrap_or_else(|| "memory".to_owned());
-    let n: u64 = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(20_000);
-    let url = match broker_name.as_str() {
-        "memory" => "memory://".to_owned(),
-        "rabbitmq" => std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
-        "nats" => std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
-        other => return Err(format!("no broker `{other}` (memory, rabbitmq, nats)").into()),
-    };
+    let mut args = Args::new();
+    let (broker_name, url) = args.broker()?;
+    let n: u64 = args.number(20_000)?;
     let server: PgConnectOptions = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://ticketrail:ticketrail@127.0.0.1:5432/postgres".to_owned())
         .parse()?;

@@ -15,25 +15,17 @@ use ticketrail::{
     QueueSpec, SharedBroker, Topology,
 };
 
-type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+#[path = "shared/args.rs"]
+mod args;
+
+use args::{Args, BenchResult};
 
 #[tokio::main]
 async fn main() -> BenchResult<()> {
-    let mut args = std::env::args().skip(1);
-    let name = args.next().unwrap_or_else(|| "memory".to_owned());
-    let n: u64 = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(200_000);
-    let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(5);
-    let url = match name.as_str() {
-        "memory" => "memory://".to_owned(),
-        "rabbitmq" => std::env::var("AMQP_URL")
-            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
-        "nats" => std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
-        other => return Err(format!("no broker `{other}`").into()),
-    };
+    let mut args = Args::new();
+    let (name, url) = args.broker()?;
+    let n: u64 = args.number(200_000)?;
+    let rounds: usize = args.number(5)?;
     let broker = ticketrail::connect(&url).await?;
     let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let space = format!("bench-flow-{unique}.events");
