@@ -108,10 +108,16 @@ impl<H: Handler> Consumer<H, Json> {
 impl<H: Handler, C: Codec> Consumer<H, C> {
     /// Uses another codec.
     pub fn codec<C2: Codec>(self, codec: C2) -> Consumer<H, C2> {
+        let handler = Arc::clone(&self.handler);
+        self.rebuilt(handler, codec)
+    }
+
+    /// This consumer's settings with another handler and codec.
+    fn rebuilt<H2: Handler, C2: Codec>(self, handler: Arc<H2>, codec: C2) -> Consumer<H2, C2> {
         Consumer {
             broker: self.broker,
             queue: self.queue,
-            handler: self.handler,
+            handler,
             codec,
             policy: self.policy,
             prefetch: self.prefetch,
@@ -168,19 +174,9 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         L: crate::layers::Layer<Arc<H>>,
         L::Service: Handler<Message = H::Message>,
     {
-        Consumer {
-            broker: self.broker,
-            queue: self.queue,
-            handler: Arc::new(layer.layer(self.handler)),
-            codec: self.codec,
-            policy: self.policy,
-            prefetch: self.prefetch,
-            handler_timeout: self.handler_timeout,
-            shutdown_timeout: self.shutdown_timeout,
-            parallel: self.parallel,
-            breaker: self.breaker,
-            rate: self.rate,
-        }
+        let handler = Arc::new(layer.layer(Arc::clone(&self.handler)));
+        let codec = self.codec.clone();
+        self.rebuilt(handler, codec)
     }
 
     /// Pauses consumption while the handler fails for most messages (a
