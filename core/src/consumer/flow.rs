@@ -5,11 +5,16 @@
 //! before it takes a delivery and tells the breaker how each attempt ended.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::decision::Settlement;
+use super::health::HealthState;
 use crate::error::{Error, Result};
+use crate::metrics::ConsumerMetrics;
 
 /// Pauses a consumer while its handler fails for most messages: a
 /// downstream outage (the mail provider down) is not the messages' fault,
@@ -416,6 +421,113 @@ impl Flow {
     /// consumer nothing.
     pub(crate) fn is_active(&self) -> bool {
         self.breaker.is_some() || self.rate.is_some()
+    }
+}
+
+/// A consumer's breaker and rate limit, shared by its loop (which asks
+/// before taking a delivery) and its worker (which says how each attempt
+/// ended), with what reports a pause.
+pub(crate) struct FlowControl {
+    flow: Mutex<Flow>,
+    /// Whether every delivery may be taken as a normal one without asking
+    /// `flow`: a closed breaker and no rate limit. Spares the lock and the
+    /// clock on each take while nothing trips.
+    open: AtomicBool,
+    queue: Arc<str>,
+    health: Arc<HealthState>,
+    metrics: Arc<ConsumerMetrics>,
+}
+
+impl FlowControl {
+    pub(crate) fn new(
+        flow: Flow,
+        queue: Arc<str>,
+        health: Arc<HealthState>,
+        metrics: Arc<ConsumerMetrics>,
+    ) -> Self {
+        FlowControl {
+            open: AtomicBool::new(!flow.has_rate()),
+            flow: Mutex::new(flow),
+            queue,
+            health,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Flow> {
+        self.flow.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether flow control allows a delivery now, and as what; else when
+    /// to ask again (`None`: when a running probe ends).
+    pub(crate) fn ready(&self) -> std::result::Result<Ticket, Option<tokio::time::Instant>> {
+        if self.open.load(Ordering::Acquire) {
+            return Ok(Ticket::Normal);
+        }
+        match self.lock().admits(tokio::time::Instant::now()) {
+            Admission::Take(ticket) => Ok(ticket),
+            Admission::Wait(until) => Err(until),
+        }
+    }
+
+    /// A delivery was taken as `ticket`.
+    pub(crate) fn took(&self, ticket: Ticket) {
+        if self.open.load(Ordering::Acquire) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let mut flow = self.lock();
+        flow.took(now, ticket);
+        if ticket == Ticket::Probe {
+            tracing::info!(queue = %self.queue, "consumption paused; probing with one delivery");
+            self.health.set_pause(flow.pause(now));
+        }
+    }
+
+    /// An attempt taken with `ticket` was decided as `decided`.
+    pub(crate) fn ended(&self, ticket: Ticket, decided: &Settlement) {
+        use crate::dead_letter::DeadLetterReason;
+        use Settlement;
+        let (verdict, error) = match decided {
+            Settlement::Ack => (Verdict::Succeeded, None),
+            Settlement::Retry { error, .. } => (Verdict::Failed, Some(error.as_str())),
+            Settlement::DeadLetter {
+                reason: DeadLetterReason::Exhausted,
+                error,
+            } => (Verdict::Failed, Some(error.as_str())),
+            Settlement::DeadLetter { .. } => (Verdict::Ignored, None),
+        };
+        let now = tokio::time::Instant::now();
+        let mut flow = self.lock();
+        let change = flow.ended(now, ticket, verdict, error);
+        let Some(change) = change else {
+            return;
+        };
+        match &change {
+            Change::Paused { reason, probe_in } => tracing::warn!(
+                queue = %self.queue,
+                reason = %reason,
+                probe_in = ?probe_in,
+                "pausing consumption: the handler fails for most messages (a downstream outage?)"
+            ),
+            Change::ProbeFailed { pause } => tracing::warn!(
+                queue = %self.queue,
+                pause = ?pause,
+                "probe failed; consumption stays paused"
+            ),
+            Change::Resumed { after } => tracing::info!(
+                queue = %self.queue,
+                paused_for = ?after,
+                "probe succeeded; consumption resumed"
+            ),
+        }
+        let pause = flow.pause(now);
+        // Asked again on each take while paused; free once resumed (with
+        // no rate limit, which is always asked).
+        self.open
+            .store(pause.is_none() && !flow.has_rate(), Ordering::Release);
+        self.metrics.paused(pause.is_some());
+        self.health.set_pause(pause);
     }
 }
 

@@ -29,8 +29,8 @@ use crate::handler::Handler;
 use crate::metrics::ConsumerMetrics;
 use crate::retry::{Exponential, RetryPolicy};
 
-use flow::{Admission, Change, Flow, RateLimit, Ticket, Verdict};
 pub use flow::{CircuitBreaker, Pause};
+use flow::{Flow, FlowControl, RateLimit, Ticket};
 use health::{Backoff, HealthState};
 pub use health::{ConsumerState, Health, HealthProbe};
 use pace::Pace;
@@ -256,13 +256,12 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let starting = |running: usize| health.set_in_flight(running + 1);
         let flow = Flow::new(self.breaker.clone(), rate, tokio::time::Instant::now());
         let flow = flow.is_active().then(|| {
-            Arc::new(FlowControl {
-                open: std::sync::atomic::AtomicBool::new(rate.is_none()),
-                flow: std::sync::Mutex::new(flow),
-                queue: Arc::clone(&self.queue),
-                health: Arc::clone(health),
-                metrics: Arc::clone(&metrics),
-            })
+            Arc::new(FlowControl::new(
+                flow,
+                Arc::clone(&self.queue),
+                Arc::clone(health),
+                Arc::clone(&metrics),
+            ))
         });
         let worker = Arc::new(Worker {
             flow: flow.clone(),
@@ -491,102 +490,6 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             task,
             health,
         }
-    }
-}
-
-/// A consumer's breaker and rate limit, shared by its loop (which asks
-/// before taking a delivery) and its worker (which says how each attempt
-/// ended), with what reports a pause.
-pub(crate) struct FlowControl {
-    flow: std::sync::Mutex<Flow>,
-    /// Whether every delivery may be taken as a normal one without asking
-    /// `flow`: a closed breaker and no rate limit. Spares the lock and the
-    /// clock on each take while nothing trips.
-    open: std::sync::atomic::AtomicBool,
-    queue: Arc<str>,
-    health: Arc<HealthState>,
-    metrics: Arc<ConsumerMetrics>,
-}
-
-impl FlowControl {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Flow> {
-        self.flow
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Whether flow control allows a delivery now, and as what; else when
-    /// to ask again (`None`: when a running probe ends).
-    fn ready(&self) -> std::result::Result<Ticket, Option<tokio::time::Instant>> {
-        if self.open.load(std::sync::atomic::Ordering::Acquire) {
-            return Ok(Ticket::Normal);
-        }
-        match self.lock().admits(tokio::time::Instant::now()) {
-            Admission::Take(ticket) => Ok(ticket),
-            Admission::Wait(until) => Err(until),
-        }
-    }
-
-    /// A delivery was taken as `ticket`.
-    fn took(&self, ticket: Ticket) {
-        if self.open.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
-        let now = tokio::time::Instant::now();
-        let mut flow = self.lock();
-        flow.took(now, ticket);
-        if ticket == Ticket::Probe {
-            tracing::info!(queue = %self.queue, "consumption paused; probing with one delivery");
-            self.health.set_pause(flow.pause(now));
-        }
-    }
-
-    /// An attempt taken with `ticket` was decided as `decided`.
-    fn ended(&self, ticket: Ticket, decided: &decision::Settlement) {
-        use crate::dead_letter::DeadLetterReason;
-        use decision::Settlement;
-        let (verdict, error) = match decided {
-            Settlement::Ack => (Verdict::Succeeded, None),
-            Settlement::Retry { error, .. } => (Verdict::Failed, Some(error.as_str())),
-            Settlement::DeadLetter {
-                reason: DeadLetterReason::Exhausted,
-                error,
-            } => (Verdict::Failed, Some(error.as_str())),
-            Settlement::DeadLetter { .. } => (Verdict::Ignored, None),
-        };
-        let now = tokio::time::Instant::now();
-        let mut flow = self.lock();
-        let change = flow.ended(now, ticket, verdict, error);
-        let Some(change) = change else {
-            return;
-        };
-        match &change {
-            Change::Paused { reason, probe_in } => tracing::warn!(
-                queue = %self.queue,
-                reason = %reason,
-                probe_in = ?probe_in,
-                "pausing consumption: the handler fails for most messages (a downstream outage?)"
-            ),
-            Change::ProbeFailed { pause } => tracing::warn!(
-                queue = %self.queue,
-                pause = ?pause,
-                "probe failed; consumption stays paused"
-            ),
-            Change::Resumed { after } => tracing::info!(
-                queue = %self.queue,
-                paused_for = ?after,
-                "probe succeeded; consumption resumed"
-            ),
-        }
-        let pause = flow.pause(now);
-        // Asked again on each take while paused; free once resumed (with
-        // no rate limit, which is always asked).
-        self.open.store(
-            pause.is_none() && !flow.has_rate(),
-            std::sync::atomic::Ordering::Release,
-        );
-        self.metrics.paused(pause.is_some());
-        self.health.set_pause(pause);
     }
 }
 
