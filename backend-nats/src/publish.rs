@@ -21,13 +21,17 @@ pub(crate) async fn send(
     message.check(topic_space, limit, "the NATS server (max_payload)")?;
     let limit = conn.config.publish_timeout;
     let deadline = tokio::time::Instant::now() + limit;
-    let id = message.id.clone();
+    let headers = headers::outgoing(&message)?;
+    let subject = topology::subject(topic_space, &message.routing_key);
+    let Message {
+        id,
+        routing_key,
+        payload,
+        ..
+    } = message;
     let handed = async {
-        conn.check_routable(topic_space, &message.routing_key)
-            .await?;
-        let headers = headers::outgoing(&message)?;
-        let subject = topology::subject(topic_space, &message.routing_key);
-        conn.send(subject, headers, message.payload).await
+        conn.check_routable(topic_space, &routing_key).await?;
+        conn.send(subject, headers, payload).await
     };
     let stored = tokio::time::timeout_at(deadline, handed)
         .await

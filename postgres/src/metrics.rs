@@ -27,8 +27,9 @@ pub const OLDEST: &str = "ticketrail.outbox.oldest";
 /// Deliveries the inbox skipped because their effects were already committed.
 pub const DUPLICATES: &str = "ticketrail.inbox.duplicates";
 
-pub(crate) fn stored(topic_space: &str) {
-    metrics::counter!(STORED, DESTINATION => topic_space.to_owned()).increment(1);
+/// The counter of rows an outbox of `topic_space` writes.
+pub(crate) fn stored(topic_space: &str) -> metrics::Counter {
+    metrics::counter!(STORED, DESTINATION => topic_space.to_owned())
 }
 
 pub(crate) fn relayed(system: &'static str, topic_space: &str, n: u64) {

@@ -38,6 +38,7 @@ const SYSTEM: &str = "postgresql";
 pub struct Outbox<C: Codec = Json> {
     insert: Arc<str>,
     topic_space: Arc<str>,
+    stored: metrics::Counter,
     codec: C,
 }
 
@@ -51,6 +52,7 @@ impl Outbox<Json> {
         );
         Ok(Outbox {
             insert: insert.into(),
+            stored: crate::metrics::stored(topic_space),
             topic_space: topic_space.into(),
             codec: Json,
         })
@@ -63,6 +65,7 @@ impl<C: Codec> Outbox<C> {
         Outbox {
             insert: self.insert,
             topic_space: self.topic_space,
+            stored: self.stored,
             codec,
         }
     }
@@ -112,7 +115,7 @@ impl<C: Codec> Outbox<C> {
             .execute(conn)
             .await
             .map_err(database("writing an outbox row"))?;
-        crate::metrics::stored(&self.topic_space);
+        self.stored.increment(1);
         Ok(())
     }
 }

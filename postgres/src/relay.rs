@@ -182,6 +182,8 @@ impl Relay {
             pending.push((row_id, attempts, topic_space, sent));
         }
         let mut sent_ids = Vec::new();
+        // Rows sent per topic space, counted once the batch commits.
+        let mut relayed: Vec<(String, u64)> = Vec::new();
         let mut pass = RelayPass::default();
         let mut interrupted = None;
         for (row_id, attempts, topic_space, sent) in pending {
@@ -191,7 +193,10 @@ impl Relay {
             };
             match outcome {
                 Ok(()) => {
-                    crate::metrics::relayed(self.broker.backend(), &topic_space, 1);
+                    match relayed.iter_mut().find(|(space, _)| *space == topic_space) {
+                        Some((_, n)) => *n += 1,
+                        None => relayed.push((topic_space, 1)),
+                    }
                     sent_ids.push(row_id);
                 }
                 // The broker is away: not the row's fault. It stays as it
@@ -215,6 +220,9 @@ impl Relay {
         tx.commit()
             .await
             .map_err(database("committing a relay batch"))?;
+        for (topic_space, n) in relayed {
+            crate::metrics::relayed(self.broker.backend(), &topic_space, n);
+        }
         match interrupted {
             Some(e) => Err(e),
             None => Ok((taken, pass)),
@@ -307,12 +315,11 @@ impl Relay {
         if let Err(e) = self.store.delete_expired(&self.config.retention).await {
             tracing::warn!(error = %e, "outbox cleanup failed; tried again later");
         }
-        match self.store.outbox_stats(0).await {
-            Ok(stats) => crate::metrics::backlog(
-                stats.pending,
-                stats.oldest_pending.map_or(0.0, |d| d.as_secs_f64()),
-            ),
-            Err(e) => tracing::debug!(error = %e, "outbox stats failed"),
+        match self.store.backlog().await {
+            Ok((pending, oldest)) => {
+                crate::metrics::backlog(pending, oldest.map_or(0.0, |d| d.as_secs_f64()))
+            }
+            Err(e) => tracing::debug!(error = %e, "outbox backlog not read"),
         }
     }
 }

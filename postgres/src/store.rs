@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Row};
-use ticketrail_core::{Error, ErrorKind, Handler, Result, SharedBroker};
+use ticketrail_core::{Error, ErrorKind, Result, SharedBroker};
 
 /// How long [`Store::connect`] waits for the database to answer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,13 +214,30 @@ impl Store {
     }
 
     /// Wraps `handler` so that its database effects and the message's inbox
-    /// marker commit in one transaction: a [`Handler`] to give a
+    /// marker commit in one transaction: a [`Handler`](ticketrail_core::Handler) to give a
     /// [`Consumer`](ticketrail_core::Consumer).
-    pub fn inbox<H: InboxHandler>(&self, handler: H) -> Inbox<H>
-    where
-        Inbox<H>: Handler,
-    {
+    pub fn inbox<H: InboxHandler>(&self, handler: H) -> Inbox<H> {
         Inbox::new(self.pool.clone(), &self.tables, handler)
+    }
+
+    /// Unsent rows and how long the oldest has waited, read through the
+    /// pending rows' index alone: what a relay's gauges need every minute,
+    /// without counting every sent row and inbox marker as
+    /// [`outbox_stats`](Self::outbox_stats) does.
+    pub(crate) async fn backlog(&self) -> Result<(u64, Option<Duration>)> {
+        let row = sqlx::query(&format!(
+            "SELECT count(*), extract(epoch FROM now() - min(created_at))::float8
+             FROM {} WHERE sent_at IS NULL",
+            self.tables.outbox()
+        ))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(database("counting pending outbox rows"))?;
+        Ok((
+            row.get::<i64, _>(0).max(0) as u64,
+            row.get::<Option<f64>, _>(1)
+                .map(|s| Duration::from_secs_f64(s.max(0.0))),
+        ))
     }
 
     /// Counts pending, refused and kept rows, and lists up to
