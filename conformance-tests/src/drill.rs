@@ -102,6 +102,27 @@ impl Target {
             (None, None) => self.harness.connect().await,
         }
     }
+
+    /// The drill's own setup and teardown (a connect, a declare, a delete)
+    /// as a careful user runs it: tried again while it fails with a
+    /// transient error, for up to a minute. With silent drops one attempt
+    /// can land on a flow the proxy just dropped and time out, which is the
+    /// bounded failure C21 asks for, not a lost message.
+    async fn persist<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match op().await {
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                done => return done,
+            }
+        }
+    }
 }
 
 /// Runs the drill with `messages` messages on the backend of `harness`: on
@@ -165,8 +186,8 @@ pub async fn run_drill_with(
 async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
     let topology = Topology::new("drill.events")
         .queue(QueueSpec::new("drill.q").bind("jobs.#").delivery_limit(10));
-    let admin = target.connect().await?;
-    admin.declare(&topology).await?;
+    let admin = target.persist(|| target.connect()).await?;
+    target.persist(|| admin.declare(&topology)).await?;
     let tally = Tally::default();
     let stop = Arc::new(AtomicBool::new(false));
     let policy = || Fixed::new(Duration::from_millis(200), 6).expect("valid");
@@ -195,7 +216,7 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
     }
 
     // The publisher; the broker restarts twice while it publishes.
-    let publisher = target.connect().await?;
+    let publisher = target.persist(|| target.connect()).await?;
     // Every id published, with its message's index (which says its fate).
     let mut published: HashMap<String, usize> = HashMap::new();
     let restarts = [messages / 3, 2 * messages / 3];
@@ -240,7 +261,7 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
     }
 
     // One consumer that stays, until everything is accounted for.
-    let steady = target.connect().await?;
+    let steady = target.persist(|| target.connect()).await?;
     let consumer = Consumer::new(steady.clone(), "drill.q", tally.clone())
         .retry_policy(policy())
         .prefetch(20)
@@ -316,7 +337,7 @@ async fn drill(target: &Arc<Target>, messages: usize) -> Result<DrillReport> {
                 .push(format!("{key}: dead-lettered as {other}")),
         }
     }
-    steady.delete(&topology).await?;
+    target.persist(|| steady.delete(&topology)).await?;
     let _ = steady.close().await;
     let _ = admin.close().await;
     let _ = publisher.close().await;
