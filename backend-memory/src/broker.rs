@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -59,6 +60,12 @@ impl MemoryBroker {
         }
     }
 
+    /// How many messages published for later to `topic_space` (C24) the
+    /// broker still holds.
+    pub fn scheduled(&self, topic_space: &str) -> usize {
+        self.connection.server.schedule.count_for(topic_space)
+    }
+
     /// Publishes as a plain client with no ticketrail metadata would (C17),
     /// or a careless or hostile one writing any headers: the message is
     /// read as every backend reads a delivery, bookkeeping it claims
@@ -75,7 +82,7 @@ impl Broker for MemoryBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE
+        Capabilities::NONE.with_scheduling(true)
     }
 
     fn describe(&self) -> String {
@@ -96,6 +103,15 @@ impl Broker for MemoryBroker {
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         publish::send(&self.connection, topic_space, message)
+    }
+
+    async fn send_at(
+        &self,
+        topic_space: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<Confirmation> {
+        publish::send_at(&self.connection, topic_space, message, at)
     }
 
     fn try_send(&self, topic_space: &str, message: Message) -> TrySend {

@@ -10,6 +10,7 @@ use ticketrail_core::Result;
 
 use crate::config::MemoryConfig;
 use crate::error;
+use crate::schedule::Schedule;
 use crate::store::{Queue, Registry};
 
 /// The broker every connection of one [`MemoryBroker`](crate::MemoryBroker)
@@ -18,6 +19,8 @@ use crate::store::{Queue, Registry};
 pub(crate) struct Server {
     pub(crate) config: MemoryConfig,
     registry: Mutex<Registry>,
+    /// Messages published for later (C24).
+    pub(crate) schedule: Schedule,
 }
 
 impl Server {
@@ -25,7 +28,14 @@ impl Server {
         Arc::new(Server {
             config,
             registry: Mutex::new(Registry::default()),
+            schedule: Schedule::default(),
         })
+    }
+
+    pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
+        // Every change to the registry is one insert or remove: a poisoned
+        // lock is still sound.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -65,12 +75,7 @@ impl Connection {
     }
 
     pub(crate) fn registry(&self) -> MutexGuard<'_, Registry> {
-        // Every change to the registry is one insert or remove: a poisoned
-        // lock is still sound.
-        self.server
-            .registry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.server.registry()
     }
 
     /// A declared queue.

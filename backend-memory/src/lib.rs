@@ -34,6 +34,7 @@ mod dead_letters;
 mod error;
 mod headers;
 mod publish;
+mod schedule;
 mod store;
 mod subscription;
 mod topology;

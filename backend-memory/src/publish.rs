@@ -11,6 +11,7 @@ use ticketrail_core::{
 use crate::connection::Connection;
 use crate::error;
 use crate::headers::{self, RawMessage};
+use crate::schedule;
 
 /// Routes a message; in memory a message is accepted before this returns,
 /// so its confirmation is already resolved.
@@ -30,6 +31,30 @@ pub(crate) fn send(
         Arc::new(message.into_envelope(SystemTime::now())),
         &[],
     )?;
+    Ok(Confirmation::confirmed(id))
+}
+
+/// Holds a message until `at` (C24). The topic space must be declared now;
+/// the queues it goes to are those bound at its time.
+pub(crate) fn send_at(
+    connection: &Connection,
+    topic_space: &str,
+    message: Message,
+    at: SystemTime,
+) -> Result<Confirmation> {
+    connection.ensure_open()?;
+    message.check_contents(connection.server.config.max_payload, "the memory broker")?;
+    if !connection.registry().spaces.contains_key(topic_space) {
+        validate_name("topic space", topic_space)?;
+        return Err(error::space_not_declared(topic_space));
+    }
+    let id = message.id.clone();
+    schedule::hold(
+        &connection.server,
+        topic_space,
+        message.into_envelope(SystemTime::now()),
+        at,
+    );
     Ok(Confirmation::confirmed(id))
 }
 

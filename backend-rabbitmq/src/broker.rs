@@ -3,6 +3,7 @@
 use std::fmt;
 use std::num::NonZeroU16;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use ticketrail_core::{
@@ -15,7 +16,7 @@ use crate::connection::{open_raw, Link};
 use crate::dead_letters::RabbitCursor;
 use crate::error::map;
 use crate::subscription::RabbitSubscription;
-use crate::{publish, topology};
+use crate::{publish, schedule, topology};
 
 /// A connection to RabbitMQ implementing the ticketrail contract.
 ///
@@ -65,7 +66,9 @@ impl Broker for RabbitBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.with_reconnect(true)
+        Capabilities::NONE
+            .with_reconnect(true)
+            .with_scheduling(true)
     }
 
     fn describe(&self) -> String {
@@ -112,6 +115,15 @@ impl Broker for RabbitBroker {
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         publish::send(&self.link, topic_space, message).await
+    }
+
+    async fn send_at(
+        &self,
+        topic_space: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<Confirmation> {
+        schedule::send_at(&self.link, topic_space, message, at).await
     }
 
     async fn subscribe(

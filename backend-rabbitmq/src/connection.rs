@@ -246,6 +246,9 @@ pub(crate) struct Link {
     closed: AtomicBool,
     declared: SyncMutex<Vec<Topology>>,
     wait_queues: SyncMutex<HashSet<String>>,
+    /// Whether the ladder of messages published for later was declared on
+    /// the current connection.
+    ladder: AtomicBool,
     /// The broker's product and version, read at connect.
     pub(crate) server: String,
     /// Why RabbitMQ blocks this link's publishes, while it does.
@@ -268,6 +271,7 @@ impl Link {
             closed: AtomicBool::new(false),
             declared: SyncMutex::default(),
             wait_queues: SyncMutex::default(),
+            ladder: AtomicBool::new(false),
             server,
             blocked: Arc::new(watch::channel(None).0),
         });
@@ -313,6 +317,7 @@ impl Link {
                     within(config, &what, topology::declare(&session.publish, topology)).await?;
                 }
                 self.wait_queues.lock().expect("not poisoned").clear();
+                self.ladder.store(false, Ordering::Release);
                 session
             }
         };
@@ -529,6 +534,19 @@ impl Link {
         let session = self.session().await?;
         topology::declare_wait_queue(&session.publish, queue, tier).await?;
         self.wait_queues.lock().expect("not poisoned").insert(name);
+        Ok(())
+    }
+
+    /// Makes sure the ladder of messages published for later exists:
+    /// declared once per connection, as the wait queues are.
+    pub(crate) async fn ensure_ladder(&self) -> Result<()> {
+        if self.ladder.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let channel = self.channel().await?;
+        crate::schedule::declare_ladder(&self.config, &channel).await?;
+        let _ = channel.close(200, "done".into()).await;
+        self.ladder.store(true, Ordering::Release);
         Ok(())
     }
 

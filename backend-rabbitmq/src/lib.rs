@@ -35,6 +35,7 @@ mod dead_letters;
 mod error;
 mod headers;
 mod publish;
+mod schedule;
 // The raw reader is the backend's own; the test suite, which publishes and
 // reads what lapin refuses, reaches it through the unstable `raw` feature.
 // Not part of the API: no semver promise.

@@ -168,7 +168,9 @@ pub(crate) async fn declare(channel: &Channel, topology: &Topology) -> Result<()
     for queue in &topology.queues {
         declare_queue(channel, space, queue).await?;
     }
-    Ok(())
+    // Messages published for later reach the topic exchange through this
+    // binding (C24).
+    crate::schedule::bind_space(channel, space).await
 }
 
 async fn declare_queue(channel: &Channel, space: &str, spec: &QueueSpec) -> Result<()> {

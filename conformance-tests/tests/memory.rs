@@ -27,4 +27,5 @@ ticketrail_conformance::rule_tests! {
     memory_c21 => "C21",
     memory_c22 => "C22",
     memory_c23 => "C23",
+    memory_c24 => "C24",
 }

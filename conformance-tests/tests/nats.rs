@@ -28,4 +28,5 @@ ticketrail_conformance::rule_tests! {
     nats_c21 => "C21",
     nats_c22 => "C22",
     nats_c23 => "C23",
+    nats_c24 => "C24",
 }

@@ -29,4 +29,5 @@ ticketrail_conformance::rule_tests! {
     rabbitmq_c21 => "C21",
     rabbitmq_c22 => "C22",
     rabbitmq_c23 => "C23",
+    rabbitmq_c24 => "C24",
 }

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::num::NonZeroU16;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -121,6 +122,38 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     /// Applications publish through a [`Publisher`](crate::Publisher) or
     /// [`publish`](Broker::publish), which do both.
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation>;
+
+    /// Hands a message to the broker to deliver at `at` (at once if `at` has
+    /// passed); the [`Confirmation`] resolves once the broker has stored it.
+    ///
+    /// # Behavior
+    /// C24: confirmed like [`send`](Broker::send) (C1) once the broker holds
+    /// the message, which then waits in the broker, not in this process:
+    /// no process of ours needs to run for it to be delivered. At its time
+    /// it is routed to the queues bound then, with the same id, headers and
+    /// trace context (C2); never before `at`, and late by at most
+    /// max(1 s, 1 %) under normal load. It holds no consumer's prefetch
+    /// slot while it waits. A backend that cannot hold a message for later
+    /// says so in [`Capabilities::scheduling`] and fails here with
+    /// [`ErrorKind::Unsupported`]; the default does that.
+    ///
+    /// Like `send`, the primitive: [`Publisher::publish_at`](crate::Publisher::publish_at)
+    /// traces and counts.
+    async fn send_at(
+        &self,
+        topic_space: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<Confirmation> {
+        let _ = (topic_space, message, at);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot hold a message for later delivery",
+                self.backend()
+            ),
+        ))
+    }
 
     /// [`send`](Broker::send) without a future, for a broker that takes a
     /// message without waiting for anything (the in-process one): its

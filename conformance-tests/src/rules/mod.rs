@@ -16,6 +16,7 @@ mod flow;
 mod lifecycle;
 mod publishing;
 mod retries;
+mod scheduling;
 mod tracing;
 
 type RuleFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
@@ -105,6 +106,7 @@ rules! {
     "C21", "silent faults", faults::c21_silent_faults, needs |c: &Capabilities| c.reconnect;
     "C22", "downstream outage", flow::c22_downstream_outage;
     "C23", "rate limit", flow::c23_rate_limit;
+    "C24", "scheduled publishing", scheduling::c24_scheduled_publishing, needs |c: &Capabilities| c.scheduling;
 }
 
 /// Rules that restart or kill the broker (on a throwaway server of their
