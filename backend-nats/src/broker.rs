@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
@@ -118,7 +119,7 @@ impl NatsBroker {
                 .iter()
                 .map(|q| topology::replay_subject(&stream_name, &q.name)),
         );
-        let wanted = topology::stream_config(space, capture, replicas);
+        let wanted = topology::stream_config(space, capture, replicas, conn.server.schedules);
         let stream = match conn.js.get_stream(&stream_name).await {
             Ok(mut stream) => {
                 let info = stream
@@ -157,9 +158,15 @@ impl NatsBroker {
                 subjects.sort();
                 let mut wanted_subjects = wanted.subjects.clone();
                 wanted_subjects.sort();
-                if subjects != wanted_subjects || config.description != wanted.description {
+                if subjects != wanted_subjects
+                    || config.description != wanted.description
+                    || config.allow_message_schedules != wanted.allow_message_schedules
+                {
                     config.subjects = wanted.subjects;
                     config.description = wanted.description;
+                    // Once allowed, schedules stay: a server that no
+                    // longer has them would not be asked to.
+                    config.allow_message_schedules |= wanted.allow_message_schedules;
                     conn.js.update_stream(config).await.map_err(|e| {
                         stream_error(&format!("updating stream `{stream_name}`"), e)
                     })?;
@@ -181,6 +188,21 @@ impl NatsBroker {
                 .get_or_create_stream(aux)
                 .await
                 .map_err(|e| stream_error(&format!("creating stream `{name}`"), e))?;
+        }
+        if conn.server.schedules {
+            // The stream keeps a message only while a consumer has an
+            // interest in it: this one holds messages published for later
+            // until the server publishes them. It is never read.
+            stream
+                .create_consumer(topology::schedules_holder(&stream_name, replicas))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Broker,
+                        format!("creating the consumer holding `{stream_name}`'s scheduled messages"),
+                    )
+                    .with_source(e)
+                })?;
         }
         for queue in &topology.queues {
             let filter = topology::filter(space, &stream_name, queue, conn.server.several_filters)?;
@@ -439,7 +461,12 @@ impl NatsBroker {
             .map_err(|e| error::client("reading the stream", e))?
             .config
             .clone();
-        let wanted = topology::stream_config(space, capture, conn.config.replicas);
+        let wanted = topology::stream_config(
+            space,
+            capture,
+            conn.config.replicas,
+            conn.server.schedules,
+        );
         config.subjects = wanted.subjects;
         config.description = wanted.description;
         conn.js
@@ -457,7 +484,9 @@ impl Broker for NatsBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.with_reconnect(true)
+        Capabilities::NONE
+            .with_reconnect(true)
+            .with_scheduling(self.conn.server.schedules)
     }
 
     fn describe(&self) -> String {
@@ -483,6 +512,15 @@ impl Broker for NatsBroker {
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
         publish::send(&self.conn, topic_space, message).await
+    }
+
+    async fn send_at(
+        &self,
+        topic_space: &str,
+        message: Message,
+        at: SystemTime,
+    ) -> Result<Confirmation> {
+        publish::send_at(&self.conn, topic_space, message, at).await
     }
 
     async fn subscribe(

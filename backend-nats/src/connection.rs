@@ -32,6 +32,9 @@ pub(crate) struct ServerFacts {
     pub(crate) several_filters: bool,
     /// Whether subscriptions send work-in-progress acks.
     pub(crate) progress_acks: bool,
+    /// Whether the server holds messages for later (message schedules,
+    /// 2.12+).
+    pub(crate) schedules: bool,
 }
 
 /// Whether a server version (`2.9.10`) is older than `major.minor`.
@@ -216,6 +219,7 @@ impl Connection {
         let progress_acks = config.progress_acks.unwrap_or(true);
         let server = ServerFacts {
             several_filters: !version_before(&info.version, (2, 10)),
+            schedules: !version_before(&info.version, (2, 12)),
             version: info.version,
             max_payload: info.max_payload,
             progress_acks,

@@ -3,16 +3,65 @@
 //! stream that captures more than its bindings, the bindings are checked
 //! here first.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use ticketrail_core::{Confirmation, Error, ErrorKind, Message, Result};
 
 use crate::connection::Connection;
 use crate::{headers, topology};
+
+/// The header asking the server to publish a stored message later, and
+/// the subject it publishes it to (message schedules, nats-server 2.12+).
+const SCHEDULE: &str = "Nats-Schedule";
+const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
 /// Hands a message to JetStream; the confirmation awaits the stream's ack.
 pub(crate) async fn send(
     conn: &Connection,
     topic_space: &str,
     message: Message,
+) -> Result<Confirmation> {
+    send_to(conn, topic_space, message, None).await
+}
+
+/// Hands a message to JetStream to be published at `at` (C24): stored on a
+/// schedule subject of its own in the topic space's stream, with the
+/// server's `Nats-Schedule: @at …` naming its time and its subject as the
+/// target. The server publishes it then, into the same stream, and drops
+/// the schedule: nothing of ours needs to run, and no consumer sees it
+/// before (their filters leave schedule subjects out).
+pub(crate) async fn send_at(
+    conn: &Connection,
+    topic_space: &str,
+    message: Message,
+    at: SystemTime,
+) -> Result<Confirmation> {
+    if !conn.server.schedules {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "nats-server {} cannot hold a message for later: JetStream message schedules \
+                 came in nats-server 2.12",
+                conn.server.version
+            ),
+        ));
+    }
+    send_to(conn, topic_space, message, Some(at)).await
+}
+
+/// `at` as RFC 3339 in whole milliseconds, rounded up: never early.
+fn schedule_time(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let millis = since.as_nanos().div_ceil(1_000_000);
+    let rounded = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
+    humantime::format_rfc3339_millis(rounded).to_string()
+}
+
+async fn send_to(
+    conn: &Connection,
+    topic_space: &str,
+    message: Message,
+    at: Option<SystemTime>,
 ) -> Result<Confirmation> {
     let limit = match conn.server.max_payload {
         0 => usize::MAX,
@@ -21,8 +70,16 @@ pub(crate) async fn send(
     message.check(topic_space, limit, "the NATS server (max_payload)")?;
     let limit = conn.config.publish_timeout;
     let deadline = tokio::time::Instant::now() + limit;
-    let headers = headers::outgoing(&message)?;
-    let subject = topology::subject(topic_space, &message.routing_key);
+    let mut headers = headers::outgoing(&message)?;
+    let mut subject = topology::subject(topic_space, &message.routing_key);
+    if let Some(at) = at {
+        // A time already passed is published at once by the server too.
+        let at = at.max(SystemTime::now());
+        headers.insert(SCHEDULE, format!("@at {}", schedule_time(at)).as_str());
+        headers.insert(SCHEDULE_TARGET, subject.as_str());
+        let name = ticketrail_core::new_message_id();
+        subject = topology::schedule_subject(&topology::stream_name(topic_space), &name);
+    }
     let Message {
         id,
         routing_key,

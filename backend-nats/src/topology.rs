@@ -40,6 +40,9 @@ const FAILURES_STREAM_PREFIX: &str = "TR_FAIL_";
 const DLQ_SUBJECT_PREFIX: &str = "_tr_dlq";
 const REPLAY_SUBJECT_PREFIX: &str = "_tr_replay";
 const FAILURES_SUBJECT_PREFIX: &str = "_tr_fail";
+const SCHEDULE_SUBJECT_PREFIX: &str = "_tr_sched";
+/// The name of the consumer holding messages published for later.
+const SCHEDULES_HOLDER: &str = "_tr_schedules";
 
 /// The start of a topic space's stream description.
 pub(crate) const SPACE_DESCRIPTION: &str = "ticketrail topic space ";
@@ -82,6 +85,32 @@ pub(crate) fn replayed_to<'a>(stream: &str, subject: &'a str) -> Option<&'a str>
         .strip_prefix('.')?
         .strip_prefix(stream)?
         .strip_prefix('.')
+}
+
+/// The subjects of messages of `stream` published for later (C24): each
+/// waits on a subject of its own, `name` being unique.
+pub(crate) fn schedule_subject(stream: &str, name: &str) -> String {
+    format!("{SCHEDULE_SUBJECT_PREFIX}.{stream}.{name}")
+}
+
+/// The stream subject capturing every [`schedule_subject`] of `stream`.
+pub(crate) fn schedule_subjects(stream: &str) -> String {
+    format!("{SCHEDULE_SUBJECT_PREFIX}.{stream}.>")
+}
+
+/// The durable consumer that gives the topic space's stream (interest
+/// retention) an interest in its messages published for later, so the
+/// stream keeps them until the server publishes them. Nothing reads it,
+/// so it holds no delivery.
+pub(crate) fn schedules_holder(stream: &str, replicas: usize) -> pull::Config {
+    pull::Config {
+        durable_name: Some(SCHEDULES_HOLDER.to_owned()),
+        description: Some(format!("ticketrail: holds the messages of {stream} published for later")),
+        filter_subject: schedule_subjects(stream),
+        ack_policy: AckPolicy::Explicit,
+        num_replicas: replicas,
+        ..pull::Config::default()
+    }
 }
 
 /// The subject of the failure record of message `sequence` in `consumer`.
@@ -278,15 +307,28 @@ pub(crate) fn validate(topology: &Topology) -> Result<()> {
 }
 
 /// The configuration of a topic space's stream.
-pub(crate) fn stream_config(space: &str, capture: Capture, replicas: usize) -> stream::Config {
+///
+/// Where the server holds messages for later (nats-server 2.12+), the
+/// stream allows schedules and captures their subjects too.
+pub(crate) fn stream_config(
+    space: &str,
+    mut capture: Capture,
+    replicas: usize,
+    schedules: bool,
+) -> stream::Config {
     let over = if capture.exact { "" } else { OVER_CAPTURES };
+    let name = stream_name(space);
+    if schedules {
+        capture.subjects.push(schedule_subjects(&name));
+    }
     stream::Config {
-        name: stream_name(space),
         description: Some(format!("{SPACE_DESCRIPTION}{space}{over}")),
         subjects: capture.subjects,
         retention: RetentionPolicy::Interest,
         storage: StorageType::File,
         num_replicas: replicas,
+        allow_message_schedules: schedules,
+        name,
         ..stream::Config::default()
     }
 }
@@ -484,6 +526,7 @@ mod tests {
                 exact: false,
             },
             1,
+            false,
         );
         assert_eq!(
             parse_space_description(config.description.as_deref().unwrap()),
