@@ -99,10 +99,12 @@ pub(crate) fn units_until(at: SystemTime, now: SystemTime) -> Result<u64> {
         .ok()
         .filter(|u| *u <= most)
         .ok_or_else(|| {
+            let days = |d: Duration| d.as_secs_f64() / 86_400.0;
             Error::config(format!(
-                "a message scheduled {wait:?} ahead: the RabbitMQ backend holds messages for \
-                 at most {:?} (about 38 days)",
-                UNIT * most as u32
+                "a message scheduled {:.1} days ahead: the RabbitMQ backend holds messages for \
+                 at most {:.1} days",
+                days(wait),
+                days(UNIT * most as u32)
             ))
         })
 }

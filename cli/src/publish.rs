@@ -1,9 +1,13 @@
-//! `ticketrail publish SPACE ROUTING_KEY [JSON | --file F] [--header K=V]...`
+//! `ticketrail publish SPACE ROUTING_KEY [JSON | --file F] [--header K=V]...
+//! [--delay D | --at TIME]`
 
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use ticketrail::{Message, SharedBroker};
+use ticketrail::{Message, Publisher, SharedBroker};
+
+use crate::records::rfc3339;
 
 use crate::{Failure, Outcome};
 
@@ -29,6 +33,19 @@ pub(crate) struct PublishArgs {
     /// as it is, unchecked.
     #[arg(long, default_value = "application/json")]
     content_type: String,
+    /// Delivers the message this long from now (`90s`, `6h`, `14days`):
+    /// the broker holds it until then.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with = "at")]
+    delay: Option<Duration>,
+    /// Delivers the message at this time (RFC 3339, e.g.
+    /// `2026-12-24T18:00:00Z`): the broker holds it until then.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    at: Option<SystemTime>,
+}
+
+fn parse_time(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("`{s}` is not an RFC 3339 time such as 2026-12-24T18:00:00Z: {e}"))
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -66,7 +83,19 @@ pub(crate) async fn run(broker: &SharedBroker, args: PublishArgs) -> Outcome {
         message = message.header(key, value);
     }
     let id = message.id.clone();
-    broker.publish(&args.space, message).await?;
-    println!("{id}");
+    match args.at.or_else(|| args.delay.map(|d| SystemTime::now() + d)) {
+        Some(at) => {
+            Publisher::new(broker.clone(), args.space)
+                .send_message_at(message, at)
+                .await?
+                .await?;
+            println!("{id}");
+            eprintln!("held by the broker until {}", rfc3339(at));
+        }
+        None => {
+            broker.publish(&args.space, message).await?;
+            println!("{id}");
+        }
+    }
     Ok(())
 }
