@@ -22,6 +22,7 @@
 
 mod clusters;
 mod drill;
+mod scheduled_drill;
 mod effects;
 mod harness;
 mod memory;
@@ -33,6 +34,7 @@ pub mod testing;
 
 pub use clusters::{NatsClusterHarness, RabbitClusterHarness};
 pub use drill::{run_drill, run_drill_with, DrillReport};
+pub use scheduled_drill::{run_scheduled_drill, ScheduledReport};
 pub use effects::{run_effects_drill, run_node, EffectsReport};
 pub use harness::{harness_for, harness_for_url, Foreign, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;

@@ -8,6 +8,12 @@
 //! and prints `drill <backend>: published N, handled N, dead-lettered N,
 //! lost N, duplicates N`. Exits non-zero if anything is lost.
 //!
+//! `drill <backend> --scheduled` publishes 1,000 messages (`--messages`)
+//! for 1 to 60 s ahead while the throwaway broker restarts twice, and
+//! prints `drill <backend> scheduled: scheduled N, delivered N, lost N,
+//! early N, duplicates N, late median/max`; it exits non-zero if one is
+//! lost or early.
+//!
 //! `drill effects-rabbitmq` and `drill effects-nats` run the effects drill
 //! (the outbox and inbox on PostgreSQL, see the `effects` module): 4,000
 //! sign-ups at 250 a second (`--users`, `--rate`) while the API, relays,
@@ -20,10 +26,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use ticketrail_conformance::{harness_for, run_drill_with, run_effects_drill, run_node};
+use ticketrail_conformance::{
+    harness_for, run_drill_with, run_effects_drill, run_node, run_scheduled_drill,
+};
 
 const USAGE: &str =
-    "usage: drill <memory|rabbitmq|nats|rabbitmq-cluster|nats-cluster> [--messages N]\n       \
+    "usage: drill <memory|rabbitmq|nats|rabbitmq-cluster|nats-cluster> [--messages N] \
+     [--silent-drops | --scheduled]\n       \
      drill <effects-rabbitmq|effects-nats> [--users N] [--rate PER_SECOND]";
 
 #[tokio::main]
@@ -56,8 +65,9 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let mut messages: usize = 5_000;
+    let mut messages: Option<usize> = None;
     let mut silent_drops = false;
+    let mut scheduled = false;
     let mut users = 4_000;
     let mut rate = 250;
     let mut rest: Vec<String> = args.collect();
@@ -65,13 +75,17 @@ async fn main() -> ExitCode {
         rest.remove(at);
         silent_drops = true;
     }
+    if let Some(at) = rest.iter().position(|a| a == "--scheduled") {
+        rest.remove(at);
+        scheduled = true;
+    }
     let mut args = rest.into_iter();
     while let Some(arg) = args.next() {
         match (
             arg.as_str(),
             args.next().and_then(|v| v.parse::<u64>().ok()),
         ) {
-            ("--messages", Some(n)) => messages = n as usize,
+            ("--messages", Some(n)) => messages = Some(n as usize),
             ("--users", Some(n)) => users = n,
             ("--rate", Some(n)) => rate = n,
             _ => {
@@ -111,6 +125,29 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if scheduled {
+        let report = run_scheduled_drill(Arc::clone(&harness), messages.unwrap_or(1_000)).await;
+        let finished = harness.finish().await;
+        return match (report, finished) {
+            (Ok(r), Ok(())) => {
+                println!(
+                    "drill {backend} scheduled: scheduled {}, delivered {}, lost {}, early {}, \
+                     duplicates {}, late median {:?} max {:?} (two broker restarts)",
+                    r.scheduled, r.delivered, r.lost, r.early, r.duplicates, r.median_late, r.max_late
+                );
+                if r.lost == 0 && r.early == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            (Err(e), _) | (Ok(_), Err(e)) => {
+                eprintln!("drill {backend} scheduled: failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let messages = messages.unwrap_or(5_000);
     let report = run_drill_with(Arc::clone(&harness), messages, silent_drops).await;
     let backend = if silent_drops {
         format!("{backend} with silent drops")
