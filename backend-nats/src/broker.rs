@@ -199,7 +199,9 @@ impl NatsBroker {
                 .map_err(|e| {
                     Error::new(
                         ErrorKind::Broker,
-                        format!("creating the consumer holding `{stream_name}`'s scheduled messages"),
+                        format!(
+                            "creating the consumer holding `{stream_name}`'s scheduled messages"
+                        ),
                     )
                     .with_source(e)
                 })?;
@@ -461,12 +463,8 @@ impl NatsBroker {
             .map_err(|e| error::client("reading the stream", e))?
             .config
             .clone();
-        let wanted = topology::stream_config(
-            space,
-            capture,
-            conn.config.replicas,
-            conn.server.schedules,
-        );
+        let wanted =
+            topology::stream_config(space, capture, conn.config.replicas, conn.server.schedules);
         config.subjects = wanted.subjects;
         config.description = wanted.description;
         conn.js
@@ -511,7 +509,7 @@ impl Broker for NatsBroker {
     }
 
     async fn send(&self, topic_space: &str, message: Message) -> Result<Confirmation> {
-        publish::send(&self.conn, topic_space, message).await
+        publish::send(&self.conn, topic_space, message, None).await
     }
 
     async fn send_at(
@@ -520,7 +518,7 @@ impl Broker for NatsBroker {
         message: Message,
         at: SystemTime,
     ) -> Result<Confirmation> {
-        publish::send_at(&self.conn, topic_space, message, at).await
+        publish::send(&self.conn, topic_space, message, Some(at)).await
     }
 
     async fn subscribe(

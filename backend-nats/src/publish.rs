@@ -16,27 +16,23 @@ const SCHEDULE: &str = "Nats-Schedule";
 const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
 /// Hands a message to JetStream; the confirmation awaits the stream's ack.
-pub(crate) async fn send(
-    conn: &Connection,
-    topic_space: &str,
-    message: Message,
-) -> Result<Confirmation> {
-    send_to(conn, topic_space, message, None).await
-}
-
-/// Hands a message to JetStream to be published at `at` (C24): stored on a
+///
+/// With `at`, to be published then (C24): the message is stored on a
 /// schedule subject of its own in the topic space's stream, with the
 /// server's `Nats-Schedule: @at …` naming its time and its subject as the
 /// target. The server publishes it then, into the same stream, and drops
 /// the schedule: nothing of ours needs to run, and no consumer sees it
 /// before (their filters leave schedule subjects out).
-pub(crate) async fn send_at(
+///
+/// One function for both: the future of every publish is boxed, and a
+/// wrapper around it would make it larger (see the test in broker.rs).
+pub(crate) async fn send(
     conn: &Connection,
     topic_space: &str,
     message: Message,
-    at: SystemTime,
+    at: Option<SystemTime>,
 ) -> Result<Confirmation> {
-    if !conn.server.schedules {
+    if at.is_some() && !conn.server.schedules {
         return Err(Error::new(
             ErrorKind::Unsupported,
             format!(
@@ -46,40 +42,9 @@ pub(crate) async fn send_at(
             ),
         ));
     }
-    send_to(conn, topic_space, message, Some(at)).await
-}
-
-/// `at` as RFC 3339 in whole milliseconds, rounded up: never early.
-fn schedule_time(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let millis = since.as_nanos().div_ceil(1_000_000);
-    let rounded = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
-    humantime::format_rfc3339_millis(rounded).to_string()
-}
-
-async fn send_to(
-    conn: &Connection,
-    topic_space: &str,
-    message: Message,
-    at: Option<SystemTime>,
-) -> Result<Confirmation> {
-    let limit = match conn.server.max_payload {
-        0 => usize::MAX,
-        limit => limit,
-    };
-    message.check(topic_space, limit, "the NATS server (max_payload)")?;
+    let (subject, headers) = prepared(conn, topic_space, &message, at)?;
     let limit = conn.config.publish_timeout;
     let deadline = tokio::time::Instant::now() + limit;
-    let mut headers = headers::outgoing(&message)?;
-    let mut subject = topology::subject(topic_space, &message.routing_key);
-    if let Some(at) = at {
-        // A time already passed is published at once by the server too.
-        let at = at.max(SystemTime::now());
-        headers.insert(SCHEDULE, format!("@at {}", schedule_time(at)).as_str());
-        headers.insert(SCHEDULE_TARGET, subject.as_str());
-        let name = ticketrail_core::new_message_id();
-        subject = topology::schedule_subject(&topology::stream_name(topic_space), &name);
-    }
     let Message {
         id,
         routing_key,
@@ -99,6 +64,42 @@ async fn send_to(
             .map_err(|_| unconfirmed(limit))?
             .map(drop)
     }))
+}
+
+/// `at` as RFC 3339 in whole milliseconds, rounded up: never early.
+fn schedule_time(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let millis = since.as_nanos().div_ceil(1_000_000);
+    let rounded = UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX));
+    humantime::format_rfc3339_millis(rounded).to_string()
+}
+
+/// The checked message's subject and headers; for one published for later,
+/// its schedule subject and the server's schedule headers. Not async, so
+/// none of it weighs on the publish's future.
+fn prepared(
+    conn: &Connection,
+    topic_space: &str,
+    message: &Message,
+    at: Option<SystemTime>,
+) -> Result<(String, async_nats::HeaderMap)> {
+    let limit = match conn.server.max_payload {
+        0 => usize::MAX,
+        limit => limit,
+    };
+    message.check(topic_space, limit, "the NATS server (max_payload)")?;
+    let mut headers = headers::outgoing(message)?;
+    let subject = topology::subject(topic_space, &message.routing_key);
+    let Some(at) = at else {
+        return Ok((subject, headers));
+    };
+    // A time already passed is published at once by the server too.
+    let at = at.max(SystemTime::now());
+    headers.insert(SCHEDULE, format!("@at {}", schedule_time(at)).as_str());
+    headers.insert(SCHEDULE_TARGET, subject.as_str());
+    let name = ticketrail_core::new_message_id();
+    let stream = topology::stream_name(topic_space);
+    Ok((topology::schedule_subject(&stream, &name), headers))
 }
 
 /// The error of a publish that took longer than the publish timeout.

@@ -105,7 +105,9 @@ pub(crate) fn schedule_subjects(stream: &str) -> String {
 pub(crate) fn schedules_holder(stream: &str, replicas: usize) -> pull::Config {
     pull::Config {
         durable_name: Some(SCHEDULES_HOLDER.to_owned()),
-        description: Some(format!("ticketrail: holds the messages of {stream} published for later")),
+        description: Some(format!(
+            "ticketrail: holds the messages of {stream} published for later"
+        )),
         filter_subject: schedule_subjects(stream),
         ack_policy: AckPolicy::Explicit,
         num_replicas: replicas,

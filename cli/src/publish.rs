@@ -83,7 +83,10 @@ pub(crate) async fn run(broker: &SharedBroker, args: PublishArgs) -> Outcome {
         message = message.header(key, value);
     }
     let id = message.id.clone();
-    match args.at.or_else(|| args.delay.map(|d| SystemTime::now() + d)) {
+    match args
+        .at
+        .or_else(|| args.delay.map(|d| SystemTime::now() + d))
+    {
         Some(at) => {
             Publisher::new(broker.clone(), args.space)
                 .send_message_at(message, at)

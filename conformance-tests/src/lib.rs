@@ -22,19 +22,18 @@
 
 mod clusters;
 mod drill;
-mod scheduled_drill;
 mod effects;
 mod harness;
 mod memory;
 mod nats;
 mod rabbitmq;
 pub mod rules;
+mod scheduled_drill;
 mod support;
 pub mod testing;
 
 pub use clusters::{NatsClusterHarness, RabbitClusterHarness};
 pub use drill::{run_drill, run_drill_with, DrillReport};
-pub use scheduled_drill::{run_scheduled_drill, ScheduledReport};
 pub use effects::{run_effects_drill, run_node, EffectsReport};
 pub use harness::{harness_for, harness_for_url, Foreign, Harness, Restartable, Verdict};
 pub use memory::MemoryHarness;
@@ -44,6 +43,7 @@ pub use rules::{
     assert_every_rule, assert_rule, run_rule, run_suite, Rule, Summary, DATABASE_RULES,
     RESTART_RULES, RULES,
 };
+pub use scheduled_drill::{run_scheduled_drill, ScheduledReport};
 
 /// One test per rule on one backend, named as given, and a test that fails
 /// if a rule of the suite has none:

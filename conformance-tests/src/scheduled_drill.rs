@@ -59,10 +59,9 @@ pub async fn run_scheduled_drill(
     harness: Arc<dyn Harness>,
     messages: usize,
 ) -> Result<ScheduledReport> {
-    let server = harness
-        .restartable()
-        .await?
-        .ok_or_else(|| Error::config("the scheduled drill needs a throwaway server (rabbitmq, nats)"))?;
+    let server = harness.restartable().await?.ok_or_else(|| {
+        Error::config("the scheduled drill needs a throwaway server (rabbitmq, nats)")
+    })?;
     let outcome = drill(&*server, messages).await;
     server.remove().await?;
     outcome
@@ -72,8 +71,7 @@ async fn drill(
     server: &dyn crate::harness::Restartable,
     messages: usize,
 ) -> Result<ScheduledReport> {
-    let topology =
-        Topology::new("drill.later").queue(QueueSpec::new("drill.sq").bind("jobs.#"));
+    let topology = Topology::new("drill.later").queue(QueueSpec::new("drill.sq").bind("jobs.#"));
     let broker = server.connect().await?;
     broker.declare(&topology).await?;
     let publisher = Publisher::new(broker.clone(), "drill.later");
@@ -83,18 +81,13 @@ async fn drill(
     let mut due: HashMap<String, SystemTime> = HashMap::new();
     for i in 0..messages {
         let at = base + spread.mul_f64(i as f64 / messages.max(1) as f64);
-        let message = Message::new("jobs.later", format!("{{\"n\":{i}}}"))
-            .content_type("application/json");
+        let message =
+            Message::new("jobs.later", format!("{{\"n\":{i}}}")).content_type("application/json");
         due.insert(message.id.clone(), at);
         let deadline = Instant::now() + Duration::from_secs(60);
         // Sent again (same id) until the broker says it holds it.
         loop {
-            let sent = async {
-                publisher
-                    .send_message_at(message.clone(), at)
-                    .await?
-                    .await
-            };
+            let sent = async { publisher.send_message_at(message.clone(), at).await?.await };
             match sent.await {
                 Ok(()) => break,
                 Err(e) if Instant::now() > deadline => return Err(e),
@@ -146,7 +139,10 @@ async fn drill(
         }
     }
     lateness.sort();
-    report.median_late = lateness.get(lateness.len() / 2).copied().unwrap_or_default();
+    report.median_late = lateness
+        .get(lateness.len() / 2)
+        .copied()
+        .unwrap_or_default();
     report.max_late = lateness.last().copied().unwrap_or_default();
     broker.delete(&topology).await?;
     let _ = broker.close().await;

@@ -133,7 +133,13 @@ async fn main() -> ExitCode {
                 println!(
                     "drill {backend} scheduled: scheduled {}, delivered {}, lost {}, early {}, \
                      duplicates {}, late median {:?} max {:?} (two broker restarts)",
-                    r.scheduled, r.delivered, r.lost, r.early, r.duplicates, r.median_late, r.max_late
+                    r.scheduled,
+                    r.delivered,
+                    r.lost,
+                    r.early,
+                    r.duplicates,
+                    r.median_late,
+                    r.max_late
                 );
                 if r.lost == 0 && r.early == 0 {
                     ExitCode::SUCCESS

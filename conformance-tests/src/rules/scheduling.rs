@@ -124,10 +124,11 @@ pub(crate) async fn c24_scheduled_publishing(h: &dyn Harness) -> Result<(), Skip
                     "`{key}` arrived changed: {envelope:?}"
                 );
                 ensure!(
-                    !envelope.headers.keys().any(|k| k
-                        .to_ascii_lowercase()
-                        .contains("schedule")
-                        || k.starts_with("Nats-")),
+                    !envelope
+                        .headers
+                        .keys()
+                        .any(|k| k.to_ascii_lowercase().contains("schedule")
+                            || k.starts_with("Nats-")),
                     "`{key}` arrived with the broker's scheduling headers: {:?}",
                     envelope.headers
                 );
