@@ -12,9 +12,10 @@ pub use ticketrail_core::{
 pub use ticketrail_core::{layers, metrics, trace};
 
 /// What [`Broker::inspect`] reports: each object of a topology as the
-/// broker has it, and how it differs from the declaration.
+/// broker has it, and how it differs from the declaration; and what
+/// [`Broker::scheduled`] counts.
 pub mod inspect {
-    pub use ticketrail_core::{Finding, FindingStatus};
+    pub use ticketrail_core::{Finding, FindingStatus, Scheduled};
 }
 
 /// For authors of backends and tools below the [`Consumer`]: the

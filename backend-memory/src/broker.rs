@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use ticketrail_core::{
     Broker, Capabilities, Confirmation, DeadLetterCursor, Finding, Message, QueueStats, Result,
-    SubscribeOptions, Subscription, Topology, TrySend,
+    Scheduled, SubscribeOptions, Subscription, Topology, TrySend,
 };
 
 use crate::config::MemoryConfig;
@@ -140,6 +140,14 @@ impl Broker for MemoryBroker {
 
     async fn purge_dead_letters(&self, queue: &str) -> Result<usize> {
         Ok(self.connection.queue(queue)?.purge_dead_letters())
+    }
+
+    async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
+        self.connection.ensure_open()?;
+        Ok(Some(Scheduled::new(
+            self.connection.server.schedule.count_for(topic_space) as u64,
+            false,
+        )))
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {

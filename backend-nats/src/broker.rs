@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use ticketrail_core::{
     validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, Error, ErrorKind, Finding,
-    FindingStatus, Message, QueueSpec, QueueStats, Result, SubscribeOptions, Subscription,
-    Topology,
+    FindingStatus, Message, QueueSpec, QueueStats, Result, Scheduled, SubscribeOptions,
+    Subscription, Topology,
 };
 
 use crate::config::NatsConfig;
@@ -553,6 +553,24 @@ impl Broker for NatsBroker {
     /// (together they are the consumer's pending acks; the waiting ones are
     /// those with a failure on record), and DLQ records. A pull consumer
     /// does not know how many subscriptions pull from it.
+    async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
+        validate_name("topic space", topic_space)?;
+        if !self.conn.server.schedules {
+            return Ok(None);
+        }
+        // The holder consumer is never read: its pending messages are
+        // exactly those waiting for their time.
+        let stream = topology::stream_name(topic_space);
+        let counts: ConsumerCounts = self
+            .conn
+            .api_empty(
+                &format!("CONSUMER.INFO.{stream}.{}", topology::SCHEDULES_HOLDER),
+                &format!("reading the messages held for later in `{topic_space}`"),
+            )
+            .await?;
+        Ok(Some(Scheduled::new(counts.num_pending, false)))
+    }
+
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
         let info = self.conn.locate(queue).await?;
         let counts: ConsumerCounts = self

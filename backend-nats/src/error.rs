@@ -15,8 +15,10 @@ pub(crate) fn api_kind(code: ErrorCode) -> ErrorKind {
         | ErrorCode::SEQUENCE_NOT_FOUND => ErrorKind::NotFound,
         ErrorCode::STREAM_SUBJECT_OVERLAP => ErrorKind::InvalidName,
         // No leader or not enough peers for now: a cluster electing a new
-        // leader after losing a node. Trying again helps.
-        ErrorCode::CLUSTER_NOT_LEADER
+        // leader after losing a node, or one just started whose JetStream
+        // is not up yet ("temporarily unavailable"). Trying again helps.
+        ErrorCode::CLUSTER_NOT_AVAILABLE
+        | ErrorCode::CLUSTER_NOT_LEADER
         | ErrorCode::CLUSTER_NO_PEERS
         | ErrorCode::CLUSTER_PEER_NOT_MEMBER => ErrorKind::Connection,
         _ => ErrorKind::Broker,

@@ -42,7 +42,7 @@ const REPLAY_SUBJECT_PREFIX: &str = "_tr_replay";
 const FAILURES_SUBJECT_PREFIX: &str = "_tr_fail";
 const SCHEDULE_SUBJECT_PREFIX: &str = "_tr_sched";
 /// The name of the consumer holding messages published for later.
-const SCHEDULES_HOLDER: &str = "_tr_schedules";
+pub(crate) const SCHEDULES_HOLDER: &str = "_tr_schedules";
 
 /// The start of a topic space's stream description.
 pub(crate) const SPACE_DESCRIPTION: &str = "ticketrail topic space ";

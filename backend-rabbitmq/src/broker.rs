@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use ticketrail_core::{
     validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, ErrorKind, Finding,
-    Message, QueueStats, Result, SubscribeOptions, Subscription, Topology,
+    Message, QueueStats, Result, Scheduled, SubscribeOptions, Subscription, Topology,
 };
 
 use crate::config::RabbitConfig;
@@ -162,6 +162,22 @@ impl Broker for RabbitBroker {
     /// Ready messages and consumers of the work queue, records of its DLQ,
     /// and messages in its wait queues; RabbitMQ does not tell a client how
     /// many deliveries are unacknowledged (its management plugin does).
+    async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
+        validate_name("topic space", topic_space)?;
+        let mut raw = open_raw(&self.link.config).await?;
+        let mut held = 0u64;
+        for level in schedule::ladder() {
+            match raw.queue_counts(&level).await {
+                Ok((n, _)) => held += u64::from(n),
+                // Not declared yet: nothing was ever scheduled here.
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        raw.close().await;
+        Ok(Some(Scheduled::new(held, true)))
+    }
+
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
         validate_name("queue", queue)?;
         let mut raw = open_raw(&self.link.config).await?;

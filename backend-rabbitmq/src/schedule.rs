@@ -21,9 +21,9 @@
 //! topic spaces and queues. (NServiceBus's delayed delivery on RabbitMQ
 //! works the same way.)
 //!
-//! A message that comes due with no queue bound to its routing key stays
-//! in queue 0: at-least-once dead-lettering keeps what it cannot route and
-//! tries again, so it is delivered once a queue is bound.
+//! A message that comes due with no queue bound to its routing key stays,
+//! not ready, in the last queue of the ladder it waited in: at-least-once
+//! dead-lettering keeps what it cannot route and tries again.
 
 use std::time::{Duration, SystemTime};
 
@@ -60,6 +60,11 @@ fn delivery_exchange() -> String {
 /// The exchange and queue of level `level`.
 fn level_name(level: u32) -> String {
     format!("{PREFIX}.{level:02}")
+}
+
+/// The ladder's queues, level 0 first.
+pub(crate) fn ladder() -> impl Iterator<Item = String> {
+    (0..LEVELS).map(level_name)
 }
 
 /// Where level `level` sends a message on: the next level down, or the

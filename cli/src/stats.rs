@@ -1,4 +1,4 @@
-//! `ticketrail stats QUEUE...`
+//! `ticketrail stats QUEUE... [--space SPACE]...`
 
 use std::io::Write;
 
@@ -12,10 +12,15 @@ use crate::Outcome;
 #[derive(Debug, Args)]
 pub(crate) struct StatsArgs {
     /// The work queues.
-    #[arg(required = true, value_name = "QUEUE")]
+    #[arg(required_unless_present = "spaces", value_name = "QUEUE")]
     queues: Vec<String>,
+    /// A topic space (repeatable): how many messages published for later
+    /// it holds, not yet due (they are not counted as ready before then).
+    #[arg(long = "space", value_name = "SPACE")]
+    spaces: Vec<String>,
     /// One JSON object per queue and line: queue, ready, in_flight,
-    /// waiting_retries, dead_letters, consumers (null where unknown).
+    /// waiting_retries, dead_letters, consumers (null where unknown); and
+    /// per topic space: topic_space, scheduled, all_topic_spaces.
     #[arg(long)]
     json: bool,
 }
@@ -25,8 +30,22 @@ pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
     for queue in &args.queues {
         rows.push(broker.queue_stats(queue).await?);
     }
+    let mut scheduled = Vec::new();
+    for space in &args.spaces {
+        scheduled.push((space, broker.scheduled(space).await?));
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
+        for (space, held) in &scheduled {
+            json_line(
+                &mut out,
+                &json!({
+                    "topic_space": space,
+                    "scheduled": held.map(|h| h.held),
+                    "all_topic_spaces": held.map(|h| h.all_topic_spaces),
+                }),
+            )?;
+        }
         for s in &rows {
             json_line(
                 &mut out,
@@ -59,6 +78,21 @@ pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
             count(s.dead_letters),
             count(s.consumers),
         ]);
+    }
+    for (space, held) in &scheduled {
+        match held {
+            None => writeln!(out, "`{space}`: this broker cannot hold messages for later")?,
+            Some(h) if h.all_topic_spaces => writeln!(
+                out,
+                "`{space}`: {} held for later, with those of every topic space (the broker \
+                 holds them together)",
+                h.held
+            )?,
+            Some(h) => writeln!(out, "`{space}`: {} held for later", h.held)?,
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
     }
     writeln!(out, "{t}")?;
     if rows.iter().any(|s| s.in_flight.is_none()) {

@@ -43,6 +43,29 @@ impl SubscribeOptions {
     }
 }
 
+/// How many messages published for later (C24) a broker holds, not yet
+/// due: what [`Broker::scheduled`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Scheduled {
+    /// Messages held.
+    pub held: u64,
+    /// Whether the broker holds them for every topic space together
+    /// (RabbitMQ's ladder is shared by the virtual host), so that `held`
+    /// counts those of all topic spaces, not only the one asked about.
+    pub all_topic_spaces: bool,
+}
+
+impl Scheduled {
+    /// `held` messages, of one topic space or (`all_topic_spaces`) of all.
+    pub fn new(held: u64, all_topic_spaces: bool) -> Self {
+        Scheduled {
+            held,
+            all_topic_spaces,
+        }
+    }
+}
+
 /// What a broker can tell about one work queue; `None` where it cannot tell.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -278,6 +301,15 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
                 topology.topic_space
             ),
         ))
+    }
+
+    /// How many messages published for later to `topic_space` (C24) the
+    /// broker holds, not yet due; `None` on a broker that cannot hold
+    /// them, which the default says. They are not counted in any queue's
+    /// [`QueueStats::ready`] before their time.
+    async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
+        let _ = topic_space;
+        Ok(None)
     }
 
     /// What the broker can tell about a work queue: ready, in flight,

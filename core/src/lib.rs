@@ -31,7 +31,9 @@ mod topology;
 pub mod trace;
 pub mod wire;
 
-pub use broker::{Broker, QueueStats, SharedBroker, SubscribeOptions, Subscription, TrySend};
+pub use broker::{
+    Broker, QueueStats, Scheduled, SharedBroker, SubscribeOptions, Subscription, TrySend,
+};
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};
 pub use confirmation::Confirmation;
