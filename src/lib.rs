@@ -13,9 +13,9 @@ pub use ticketrail_core::{layers, metrics, trace};
 
 /// What [`Broker::inspect`] reports: each object of a topology as the
 /// broker has it, and how it differs from the declaration; and what
-/// [`Broker::scheduled`] counts.
+/// [`Broker::scheduled`] counts and [`Broker::list_scheduled`] lists.
 pub mod inspect {
-    pub use ticketrail_core::{Finding, FindingStatus, Scheduled};
+    pub use ticketrail_core::{Finding, FindingStatus, Scheduled, ScheduledMessage};
 }
 
 /// For authors of backends and tools below the [`Consumer`]: the

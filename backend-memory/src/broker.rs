@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use ticketrail_core::{
     Broker, Capabilities, Confirmation, DeadLetterCursor, Finding, Message, QueueStats, Result,
-    Scheduled, SubscribeOptions, Subscription, Topology, TrySend,
+    Scheduled, ScheduledMessage, SubscribeOptions, Subscription, Topology, TrySend,
 };
 
 use crate::config::MemoryConfig;
@@ -148,6 +148,20 @@ impl Broker for MemoryBroker {
             self.connection.server.schedule.count_for(topic_space) as u64,
             false,
         )))
+    }
+
+    async fn list_scheduled(
+        &self,
+        topic_space: &str,
+        limit: usize,
+    ) -> Result<Vec<ScheduledMessage>> {
+        self.connection.ensure_open()?;
+        Ok(self.connection.server.schedule.list(topic_space, limit))
+    }
+
+    async fn cancel_scheduled(&self, topic_space: &str, id: &str) -> Result<bool> {
+        self.connection.ensure_open()?;
+        Ok(self.connection.server.schedule.cancel(topic_space, id))
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use ticketrail_core::Envelope;
+use ticketrail_core::{Envelope, ScheduledMessage};
 
 use crate::connection::Server;
 
@@ -32,6 +32,8 @@ struct Held {
 #[derive(Debug)]
 struct Due {
     at: Instant,
+    /// `at` on the wall clock, for listing.
+    due: SystemTime,
     seq: u64,
     topic_space: String,
     envelope: Arc<Envelope>,
@@ -63,6 +65,32 @@ impl Schedule {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Up to `limit` messages held for `topic_space`, soonest first.
+    pub(crate) fn list(&self, topic_space: &str, limit: usize) -> Vec<ScheduledMessage> {
+        let held = self.held();
+        let mut due: Vec<&Due> = held
+            .due
+            .iter()
+            .map(|Reverse(due)| due)
+            .filter(|due| due.topic_space == topic_space)
+            .collect();
+        due.sort();
+        due.into_iter()
+            .take(limit)
+            .map(|d| ScheduledMessage::new(&d.envelope.id, &d.envelope.routing_key, d.due))
+            .collect()
+    }
+
+    /// Drops the held message of `topic_space` with this id; whether there
+    /// was one.
+    pub(crate) fn cancel(&self, topic_space: &str, id: &str) -> bool {
+        let mut held = self.held();
+        let before = held.due.len();
+        held.due
+            .retain(|Reverse(due)| !(due.topic_space == topic_space && due.envelope.id == id));
+        held.due.len() < before
+    }
+
     /// How many messages for `topic_space` are held.
     pub(crate) fn count_for(&self, topic_space: &str) -> usize {
         self.held()
@@ -87,6 +115,7 @@ pub(crate) fn hold(server: &Arc<Server>, topic_space: &str, envelope: Envelope, 
     held.next_seq += 1;
     held.due.push(Reverse(Due {
         at,
+        due: SystemTime::now() + wait,
         seq,
         topic_space: topic_space.to_owned(),
         envelope: Arc::new(envelope),

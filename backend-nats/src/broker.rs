@@ -10,8 +10,8 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use ticketrail_core::{
     validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, Error, ErrorKind, Finding,
-    FindingStatus, Message, QueueSpec, QueueStats, Result, Scheduled, SubscribeOptions,
-    Subscription, Topology,
+    FindingStatus, Message, QueueSpec, QueueStats, Result, Scheduled, ScheduledMessage,
+    SubscribeOptions, Subscription, Topology,
 };
 
 use crate::config::NatsConfig;
@@ -19,7 +19,7 @@ use crate::connection::{Connection, QueueInfo};
 use crate::dead_letters::{self, NatsCursor};
 use crate::error;
 use crate::subscription::NatsSubscription;
-use crate::{publish, topology, versions};
+use crate::{publish, scheduled, topology, versions};
 
 /// A connection to NATS JetStream implementing the ticketrail contract.
 ///
@@ -92,6 +92,20 @@ struct ConsumerCounts {
 }
 
 impl NatsBroker {
+    /// Fails unless the server holds messages for later.
+    fn schedules_here(&self) -> Result<()> {
+        if self.conn.server.schedules {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "nats-server {} holds no messages for later (message schedules came in 2.12)",
+                self.conn.server.version
+            ),
+        ))
+    }
+
     async fn declare_topology(&self, topology: &Topology) -> Result<()> {
         let conn = &self.conn;
         let space = &topology.topic_space;
@@ -569,6 +583,22 @@ impl Broker for NatsBroker {
             )
             .await?;
         Ok(Some(Scheduled::new(counts.num_pending, false)))
+    }
+
+    async fn list_scheduled(
+        &self,
+        topic_space: &str,
+        limit: usize,
+    ) -> Result<Vec<ScheduledMessage>> {
+        validate_name("topic space", topic_space)?;
+        self.schedules_here()?;
+        scheduled::list(&self.conn, topic_space, limit).await
+    }
+
+    async fn cancel_scheduled(&self, topic_space: &str, id: &str) -> Result<bool> {
+        validate_name("topic space", topic_space)?;
+        self.schedules_here()?;
+        scheduled::cancel(&self.conn, topic_space, id).await
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {

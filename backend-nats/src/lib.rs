@@ -38,6 +38,7 @@ mod headers;
 mod publish;
 mod pull;
 mod quarantine;
+mod scheduled;
 mod subscription;
 mod topology;
 mod versions;

@@ -12,8 +12,8 @@ use crate::{headers, topology};
 
 /// The header asking the server to publish a stored message later, and
 /// the subject it publishes it to (message schedules, nats-server 2.12+).
-const SCHEDULE: &str = "Nats-Schedule";
-const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+pub(crate) const SCHEDULE: &str = "Nats-Schedule";
+pub(crate) const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
 /// Hands a message to JetStream; the confirmation awaits the stream's ack.
 ///

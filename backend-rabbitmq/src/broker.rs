@@ -8,7 +8,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use ticketrail_core::{
     validate_name, Broker, Capabilities, Confirmation, DeadLetterCursor, ErrorKind, Finding,
-    Message, QueueStats, Result, Scheduled, SubscribeOptions, Subscription, Topology,
+    Message, QueueStats, Result, Scheduled, ScheduledMessage, SubscribeOptions, Subscription,
+    Topology,
 };
 
 use crate::config::RabbitConfig;
@@ -176,6 +177,20 @@ impl Broker for RabbitBroker {
         }
         raw.close().await;
         Ok(Some(Scheduled::new(held, true)))
+    }
+
+    async fn list_scheduled(
+        &self,
+        topic_space: &str,
+        limit: usize,
+    ) -> Result<Vec<ScheduledMessage>> {
+        let _ = (topic_space, limit);
+        Err(schedule::not_readable("list"))
+    }
+
+    async fn cancel_scheduled(&self, topic_space: &str, id: &str) -> Result<bool> {
+        let _ = (topic_space, id);
+        Err(schedule::not_readable("cancel"))
     }
 
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {

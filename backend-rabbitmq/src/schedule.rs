@@ -32,7 +32,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
-use ticketrail_core::{Confirmation, Error, Message, Result};
+use ticketrail_core::{Confirmation, Error, ErrorKind, Message, Result};
 
 use crate::config::RabbitConfig;
 use crate::connection::{within, Link};
@@ -211,6 +211,18 @@ fn quorum_args_to_exchange(exchange: &str) -> FieldTable {
     args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
     args.insert("x-overflow".into(), long("reject-publish"));
     args
+}
+
+/// Why the ladder's messages cannot be listed or cancelled: `what`.
+pub(crate) fn not_readable(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!(
+            "RabbitMQ cannot {what} messages held for later: they wait in the queues of the \
+             ladder (`{PREFIX}.NN`), which a client reads only by taking them; `ticketrail \
+             stats --space` counts them, and a handler can skip an id it should no longer act on"
+        ),
+    )
 }
 
 /// Publishes `message` into the ladder, to reach `topic_space` at `at`.

@@ -12,6 +12,7 @@ mod dlq;
 mod output;
 mod publish;
 mod records;
+mod scheduled;
 mod stats;
 mod topology;
 
@@ -50,6 +51,9 @@ enum Command {
     Topology(topology::TopologyCommand),
     /// Publish one message, confirmed; prints its id.
     Publish(publish::PublishArgs),
+    /// Messages held for later: list, cancel.
+    #[command(subcommand)]
+    Scheduled(scheduled::ScheduledCommand),
     /// Run the conformance rules against the broker on throwaway queues.
     Check(check::CheckArgs),
     /// The outbox and inbox tables in the application's PostgreSQL database.
@@ -130,6 +134,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> Outcome {
             topology::run(&connect(url).await?, command, &sub).await
         }
         Command::Publish(args) => publish::run(&connect(url).await?, args).await,
+        Command::Scheduled(command) => scheduled::run(&connect(url).await?, command).await,
         Command::Check(args) => check::run(&broker_url(url)?, args).await,
         Command::Db(command) => database::migrate(command).await,
         Command::Outbox(command) => database::outbox(command).await,

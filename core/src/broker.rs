@@ -66,6 +66,30 @@ impl Scheduled {
     }
 }
 
+/// A message the broker holds for later (C24), as
+/// [`Broker::list_scheduled`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScheduledMessage {
+    /// Its id.
+    pub id: String,
+    /// Its routing key.
+    pub routing_key: String,
+    /// When it is due.
+    pub due: SystemTime,
+}
+
+impl ScheduledMessage {
+    /// A held message.
+    pub fn new(id: impl Into<String>, routing_key: impl Into<String>, due: SystemTime) -> Self {
+        ScheduledMessage {
+            id: id.into(),
+            routing_key: routing_key.into(),
+            due,
+        }
+    }
+}
+
 /// What a broker can tell about one work queue; `None` where it cannot tell.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -310,6 +334,40 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
         let _ = topic_space;
         Ok(None)
+    }
+
+    /// Up to `limit` of the messages published for later to `topic_space`
+    /// that the broker holds, soonest first. A broker that cannot read them
+    /// without taking them fails with [`ErrorKind::Unsupported`], which the
+    /// default does.
+    async fn list_scheduled(
+        &self,
+        topic_space: &str,
+        limit: usize,
+    ) -> Result<Vec<ScheduledMessage>> {
+        let _ = (topic_space, limit);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot list the messages it holds for later",
+                self.backend()
+            ),
+        ))
+    }
+
+    /// Cancels the message with this id published for later to
+    /// `topic_space`: `false` if none is held (delivered already, or never
+    /// scheduled). [`ErrorKind::Unsupported`] where the broker cannot, the
+    /// default.
+    async fn cancel_scheduled(&self, topic_space: &str, id: &str) -> Result<bool> {
+        let _ = (topic_space, id);
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot cancel a message it holds for later",
+                self.backend()
+            ),
+        ))
     }
 
     /// What the broker can tell about a work queue: ready, in flight,

@@ -32,7 +32,8 @@ pub mod trace;
 pub mod wire;
 
 pub use broker::{
-    Broker, QueueStats, Scheduled, SharedBroker, SubscribeOptions, Subscription, TrySend,
+    Broker, QueueStats, Scheduled, ScheduledMessage, SharedBroker, SubscribeOptions, Subscription,
+    TrySend,
 };
 pub use capabilities::Capabilities;
 pub use codec::{Codec, Json};

@@ -1,9 +1,11 @@
 //! C24: a message published for later waits in the broker, arrives at its
-//! time (never before), unchanged, and holds no consumer's slot meanwhile.
+//! time (never before), unchanged, and holds no consumer's slot meanwhile;
+//! where the broker can list and cancel what it holds, a cancelled one
+//! never comes.
 
 use std::time::{Duration, SystemTime};
 
-use ticketrail_core::{Message, Publisher, QueueSpec};
+use ticketrail_core::{ErrorKind, Message, Publisher, QueueSpec};
 
 use super::{checked, Skip};
 use crate::harness::Harness;
@@ -60,6 +62,53 @@ pub(crate) async fn c24_scheduled_publishing(h: &dyn Harness) -> Result<(), Skip
             let past_id = schedule("past", now - Duration::from_secs(5))
                 .await
                 .doing("scheduling a message for a time already passed")?;
+            // Where the broker can read and cancel what it holds: one
+            // scheduled between the two, cancelled, never comes.
+            match publishing.list_scheduled(sc.space(), 10).await {
+                Err(e) if e.kind() == ErrorKind::Unsupported => {}
+                Err(e) => return Err(format!("listing the messages held for later: {e}")),
+                Ok(_) => {
+                    let between = now + Duration::from_millis(2000);
+                    let doomed = schedule("cancelled", between)
+                        .await
+                        .doing("scheduling a message to cancel")?;
+                    let held = publishing
+                        .list_scheduled(sc.space(), 10)
+                        .await
+                        .doing("listing the messages held for later")?;
+                    // The one already due may still be listed, or not.
+                    let held: Vec<_> = held.into_iter().filter(|m| m.id != past_id).collect();
+                    let ids: Vec<&str> = held.iter().map(|m| m.id.as_str()).collect();
+                    ensure!(
+                        ids == [sooner_id.as_str(), doomed.as_str(), later_id.as_str()],
+                        "held for later, soonest first: expected sooner, cancelled, later; \
+                         listed {held:?}"
+                    );
+                    for (m, at) in held.iter().zip([sooner, between, later]) {
+                        let off = m.due.duration_since(at).unwrap_or_default();
+                        ensure!(
+                            m.due >= at
+                                && off < Duration::from_secs(1)
+                                && m.routing_key == "jobs.later",
+                            "listed {m:?}, due at {at:?}"
+                        );
+                    }
+                    ensure!(
+                        publishing
+                            .cancel_scheduled(sc.space(), &doomed)
+                            .await
+                            .doing("cancelling")?,
+                        "cancelling a message held for later said none was held"
+                    );
+                    ensure!(
+                        !publishing
+                            .cancel_scheduled(sc.space(), &doomed)
+                            .await
+                            .doing("cancelling again")?,
+                        "cancelling a message a second time said it was still held"
+                    );
+                }
+            }
             let _ = publishing.close().await;
 
             // Prefetch 1: were a waiting message holding the slot, nothing

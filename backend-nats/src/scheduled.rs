@@ -1,0 +1,108 @@
+//! Reading and cancelling messages held for later (C24): each waits on a
+//! schedule subject of its own in its topic space's stream (see
+//! `publish.rs`), so listing reads the last message of each such subject
+//! and cancelling purges one.
+
+use std::time::SystemTime;
+
+use async_nats::jetstream::message::StreamMessage;
+use serde::{Deserialize, Serialize};
+use ticketrail_core::{wire, ErrorKind, Result, ScheduledMessage};
+
+use crate::connection::Connection;
+use crate::dead_letters::stream_state;
+use crate::publish::{SCHEDULE, SCHEDULE_TARGET};
+use crate::topology;
+
+#[derive(Deserialize)]
+struct MsgGet {
+    message: async_nats::jetstream::stream::RawMessage,
+}
+
+#[derive(Serialize)]
+struct LastBySubject<'a> {
+    last_by_subj: &'a str,
+}
+
+#[derive(Serialize)]
+struct PurgeFilter<'a> {
+    filter: &'a str,
+}
+
+#[derive(Deserialize)]
+struct Purged {
+    purged: u64,
+}
+
+/// Every message held for `topic_space`, with its schedule subject,
+/// soonest first.
+async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, ScheduledMessage)>> {
+    let stream = topology::stream_name(topic_space);
+    let state = stream_state(conn, &stream, &topology::schedule_subjects(&stream)).await?;
+    let prefix = format!("{topic_space}.");
+    let mut held = Vec::new();
+    for subject in state.subjects.keys() {
+        let got: Result<MsgGet> = conn
+            .api(
+                &format!("STREAM.MSG.GET.{stream}"),
+                &LastBySubject {
+                    last_by_subj: subject,
+                },
+                &format!("reading a message held for later in `{topic_space}`"),
+            )
+            .await;
+        let message = match got {
+            Ok(got) => got.message,
+            // Published by the server meanwhile.
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let Ok(message) = StreamMessage::try_from(message) else {
+            continue;
+        };
+        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+        let due = header(SCHEDULE)
+            .and_then(|s| s.strip_prefix("@at ").map(str::to_owned))
+            .and_then(|at| humantime::parse_rfc3339_weak(&at).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let routing_key = header(SCHEDULE_TARGET)
+            .and_then(|t| t.strip_prefix(&prefix).map(str::to_owned))
+            .unwrap_or_default();
+        let id = header(wire::ID).unwrap_or_default();
+        held.push((subject.clone(), ScheduledMessage::new(id, routing_key, due)));
+    }
+    held.sort_by(|a, b| (a.1.due, &a.1.id).cmp(&(b.1.due, &b.1.id)));
+    Ok(held)
+}
+
+/// Up to `limit` messages held for `topic_space`, soonest first.
+pub(crate) async fn list(
+    conn: &Connection,
+    topic_space: &str,
+    limit: usize,
+) -> Result<Vec<ScheduledMessage>> {
+    let mut held = held(conn, topic_space).await?;
+    held.truncate(limit);
+    Ok(held.into_iter().map(|(_, message)| message).collect())
+}
+
+/// Purges the schedule of the message with this id; whether one was held.
+pub(crate) async fn cancel(conn: &Connection, topic_space: &str, id: &str) -> Result<bool> {
+    let stream = topology::stream_name(topic_space);
+    let mut purged = 0;
+    for (subject, _) in held(conn, topic_space)
+        .await?
+        .into_iter()
+        .filter(|(_, m)| m.id == id)
+    {
+        let done: Purged = conn
+            .api(
+                &format!("STREAM.PURGE.{stream}"),
+                &PurgeFilter { filter: &subject },
+                &format!("cancelling message `{id}` held for later in `{topic_space}`"),
+            )
+            .await?;
+        purged += done.purged;
+    }
+    Ok(purged > 0)
+}
