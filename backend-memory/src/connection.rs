@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use ticketrail_core::Result;
+use ticketrail_core::{Envelope, Result};
 
 use crate::config::MemoryConfig;
 use crate::error;
-use crate::schedule::Schedule;
+use crate::schedule::{Router, Schedule};
 use crate::store::{Queue, Registry};
 
 /// The broker every connection of one [`MemoryBroker`](crate::MemoryBroker)
@@ -36,6 +36,16 @@ impl Server {
         // Every change to the registry is one insert or remove: a poisoned
         // lock is still sound.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Router for Server {
+    fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    fn route(&self, topic_space: &str, envelope: &Arc<Envelope>) -> Option<usize> {
+        self.registry().route(topic_space, envelope, &[])
     }
 }
 

@@ -7,7 +7,7 @@
 //!
 //! The crate has the file skeleton of every backend (see ADDING_A_BACKEND.md);
 //! `store.rs` is the broker itself, which the other backends reach over the
-//! network.
+//! network, and `schedule.rs` holds messages published for later (C24).
 //!
 //! ```
 //! use ticketrail_core::{Broker, Message, QueueSpec, SubscribeOptions, Topology};

@@ -12,7 +12,15 @@ use tokio::time::Instant;
 
 use ticketrail_core::{Envelope, ScheduledMessage};
 
-use crate::connection::Server;
+/// The broker a schedule belongs to: where its messages are routed when
+/// they come due.
+pub(crate) trait Router: Send + Sync + 'static {
+    /// The broker's schedule.
+    fn schedule(&self) -> &Schedule;
+    /// Routes `envelope` in `topic_space`: on how many queues, or `None`
+    /// if the space is not declared.
+    fn route(&self, topic_space: &str, envelope: &Arc<Envelope>) -> Option<usize>;
+}
 
 /// The messages held for later.
 #[derive(Debug, Default)]
@@ -103,11 +111,16 @@ impl Schedule {
 
 /// Holds `envelope` until `at` (wall clock, turned into tokio's so tests
 /// with paused time see it fire), then routes it in `topic_space`.
-pub(crate) fn hold(server: &Arc<Server>, topic_space: &str, envelope: Envelope, at: SystemTime) {
+pub(crate) fn hold<R: Router>(
+    server: &Arc<R>,
+    topic_space: &str,
+    envelope: Envelope,
+    at: SystemTime,
+) {
     let wait = at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    let schedule = &server.schedule;
+    let schedule = server.schedule();
     let mut held = schedule.held();
     let at = Instant::now() + wait;
     let earliest = held.due.peek().map(|Reverse(due)| due.at);
@@ -132,13 +145,11 @@ pub(crate) fn hold(server: &Arc<Server>, topic_space: &str, envelope: Envelope, 
 
 /// Routes what comes due until nothing is held: the broker lives on while
 /// it holds a message, as a broker process would.
-async fn run_timer(strong: Arc<Server>) {
+async fn run_timer<R: Router>(strong: Arc<R>) {
     loop {
-        let (ready, next) = take_due(&strong.schedule);
+        let (ready, next) = take_due(strong.schedule());
         for due in ready {
-            let routed = strong
-                .registry()
-                .route(&due.topic_space, &due.envelope, &[]);
+            let routed = strong.route(&due.topic_space, &due.envelope);
             if routed.unwrap_or(0) == 0 {
                 tracing::warn!(
                     topic_space = %due.topic_space,
@@ -152,7 +163,7 @@ async fn run_timer(strong: Arc<Server>) {
         let schedule_changed = async {
             // `notify_one` keeps a permit when nobody waits, so a message
             // held between `take_due` and this wait is not missed.
-            strong.schedule.changed.notified().await;
+            strong.schedule().changed.notified().await;
         };
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}

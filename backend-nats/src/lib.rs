@@ -25,8 +25,9 @@
 //! The crate has the file skeleton of every backend (see
 //! ADDING_A_BACKEND.md). Its extra files: `pull.rs` (pull requests of its
 //! own), `failures.rs` (first failures and retries kept in the broker),
-//! `quarantine.rs` (messages the client cannot parse, moved to the DLQ) and
-//! `versions.rs` (what each server version changes).
+//! `quarantine.rs` (messages the client cannot parse, moved to the DLQ),
+//! `scheduled.rs` (listing and cancelling messages published for later)
+//! and `versions.rs` (what each server version changes).
 
 mod broker;
 mod config;

@@ -17,7 +17,7 @@ use crate::connection::{open_raw, Link};
 use crate::dead_letters::RabbitCursor;
 use crate::error::map;
 use crate::subscription::RabbitSubscription;
-use crate::{publish, schedule, topology};
+use crate::{ladder, publish, schedule, topology};
 
 /// A connection to RabbitMQ implementing the ticketrail contract.
 ///
@@ -167,7 +167,7 @@ impl Broker for RabbitBroker {
         validate_name("topic space", topic_space)?;
         let mut raw = open_raw(&self.link.config).await?;
         let mut held = 0u64;
-        for level in schedule::ladder() {
+        for level in ladder::ladder() {
             match raw.queue_counts(&level).await {
                 Ok((n, _)) => held += u64::from(n),
                 // Not declared yet: nothing was ever scheduled here.

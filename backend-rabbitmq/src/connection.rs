@@ -248,7 +248,7 @@ pub(crate) struct Link {
     wait_queues: SyncMutex<HashSet<String>>,
     /// Whether the ladder of messages published for later was declared on
     /// the current connection.
-    ladder: AtomicBool,
+    pub(crate) ladder: AtomicBool,
     /// The broker's product and version, read at connect.
     pub(crate) server: String,
     /// Why RabbitMQ blocks this link's publishes, while it does.
@@ -534,19 +534,6 @@ impl Link {
         let session = self.session().await?;
         topology::declare_wait_queue(&session.publish, queue, tier).await?;
         self.wait_queues.lock().expect("not poisoned").insert(name);
-        Ok(())
-    }
-
-    /// Makes sure the ladder of messages published for later exists:
-    /// declared once per connection, as the wait queues are.
-    pub(crate) async fn ensure_ladder(&self) -> Result<()> {
-        if self.ladder.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let channel = self.channel().await?;
-        crate::schedule::declare_ladder(&self.config, &channel).await?;
-        let _ = channel.close(200, "done".into()).await;
-        self.ladder.store(true, Ordering::Release);
         Ok(())
     }
 

@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use ticketrail_core::wire::{self, Attempt, Bookkeeping, Incoming};
 use ticketrail_core::{from_unix_millis, Headers};
 
-use crate::{schedule, topology};
+use crate::{ladder, topology};
 
 /// The header in which RabbitMQ records each dead-lettering of a message.
 const X_DEATH: &str = "x-death";
@@ -146,7 +146,7 @@ pub(crate) fn incoming(
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             let name = name.as_str();
-            if BROKER_HEADERS.contains(&name) || name.starts_with(schedule::HEADER_PREFIX) {
+            if BROKER_HEADERS.contains(&name) || name.starts_with(ladder::HEADER_PREFIX) {
                 continue;
             }
             if let Some(value) = text(value) {

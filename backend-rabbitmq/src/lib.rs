@@ -22,7 +22,8 @@
 //!
 //! The crate has the file skeleton of every backend (see
 //! ADDING_A_BACKEND.md). Its extra files: `acks.rs` (acks coalesced into
-//! `multiple` acks), `raw.rs` (a small AMQP client that reads what lapin
+//! `multiple` acks), `ladder.rs` and `schedule.rs` (messages published for
+//! later, C24), `raw.rs` (a small AMQP client that reads what lapin
 //! cannot parse), `sweep.rs` (retries a wait queue kept past their time,
 //! brought back by ticketrail) and `versions.rs` (what each RabbitMQ
 //! version changes).
@@ -34,6 +35,7 @@ mod connection;
 mod dead_letters;
 mod error;
 mod headers;
+mod ladder;
 mod publish;
 mod schedule;
 // The raw reader is the backend's own; the test suite, which publishes and

@@ -27,73 +27,17 @@
 
 use std::time::{Duration, SystemTime};
 
-use lapin::options::{
-    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
+use std::sync::atomic::Ordering;
+
+use lapin::types::ShortString;
+use lapin::Channel;
 use ticketrail_core::{Confirmation, Error, ErrorKind, Message, Result};
 
 use crate::config::RabbitConfig;
 use crate::connection::{within, Link};
-use crate::error::map;
 use crate::headers::long;
+use crate::ladder::{self, bit_header, level_name, LEVELS, PREFIX, SPACE_HEADER, UNIT};
 use crate::publish;
-
-/// Levels of the ladder: delays up to (2^25 - 1) × 100 ms, about 38.8 days.
-pub(crate) const LEVELS: u32 = 25;
-/// The unit of a delay.
-const UNIT: Duration = Duration::from_millis(100);
-/// Names of the ladder's exchanges and queues start with this.
-const PREFIX: &str = "ticketrail.schedule";
-/// Headers the ladder routes by start with this; consumers drop them.
-/// (Not `x-`: a headers exchange matches on no header named `x-…`.)
-pub(crate) const HEADER_PREFIX: &str = "Ticketrail-Schedule-";
-/// The header naming a scheduled message's topic space.
-const SPACE_HEADER: &str = "Ticketrail-Schedule-Space";
-
-/// The delivery exchange, below level 0.
-fn delivery_exchange() -> String {
-    format!("{PREFIX}.deliver")
-}
-
-/// The exchange and queue of level `level`.
-fn level_name(level: u32) -> String {
-    format!("{PREFIX}.{level:02}")
-}
-
-/// The ladder's queues, level 0 first.
-pub(crate) fn ladder() -> impl Iterator<Item = String> {
-    (0..LEVELS).map(level_name)
-}
-
-/// Where level `level` sends a message on: the next level down, or the
-/// delivery exchange.
-fn below(level: u32) -> String {
-    match level {
-        0 => delivery_exchange(),
-        _ => level_name(level - 1),
-    }
-}
-
-fn bit_header(level: u32) -> String {
-    format!("{HEADER_PREFIX}{level:02}")
-}
-
-/// A header match on `name` being `value`.
-fn matching(name: &str, value: &str) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-match".into(), long("all"));
-    args.insert(ShortString::from(name), long(value));
-    args
-}
-
-fn durable_exchange() -> ExchangeDeclareOptions {
-    ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    }
-}
 
 /// How many units from now `at` is, rounded up; zero if it has passed.
 pub(crate) fn units_until(at: SystemTime, now: SystemTime) -> Result<u64> {
@@ -114,103 +58,28 @@ pub(crate) fn units_until(at: SystemTime, now: SystemTime) -> Result<u64> {
         })
 }
 
-/// Declares the delivery exchange (every topic space needs it, to be bound
-/// to it) and binds `space` to it.
-pub(crate) async fn bind_space(channel: &Channel, space: &str) -> Result<()> {
-    let deliver = delivery_exchange();
-    channel
-        .exchange_declare(
-            deliver.as_str().into(),
-            ExchangeKind::Headers,
-            durable_exchange(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map(&format!("declaring exchange `{deliver}`"), e))?;
-    channel
-        .exchange_bind(
-            space.into(),
-            deliver.as_str().into(),
-            "".into(),
-            ExchangeBindOptions::default(),
-            matching(SPACE_HEADER, space),
-        )
-        .await
-        .map_err(|e| map(&format!("binding `{space}` to `{deliver}`"), e))
+/// Makes sure the ladder exists: declared once per connection, as the
+/// wait queues are (a reconnect forgets).
+async fn ensure_ladder(link: &Link) -> Result<()> {
+    if link.ladder.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let channel = link.channel().await?;
+    declare_ladder(&link.config, &channel).await?;
+    let _ = channel.close(200, "done".into()).await;
+    link.ladder.store(true, Ordering::Release);
+    Ok(())
 }
 
 /// Declares the ladder: idempotent, shared by every topic space. Each
 /// level is bounded by the connect timeout, as any declare.
-pub(crate) async fn declare_ladder(config: &RabbitConfig, channel: &Channel) -> Result<()> {
+async fn declare_ladder(config: &RabbitConfig, channel: &Channel) -> Result<()> {
     // From the bottom up, so each level's next one exists when it is bound.
     for level in 0..LEVELS {
         let what = format!("declaring level {level} of the ladder of scheduled messages");
-        within(config, &what, declare_level(channel, level)).await?;
+        within(config, &what, ladder::declare_level(channel, level)).await?;
     }
     Ok(())
-}
-
-async fn declare_level(channel: &Channel, level: u32) -> Result<()> {
-    let name = level_name(level);
-    let next = below(level);
-    channel
-        .exchange_declare(
-            name.as_str().into(),
-            ExchangeKind::Headers,
-            durable_exchange(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| map(&format!("declaring exchange `{name}`"), e))?;
-    let mut args = quorum_args_to_exchange(&next);
-    let ttl = UNIT.as_millis() << level;
-    args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(ttl as i64));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .map_err(|e| map(&format!("declaring queue `{name}`"), e))?;
-    let bit = bit_header(level);
-    channel
-        .queue_bind(
-            name.as_str().into(),
-            name.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            matching(&bit, "1"),
-        )
-        .await
-        .map_err(|e| map(&format!("binding queue `{name}`"), e))?;
-    channel
-        .exchange_bind(
-            next.as_str().into(),
-            name.as_str().into(),
-            "".into(),
-            ExchangeBindOptions::default(),
-            matching(&bit, "0"),
-        )
-        .await
-        .map_err(|e| map(&format!("binding `{next}` to `{name}`"), e))?;
-    Ok(())
-}
-
-/// A quorum queue's arguments, dead-lettering at least once to `exchange`
-/// with the message's own routing key.
-fn quorum_args_to_exchange(exchange: &str) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), long("quorum"));
-    args.insert("x-dead-letter-exchange".into(), long(exchange));
-    // As the work queues: without reject-publish, at-least-once
-    // dead-lettering silently falls back to at-most-once.
-    args.insert("x-dead-letter-strategy".into(), long("at-least-once"));
-    args.insert("x-overflow".into(), long("reject-publish"));
-    args
 }
 
 /// Why the ladder's messages cannot be listed or cancelled: `what`.
@@ -234,7 +103,7 @@ pub(crate) async fn send_at(
 ) -> Result<Confirmation> {
     message.check(topic_space, link.config.max_payload, "RabbitMQ")?;
     let units = units_until(at, SystemTime::now())?;
-    link.ensure_ladder().await?;
+    ensure_ladder(link).await?;
     let mut properties = publish::properties(&message)?;
     let mut headers = properties.headers().clone().unwrap_or_default();
     for level in 0..LEVELS {
@@ -270,12 +139,5 @@ mod tests {
         let month = Duration::from_secs(30 * 24 * 3600);
         assert_eq!(units(month), 25_920_000);
         assert!(units_until(now + Duration::from_secs(40 * 24 * 3600), now).is_err());
-    }
-
-    #[test]
-    fn the_ladder_ends_in_the_delivery_exchange() {
-        assert_eq!(below(0), "ticketrail.schedule.deliver");
-        assert_eq!(below(24), "ticketrail.schedule.23");
-        assert_eq!(bit_header(3), "Ticketrail-Schedule-03");
     }
 }

@@ -170,7 +170,7 @@ pub(crate) async fn declare(channel: &Channel, topology: &Topology) -> Result<()
     }
     // Messages published for later reach the topic exchange through this
     // binding (C24).
-    crate::schedule::bind_space(channel, space).await
+    crate::ladder::bind_space(channel, space).await
 }
 
 async fn declare_queue(channel: &Channel, space: &str, spec: &QueueSpec) -> Result<()> {
