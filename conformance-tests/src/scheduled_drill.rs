@@ -31,6 +31,13 @@ pub struct ScheduledReport {
     pub median_late: Duration,
     /// See [`median_late`](ScheduledReport::median_late).
     pub max_late: Duration,
+    /// The same for the messages due neither while the broker was down
+    /// nor in the 5 s after it answered again: lateness under normal load.
+    pub median_late_steady: Duration,
+    /// See [`median_late_steady`](ScheduledReport::median_late_steady).
+    pub max_late_steady: Duration,
+    /// How long each restart kept the broker away (halt to answering).
+    pub outages: Vec<Duration>,
 }
 
 /// First arrival time of each id, and how many times each came.
@@ -99,14 +106,24 @@ async fn drill(
     let consumer = Consumer::new(broker.clone(), "drill.sq", arrivals.clone())
         .prefetch(50)
         .spawn();
+    // When the broker was away, and 5 s more for its queues and the
+    // consumer to catch up.
+    let mut outages: Vec<(SystemTime, SystemTime)> = Vec::new();
     for restart_at in [Duration::from_secs(15), Duration::from_secs(35)] {
         if let Some(wait) = restart_at.checked_sub(started.elapsed()) {
             tokio::time::sleep(wait).await;
         }
+        let down = SystemTime::now();
         server.halt("drill.sq").await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         server.resume().await?;
+        outages.push((down, SystemTime::now()));
     }
+    let steady = |at: &SystemTime| {
+        !outages
+            .iter()
+            .any(|(down, up)| *at >= *down && *at <= *up + Duration::from_secs(5))
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let got = arrivals.0.lock().expect("not poisoned").len();
@@ -121,6 +138,7 @@ async fn drill(
     consumer.shutdown().await?;
     let seen = arrivals.0.lock().expect("not poisoned").clone();
     let mut lateness = Vec::new();
+    let mut steady_lateness = Vec::new();
     let mut report = ScheduledReport {
         scheduled: due.len(),
         ..ScheduledReport::default()
@@ -132,18 +150,30 @@ async fn drill(
                 report.delivered += 1;
                 report.duplicates += count - 1;
                 match arrived.duration_since(*at) {
-                    Ok(late) => lateness.push(late),
+                    Ok(late) => {
+                        lateness.push(late);
+                        if steady(at) {
+                            steady_lateness.push(late);
+                        }
+                    }
                     Err(_) => report.early += 1,
                 }
             }
         }
     }
-    lateness.sort();
-    report.median_late = lateness
-        .get(lateness.len() / 2)
-        .copied()
-        .unwrap_or_default();
-    report.max_late = lateness.last().copied().unwrap_or_default();
+    let median_max = |mut late: Vec<Duration>| {
+        late.sort();
+        (
+            late.get(late.len() / 2).copied().unwrap_or_default(),
+            late.last().copied().unwrap_or_default(),
+        )
+    };
+    (report.median_late, report.max_late) = median_max(lateness);
+    (report.median_late_steady, report.max_late_steady) = median_max(steady_lateness);
+    report.outages = outages
+        .iter()
+        .map(|(down, up)| up.duration_since(*down).unwrap_or_default())
+        .collect();
     broker.delete(&topology).await?;
     let _ = broker.close().await;
     Ok(report)

@@ -11,8 +11,8 @@
 //! `drill <backend> --scheduled` publishes 1,000 messages (`--messages`)
 //! for 1 to 60 s ahead while the throwaway broker restarts twice, and
 //! prints `drill <backend> scheduled: scheduled N, delivered N, lost N,
-//! early N, duplicates N, late median/max`; it exits non-zero if one is
-//! lost or early.
+//! early N, duplicates N, late median/max`, and the lateness of those due
+//! away from the restarts; it exits non-zero if one is lost or early.
 //!
 //! `drill effects-rabbitmq` and `drill effects-nats` run the effects drill
 //! (the outbox and inbox on PostgreSQL, see the `effects` module): 4,000
@@ -130,16 +130,21 @@ async fn main() -> ExitCode {
         let finished = harness.finish().await;
         return match (report, finished) {
             (Ok(r), Ok(())) => {
+                let ms = |d: std::time::Duration| d.as_millis();
                 println!(
                     "drill {backend} scheduled: scheduled {}, delivered {}, lost {}, early {}, \
-                     duplicates {}, late median {:?} max {:?} (two broker restarts)",
+                     duplicates {}, late median {} ms max {} ms; due away from the two restarts \
+                     (broker away {:?} ms): late median {} ms max {} ms",
                     r.scheduled,
                     r.delivered,
                     r.lost,
                     r.early,
                     r.duplicates,
-                    r.median_late,
-                    r.max_late
+                    ms(r.median_late),
+                    ms(r.max_late),
+                    r.outages.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+                    ms(r.median_late_steady),
+                    ms(r.max_late_steady)
                 );
                 if r.lost == 0 && r.early == 0 {
                     ExitCode::SUCCESS
