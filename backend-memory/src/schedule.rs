@@ -2,8 +2,6 @@
 //! due time, and routed to the queues bound when they come due. One timer
 //! task serves the whole broker while anything is held.
 
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +9,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use ticketrail_core::{Envelope, ScheduledMessage};
+
+use crate::store::{DueHeap, Timer};
 
 /// The broker a schedule belongs to: where its messages are routed when
 /// they come due.
@@ -25,50 +25,21 @@ pub(crate) trait Router: Send + Sync + 'static {
 /// The messages held for later.
 #[derive(Debug, Default)]
 pub(crate) struct Schedule {
-    held: Mutex<Held>,
+    held: Mutex<DueHeap<Held>>,
     changed: Notify,
 }
 
-#[derive(Debug, Default)]
-struct Held {
-    due: BinaryHeap<Reverse<Due>>,
-    /// Keeps messages due at the same instant in the order they came.
-    next_seq: u64,
-    timer_running: bool,
-}
-
+/// One message held for later.
 #[derive(Debug)]
-struct Due {
-    at: Instant,
-    /// `at` on the wall clock, for listing.
+struct Held {
+    /// When it is due, on the wall clock, for listing.
     due: SystemTime,
-    seq: u64,
     topic_space: String,
     envelope: Arc<Envelope>,
 }
 
-impl PartialEq for Due {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Due {}
-
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Due {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 impl Schedule {
-    fn held(&self) -> MutexGuard<'_, Held> {
+    fn held(&self) -> MutexGuard<'_, DueHeap<Held>> {
         // Every change is one push or pop: a poisoned lock is still sound.
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -76,16 +47,14 @@ impl Schedule {
     /// Up to `limit` messages held for `topic_space`, soonest first.
     pub(crate) fn list(&self, topic_space: &str, limit: usize) -> Vec<ScheduledMessage> {
         let held = self.held();
-        let mut due: Vec<&Due> = held
-            .due
-            .iter()
-            .map(|Reverse(due)| due)
-            .filter(|due| due.topic_space == topic_space)
+        let mut due: Vec<&Held> = held
+            .items()
+            .filter(|held| held.topic_space == topic_space)
             .collect();
-        due.sort();
+        due.sort_by_key(|held| held.due);
         due.into_iter()
             .take(limit)
-            .map(|d| ScheduledMessage::new(&d.envelope.id, &d.envelope.routing_key, d.due))
+            .map(|h| ScheduledMessage::new(&h.envelope.id, &h.envelope.routing_key, h.due))
             .collect()
     }
 
@@ -93,18 +62,16 @@ impl Schedule {
     /// was one.
     pub(crate) fn cancel(&self, topic_space: &str, id: &str) -> bool {
         let mut held = self.held();
-        let before = held.due.len();
-        held.due
-            .retain(|Reverse(due)| !(due.topic_space == topic_space && due.envelope.id == id));
-        held.due.len() < before
+        let before = held.len();
+        held.retain(|h| !(h.topic_space == topic_space && h.envelope.id == id));
+        held.len() < before
     }
 
     /// How many messages for `topic_space` are held.
     pub(crate) fn count_for(&self, topic_space: &str) -> usize {
         self.held()
-            .due
-            .iter()
-            .filter(|Reverse(due)| due.topic_space == topic_space)
+            .items()
+            .filter(|held| held.topic_space == topic_space)
             .count()
     }
 }
@@ -117,29 +84,19 @@ pub(crate) fn hold<R: Router>(
     envelope: Envelope,
     at: SystemTime,
 ) {
-    let wait = at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
+    let now = SystemTime::now();
+    let wait = at.duration_since(now).unwrap_or(Duration::ZERO);
     let schedule = server.schedule();
-    let mut held = schedule.held();
-    let at = Instant::now() + wait;
-    let earliest = held.due.peek().map(|Reverse(due)| due.at);
-    let seq = held.next_seq;
-    held.next_seq += 1;
-    held.due.push(Reverse(Due {
-        at,
-        due: SystemTime::now() + wait,
-        seq,
+    let held = Held {
+        due: at.max(now),
         topic_space: topic_space.to_owned(),
         envelope: Arc::new(envelope),
-    }));
-    if !held.timer_running {
-        held.timer_running = true;
-        drop(held);
-        tokio::spawn(run_timer(Arc::clone(server)));
-    } else if earliest.is_none_or(|earliest| at < earliest) {
-        drop(held);
-        schedule.changed.notify_one();
+    };
+    let timer = schedule.held().push(Instant::now() + wait, held);
+    match timer {
+        Timer::Start => drop(tokio::spawn(run_timer(Arc::clone(server)))),
+        Timer::Wake => schedule.changed.notify_one(),
+        Timer::Leave => {}
     }
 }
 
@@ -147,7 +104,7 @@ pub(crate) fn hold<R: Router>(
 /// it holds a message, as a broker process would.
 async fn run_timer<R: Router>(strong: Arc<R>) {
     loop {
-        let (ready, next) = take_due(strong.schedule());
+        let (ready, next) = strong.schedule().held().take_due(Instant::now());
         for due in ready {
             let routed = strong.route(&due.topic_space, &due.envelope);
             if routed.unwrap_or(0) == 0 {
@@ -160,31 +117,11 @@ async fn run_timer<R: Router>(strong: Arc<R>) {
             }
         }
         let Some(next) = next else { return };
-        let schedule_changed = async {
-            // `notify_one` keeps a permit when nobody waits, so a message
-            // held between `take_due` and this wait is not missed.
-            strong.schedule().changed.notified().await;
-        };
+        // `notify_one` keeps a permit when nobody waits, so a message held
+        // between `take_due` and this wait is not missed.
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
-            () = schedule_changed => {}
+            () = strong.schedule().changed.notified() => {}
         }
     }
-}
-
-/// The messages due now, and when the next one is due; with none left, the
-/// timer stops.
-fn take_due(schedule: &Schedule) -> (Vec<Due>, Option<Instant>) {
-    let mut held = schedule.held();
-    let now = Instant::now();
-    let mut ready = Vec::new();
-    while held.due.peek().is_some_and(|Reverse(due)| due.at <= now) {
-        let Reverse(due) = held.due.pop().expect("peeked");
-        ready.push(due);
-    }
-    let next = held.due.peek().map(|Reverse(due)| due.at);
-    if next.is_none() {
-        held.timer_running = false;
-    }
-    (ready, next)
 }

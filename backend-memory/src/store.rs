@@ -53,7 +53,7 @@ pub(crate) struct Queue {
     /// the lock afterwards sees it.
     deleted: AtomicBool,
     /// Messages waiting out a retry delay (C7, C12), earliest first.
-    waiting: Mutex<Waiting>,
+    waiting: Mutex<DueHeap<Stored>>,
     /// Woken when a message is due earlier than the timer is waiting for,
     /// or the queue is deleted.
     waiting_changed: Notify,
@@ -63,39 +63,111 @@ pub(crate) struct Queue {
     pub(crate) consumers: AtomicU64,
 }
 
-/// Retries waiting out their delay, served by one timer task per queue,
-/// started when a retry arrives and ending when none is left: a retry costs
-/// a heap push, not a task.
-#[derive(Debug, Default)]
-struct Waiting {
-    due: BinaryHeap<Reverse<Due>>,
-    /// Keeps messages due at the same instant in the order they came.
+/// Items waiting for their time, earliest first, served by one timer task
+/// started when the first arrives and ending when none is left: an item
+/// costs a heap push, not a task. A queue's retries wait in one (C7, C12),
+/// the broker's messages published for later in another (C24).
+#[derive(Debug)]
+pub(crate) struct DueHeap<T> {
+    due: BinaryHeap<Reverse<Due<T>>>,
+    /// Keeps items due at the same instant in the order they came.
     next_seq: u64,
     timer_running: bool,
 }
 
-#[derive(Debug)]
-struct Due {
-    at: Instant,
-    seq: u64,
-    stored: Stored,
+/// What whoever pushed an item must do about the timer task.
+pub(crate) enum Timer {
+    /// None runs: spawn it.
+    Start,
+    /// It sleeps until a later item: wake it.
+    Wake,
+    /// It will come to this item in time.
+    Leave,
 }
 
-impl PartialEq for Due {
+impl<T> Default for DueHeap<T> {
+    fn default() -> Self {
+        DueHeap {
+            due: BinaryHeap::new(),
+            next_seq: 0,
+            timer_running: false,
+        }
+    }
+}
+
+impl<T> DueHeap<T> {
+    /// Adds `item`, due at `at`.
+    pub(crate) fn push(&mut self, at: Instant, item: T) -> Timer {
+        let earliest = self.due.peek().map(|Reverse(due)| due.at);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.due.push(Reverse(Due { at, seq, item }));
+        if !self.timer_running {
+            self.timer_running = true;
+            Timer::Start
+        } else if earliest.is_none_or(|earliest| at < earliest) {
+            Timer::Wake
+        } else {
+            Timer::Leave
+        }
+    }
+
+    /// The items due at `now`, and when the next one is due; with none
+    /// left, the timer stops.
+    pub(crate) fn take_due(&mut self, now: Instant) -> (Vec<T>, Option<Instant>) {
+        let mut ready = Vec::new();
+        while self.due.peek().is_some_and(|Reverse(due)| due.at <= now) {
+            let Reverse(due) = self.due.pop().expect("peeked");
+            ready.push(due.item);
+        }
+        let next = self.due.peek().map(|Reverse(due)| due.at);
+        if next.is_none() {
+            self.timer_running = false;
+        }
+        (ready, next)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.due.len()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.due.clear();
+    }
+
+    /// The items, in no particular order.
+    pub(crate) fn items(&self) -> impl Iterator<Item = &T> {
+        self.due.iter().map(|Reverse(due)| &due.item)
+    }
+
+    /// Keeps the items for which `keep` holds.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&T) -> bool) {
+        self.due.retain(|Reverse(due)| keep(&due.item));
+    }
+}
+
+#[derive(Debug)]
+struct Due<T> {
+    at: Instant,
+    seq: u64,
+    item: T,
+}
+
+impl<T> PartialEq for Due<T> {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.seq) == (other.at, other.seq)
     }
 }
 
-impl Eq for Due {}
+impl<T> Eq for Due<T> {}
 
-impl PartialOrd for Due {
+impl<T> PartialOrd for Due<T> {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Due {
+impl<T> Ord for Due<T> {
     fn cmp(&self, other: &Self) -> Ordering {
         (self.at, self.seq).cmp(&(other.at, other.seq))
     }
@@ -124,7 +196,7 @@ impl Queue {
             changed: Notify::new(),
             waiters: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
-            waiting: Mutex::new(Waiting::default()),
+            waiting: Mutex::new(DueHeap::default()),
             waiting_changed: Notify::new(),
             in_flight: AtomicU64::new(0),
             consumers: AtomicU64::new(0),
@@ -155,12 +227,12 @@ impl Queue {
         state.ready.clear();
         state.dead.clear();
         drop(state);
-        self.waiting().due.clear();
+        self.waiting().clear();
         self.changed.notify_waiters();
         self.waiting_changed.notify_one();
     }
 
-    fn waiting(&self) -> MutexGuard<'_, Waiting> {
+    fn waiting(&self) -> MutexGuard<'_, DueHeap<Stored>> {
         // Every change is one push or pop: a poisoned lock is still sound.
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -168,26 +240,18 @@ impl Queue {
     /// Appends a message once `after` has passed, on tokio's clock. The wait
     /// is the broker's, not the consumer's (C12).
     pub(crate) fn push_after(self: &Arc<Self>, stored: Stored, after: Duration) {
-        let at = Instant::now() + after;
-        let mut waiting = self.waiting();
-        let earliest = waiting.due.peek().map(|Reverse(due)| due.at);
-        let seq = waiting.next_seq;
-        waiting.next_seq += 1;
-        waiting.due.push(Reverse(Due { at, seq, stored }));
-        if !waiting.timer_running {
-            waiting.timer_running = true;
-            drop(waiting);
-            tokio::spawn(Arc::clone(self).run_timer());
-        } else if earliest.is_none_or(|earliest| at < earliest) {
-            drop(waiting);
-            self.waiting_changed.notify_one();
+        let timer = self.waiting().push(Instant::now() + after, stored);
+        match timer {
+            Timer::Start => drop(tokio::spawn(Arc::clone(self).run_timer())),
+            Timer::Wake => self.waiting_changed.notify_one(),
+            Timer::Leave => {}
         }
     }
 
     /// Moves due messages to the ready queue until none is waiting.
     async fn run_timer(self: Arc<Self>) {
         loop {
-            let (ready, next) = self.take_due();
+            let (ready, next) = self.waiting().take_due(Instant::now());
             if !ready.is_empty() {
                 self.push_all(ready);
             }
@@ -199,23 +263,6 @@ impl Queue {
                 () = self.waiting_changed.notified() => {}
             }
         }
-    }
-
-    /// The messages due now, and when the next one is due; with none left,
-    /// the timer stops.
-    fn take_due(&self) -> (Vec<Stored>, Option<Instant>) {
-        let mut waiting = self.waiting();
-        let now = Instant::now();
-        let mut ready = Vec::new();
-        while waiting.due.peek().is_some_and(|Reverse(due)| due.at <= now) {
-            let Reverse(due) = waiting.due.pop().expect("peeked");
-            ready.push(due.stored);
-        }
-        let next = waiting.due.peek().map(|Reverse(due)| due.at);
-        if next.is_none() {
-            waiting.timer_running = false;
-        }
-        (ready, next)
     }
 
     fn push_all(&self, stored: Vec<Stored>) {
@@ -340,7 +387,7 @@ impl Queue {
         stats.ready = Some(state.ready.len() as u64);
         stats.dead_letters = Some(state.dead.len() as u64);
         drop(state);
-        stats.waiting_retries = Some(self.waiting().due.len() as u64);
+        stats.waiting_retries = Some(self.waiting().len() as u64);
         stats.in_flight = Some(self.in_flight.load(AtomicOrdering::Acquire));
         stats.consumers = Some(self.consumers.load(AtomicOrdering::Acquire));
         stats
