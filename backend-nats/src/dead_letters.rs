@@ -499,14 +499,16 @@ impl DeadLetterHandle for NatsDeadLetter {
     }
 }
 
+/// A `STREAM.PURGE` of one subject's messages.
 #[derive(Serialize)]
-struct PurgeFilter<'a> {
-    filter: &'a str,
+pub(crate) struct PurgeFilter<'a> {
+    pub(crate) filter: &'a str,
 }
 
+/// The answer to `STREAM.PURGE`.
 #[derive(Deserialize)]
-struct Purged {
-    purged: u64,
+pub(crate) struct Purged {
+    pub(crate) purged: u64,
 }
 
 /// Removes every record of the DLQ of `info`'s queue, and the payloads it

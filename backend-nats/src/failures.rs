@@ -49,14 +49,16 @@ fn decode(text: &str, sequence: u64) -> Option<FailureRecord> {
     })
 }
 
+/// The answer to `STREAM.MSG.GET`.
 #[derive(Deserialize)]
-struct MsgGet {
-    message: async_nats::jetstream::stream::RawMessage,
+pub(crate) struct MsgGet {
+    pub(crate) message: async_nats::jetstream::stream::RawMessage,
 }
 
+/// A `STREAM.MSG.GET` of the last message on a subject.
 #[derive(serde::Serialize)]
-struct LastBySubject<'a> {
-    last_by_subj: &'a str,
+pub(crate) struct LastBySubject<'a> {
+    pub(crate) last_by_subj: &'a str,
 }
 
 /// Whether the failure records of `stream` can be read through a direct

@@ -6,33 +6,17 @@
 use std::time::SystemTime;
 
 use async_nats::jetstream::message::StreamMessage;
-use serde::{Deserialize, Serialize};
+use futures::{StreamExt, TryStreamExt};
 use ticketrail_core::{wire, ErrorKind, Result, ScheduledMessage};
 
 use crate::connection::Connection;
-use crate::dead_letters::stream_state;
+use crate::dead_letters::{stream_state, PurgeFilter, Purged};
+use crate::failures::{LastBySubject, MsgGet};
 use crate::publish::{SCHEDULE, SCHEDULE_TARGET};
 use crate::topology;
 
-#[derive(Deserialize)]
-struct MsgGet {
-    message: async_nats::jetstream::stream::RawMessage,
-}
-
-#[derive(Serialize)]
-struct LastBySubject<'a> {
-    last_by_subj: &'a str,
-}
-
-#[derive(Serialize)]
-struct PurgeFilter<'a> {
-    filter: &'a str,
-}
-
-#[derive(Deserialize)]
-struct Purged {
-    purged: u64,
-}
+/// `STREAM.MSG.GET`s kept in flight while listing.
+const GETS_IN_FLIGHT: usize = 32;
 
 /// Every message held for `topic_space`, with its schedule subject,
 /// soonest first.
@@ -40,24 +24,27 @@ async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, Sched
     let stream = topology::stream_name(topic_space);
     let state = stream_state(conn, &stream, &topology::schedule_subjects(&stream)).await?;
     let prefix = format!("{topic_space}.");
+    let api = &format!("STREAM.MSG.GET.{stream}");
+    let doing = &format!("reading a message held for later in `{topic_space}`");
+    // One get per subject, a window of them in flight.
+    let got: Vec<(String, Option<MsgGet>)> = futures::stream::iter(state.subjects.into_keys())
+        .map(|subject| async move {
+            let request = LastBySubject {
+                last_by_subj: &subject,
+            };
+            match conn.api(api, &request, doing).await {
+                Ok(got) => Ok((subject, Some(got))),
+                // Published by the server meanwhile.
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok((subject, None)),
+                Err(e) => Err(e),
+            }
+        })
+        .buffered(GETS_IN_FLIGHT)
+        .try_collect()
+        .await?;
     let mut held = Vec::new();
-    for subject in state.subjects.keys() {
-        let got: Result<MsgGet> = conn
-            .api(
-                &format!("STREAM.MSG.GET.{stream}"),
-                &LastBySubject {
-                    last_by_subj: subject,
-                },
-                &format!("reading a message held for later in `{topic_space}`"),
-            )
-            .await;
-        let message = match got {
-            Ok(got) => got.message,
-            // Published by the server meanwhile.
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        let Ok(message) = StreamMessage::try_from(message) else {
+    for (subject, got) in got {
+        let Some(Ok(message)) = got.map(|g| StreamMessage::try_from(g.message)) else {
             continue;
         };
         let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
@@ -69,7 +56,7 @@ async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, Sched
             .and_then(|t| t.strip_prefix(&prefix).map(str::to_owned))
             .unwrap_or_default();
         let id = header(wire::ID).unwrap_or_default();
-        held.push((subject.clone(), ScheduledMessage::new(id, routing_key, due)));
+        held.push((subject, ScheduledMessage::new(id, routing_key, due)));
     }
     held.sort_by(|a, b| (a.1.due, &a.1.id).cmp(&(b.1.due, &b.1.id)));
     Ok(held)
