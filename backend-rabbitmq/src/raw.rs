@@ -37,6 +37,9 @@ const FRAME_END: u8 = 0xCE;
 const CHANNEL: u16 = 1;
 /// The frame size this client asks for.
 const FRAME_MAX: u32 = 131_072;
+/// How long a session waits for the next bytes of an answer before it
+/// takes the connection for dead.
+const SILENCE: Duration = Duration::from_secs(30);
 
 /// Class and method ids of the methods this client sends or expects.
 mod method {
@@ -806,10 +809,18 @@ impl RawConnection {
                     });
                 }
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read)
+            // No heartbeats here, and every read waits for the answer to
+            // something sent: a connection silent this long is dead (a
+            // dropped flow closes nothing), and the session ends with an
+            // error instead of waiting for good.
+            let n = tokio::time::timeout(SILENCE, self.stream.read_buf(&mut self.read))
                 .await
+                .map_err(|_| {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("RabbitMQ sent nothing for {SILENCE:?}: the connection is gone"),
+                    )
+                })?
                 .map_err(io_error("reading from RabbitMQ"))?;
             if n == 0 {
                 return Err(Error::new(
