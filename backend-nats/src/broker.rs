@@ -19,7 +19,7 @@ use crate::connection::{Connection, QueueInfo};
 use crate::dead_letters::{self, NatsCursor};
 use crate::error;
 use crate::subscription::NatsSubscription;
-use crate::{publish, scheduled, topology, versions};
+use crate::{mover, publish, scheduled, topology, versions};
 
 /// A connection to NATS JetStream implementing the ticketrail contract.
 ///
@@ -92,20 +92,6 @@ struct ConsumerCounts {
 }
 
 impl NatsBroker {
-    /// Fails unless the server holds messages for later.
-    fn schedules_here(&self) -> Result<()> {
-        if self.conn.server.schedules {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "nats-server {} holds no messages for later (message schedules came in 2.12)",
-                self.conn.server.version
-            ),
-        ))
-    }
-
     async fn declare_topology(&self, topology: &Topology) -> Result<()> {
         let conn = &self.conn;
         let space = &topology.topic_space;
@@ -219,6 +205,21 @@ impl NatsBroker {
                     )
                     .with_source(e)
                 })?;
+            // Messages held before the server was upgraded to 2.12 are
+            // still published by a mover.
+            let legacy = topology::later_stream_name(&stream_name);
+            if conn.js.get_stream(&legacy).await.is_ok() {
+                mover::ensure(conn, &stream_name, true);
+            }
+        } else {
+            let later = topology::later_stream_config(&stream_name, replicas);
+            conn.js.get_or_create_stream(later).await.map_err(|e| {
+                stream_error(
+                    &format!("creating the schedule stream of `{stream_name}`"),
+                    e,
+                )
+            })?;
+            mover::ensure(conn, &stream_name, false);
         }
         for queue in &topology.queues {
             let filter = topology::filter(space, &stream_name, queue, conn.server.several_filters)?;
@@ -445,6 +446,7 @@ impl NatsBroker {
             for aux in [
                 topology::dlq_stream_name(&stream_name),
                 topology::failures_stream_name(&stream_name),
+                topology::later_stream_name(&stream_name),
             ] {
                 let _ = conn.js.delete_stream(&aux).await;
             }
@@ -498,7 +500,7 @@ impl Broker for NatsBroker {
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
             .with_reconnect(true)
-            .with_scheduling(self.conn.server.schedules)
+            .with_scheduling(true)
     }
 
     fn describe(&self) -> String {
@@ -542,6 +544,7 @@ impl Broker for NatsBroker {
     ) -> Result<Box<dyn Subscription>> {
         validate_name("queue", queue)?;
         let info = self.conn.locate(queue).await?;
+        mover::ensure(&self.conn, &info.stream, false);
         let subscription = NatsSubscription::open(
             Arc::clone(&self.conn),
             info,
@@ -569,17 +572,24 @@ impl Broker for NatsBroker {
     /// does not know how many subscriptions pull from it.
     async fn scheduled(&self, topic_space: &str) -> Result<Option<Scheduled>> {
         validate_name("topic space", topic_space)?;
+        let stream = topology::stream_name(topic_space);
+        let doing = format!("reading the messages held for later in `{topic_space}`");
         if !self.conn.server.schedules {
-            return Ok(None);
+            // Their stream holds nothing else.
+            let later = topology::later_stream_name(&stream);
+            let state: dead_letters::StreamState = self
+                .conn
+                .api_empty(&format!("STREAM.INFO.{later}"), &doing)
+                .await?;
+            return Ok(Some(Scheduled::new(state.state.messages, false)));
         }
         // The holder consumer is never read: its pending messages are
         // exactly those waiting for their time.
-        let stream = topology::stream_name(topic_space);
         let counts: ConsumerCounts = self
             .conn
             .api_empty(
                 &format!("CONSUMER.INFO.{stream}.{}", topology::SCHEDULES_HOLDER),
-                &format!("reading the messages held for later in `{topic_space}`"),
+                &doing,
             )
             .await?;
         Ok(Some(Scheduled::new(counts.num_pending, false)))
@@ -591,13 +601,11 @@ impl Broker for NatsBroker {
         limit: usize,
     ) -> Result<Vec<ScheduledMessage>> {
         validate_name("topic space", topic_space)?;
-        self.schedules_here()?;
         scheduled::list(&self.conn, topic_space, limit).await
     }
 
     async fn cancel_scheduled(&self, topic_space: &str, id: &str) -> Result<bool> {
         validate_name("topic space", topic_space)?;
-        self.schedules_here()?;
         scheduled::cancel(&self.conn, topic_space, id).await
     }
 

@@ -2,7 +2,7 @@
 //! what the server supports, where each queue lives, and the clients of
 //! subscriptions, each of their own.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +99,11 @@ pub(crate) struct Connection {
     /// By topic space, ordered: a publish finds its space in a few
     /// comparisons of the name, cheaper than hashing it.
     routing: Mutex<BTreeMap<String, Routing>>,
+    /// The streams whose messages held for later this connection publishes
+    /// at their time (servers before 2.12, see `mover.rs`).
+    movers: Mutex<HashSet<String>>,
+    /// Wakes the movers when the connection is closed or dropped.
+    stop: tokio::sync::watch::Sender<()>,
     closed: AtomicBool,
 }
 
@@ -231,6 +236,8 @@ impl Connection {
             server,
             queues: Mutex::default(),
             routing: Mutex::default(),
+            movers: Mutex::default(),
+            stop: tokio::sync::watch::Sender::new(()),
             closed: AtomicBool::new(false),
         })
     }
@@ -241,6 +248,7 @@ impl Connection {
 
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Release);
+        self.stop.send_replace(());
     }
 
     /// A JetStream API request (`STREAM.INFO.<name>`, ...) with a JSON body,
@@ -288,6 +296,23 @@ impl Connection {
             Response::Ok(value) => Ok(value),
             Response::Err { error } => Err(error::api(doing, error)),
         }
+    }
+
+    /// Whether a mover for `stream` should start here (none runs yet), and
+    /// what tells it to stop.
+    pub(crate) fn start_mover(&self, stream: &str) -> Option<tokio::sync::watch::Receiver<()>> {
+        let new = self
+            .movers
+            .lock()
+            .expect("not poisoned")
+            .insert(stream.to_owned());
+        new.then(|| self.stop.subscribe())
+    }
+
+    /// The mover of `stream` has stopped (its stream is gone); the next
+    /// declare starts another.
+    pub(crate) fn mover_ended(&self, stream: &str) {
+        self.movers.lock().expect("not poisoned").remove(stream);
     }
 
     /// Remembers a queue declared through this connection.

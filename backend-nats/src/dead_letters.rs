@@ -30,6 +30,7 @@ use ticketrail_core::{
 use tokio::io::AsyncReadExt;
 
 use crate::connection::{Connection, QueueInfo};
+use crate::failures::{Deleted, MsgGet, Seq};
 use crate::headers::{self, read_block, RawBlock};
 use crate::topology;
 
@@ -141,24 +142,11 @@ fn fits(block: usize, rest: usize, limit: usize) -> bool {
     block + SIZE_MARGIN <= MAX_HEADER_BLOCK && block + rest + SIZE_MARGIN <= limit
 }
 
-#[derive(Deserialize)]
-struct MsgGet {
-    message: RawMessage,
-}
-
 #[derive(Serialize)]
 struct NextBySubject<'a> {
     seq: u64,
     next_by_subj: &'a str,
 }
-
-#[derive(Serialize)]
-struct Seq {
-    seq: u64,
-}
-
-#[derive(Deserialize)]
-struct Deleted {}
 
 #[derive(Serialize)]
 struct SubjectsFilter<'a> {
@@ -172,6 +160,8 @@ pub(crate) struct StreamState {
 
 #[derive(Deserialize)]
 pub(crate) struct State {
+    #[serde(default)]
+    pub(crate) messages: u64,
     #[serde(default)]
     pub(crate) last_seq: u64,
     #[serde(default)]
@@ -501,14 +491,14 @@ impl DeadLetterHandle for NatsDeadLetter {
 
 /// A `STREAM.PURGE` of one subject's messages.
 #[derive(Serialize)]
-pub(crate) struct PurgeFilter<'a> {
-    pub(crate) filter: &'a str,
+struct PurgeFilter<'a> {
+    filter: &'a str,
 }
 
 /// The answer to `STREAM.PURGE`.
 #[derive(Deserialize)]
-pub(crate) struct Purged {
-    pub(crate) purged: u64,
+struct Purged {
+    purged: u64,
 }
 
 /// Removes every record of the DLQ of `info`'s queue, and the payloads it

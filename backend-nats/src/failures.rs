@@ -55,6 +55,16 @@ pub(crate) struct MsgGet {
     pub(crate) message: async_nats::jetstream::stream::RawMessage,
 }
 
+/// A `STREAM.MSG.GET` or `STREAM.MSG.DELETE` of the message at `seq`.
+#[derive(serde::Serialize)]
+pub(crate) struct Seq {
+    pub(crate) seq: u64,
+}
+
+/// The answer to `STREAM.MSG.DELETE`.
+#[derive(Deserialize)]
+pub(crate) struct Deleted {}
+
 /// A `STREAM.MSG.GET` of the last message on a subject.
 #[derive(serde::Serialize)]
 pub(crate) struct LastBySubject<'a> {

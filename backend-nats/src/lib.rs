@@ -18,6 +18,10 @@
 //!   (C7, C12). The broker keeps each message's first failure and retry
 //!   count, so the attempt counts retries, and a redelivery after a crash
 //!   counts against the queue's delivery limit instead (C13);
+//! - a message published for later waits on a subject of its own in the
+//!   stream, held by a consumer nothing reads; from 2.12 the server
+//!   publishes it at its time, before that the movers of the connections
+//!   using the space do (C24);
 //! - dead letters go to the stream `TR_DLQ_<stream>` under
 //!   `Nats-Msg-Id = stream:sequence:queue`, then the original is
 //!   terminated (C10); replays reach their queue by a subject of its own.
@@ -26,7 +30,8 @@
 //! ADDING_A_BACKEND.md). Its extra files: `pull.rs` (pull requests of its
 //! own), `failures.rs` (first failures and retries kept in the broker),
 //! `quarantine.rs` (messages the client cannot parse, moved to the DLQ),
-//! `scheduled.rs` (listing and cancelling messages published for later)
+//! `scheduled.rs` (listing and cancelling messages published for later),
+//! `mover.rs` (publishing them at their time on servers before 2.12)
 //! and `versions.rs` (what each server version changes).
 
 mod broker;
@@ -36,6 +41,7 @@ mod dead_letters;
 mod error;
 mod failures;
 mod headers;
+mod mover;
 mod publish;
 mod pull;
 mod quarantine;

@@ -20,9 +20,11 @@ pub(crate) const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 /// With `at`, to be published then (C24): the message is stored on a
 /// schedule subject of its own in the topic space's stream, with the
 /// server's `Nats-Schedule: @at …` naming its time and its subject as the
-/// target. The server publishes it then, into the same stream, and drops
-/// the schedule: nothing of ours needs to run, and no consumer sees it
-/// before (their filters leave schedule subjects out).
+/// target. From nats-server 2.12 the server publishes it then, into the
+/// same stream, and drops the schedule: nothing of ours needs to run. No
+/// consumer sees it before (their filters leave schedule subjects out).
+/// Before 2.12 it waits in a stream of its own, and the movers of the
+/// connections using the space publish it (see `mover.rs`).
 ///
 /// One function for both: the future of every publish is boxed, and a
 /// wrapper around it would make it larger (see the test in broker.rs).
@@ -32,16 +34,6 @@ pub(crate) async fn send(
     message: Message,
     at: Option<SystemTime>,
 ) -> Result<Confirmation> {
-    if at.is_some() && !conn.server.schedules {
-        return Err(Error::new(
-            ErrorKind::Unsupported,
-            format!(
-                "nats-server {} cannot hold a message for later: JetStream message schedules \
-                 came in nats-server 2.12",
-                conn.server.version
-            ),
-        ));
-    }
     let (subject, headers) = prepared(conn, topic_space, &message, at)?;
     let limit = conn.config.publish_timeout;
     let deadline = tokio::time::Instant::now() + limit;
@@ -93,13 +85,21 @@ fn prepared(
     let Some(at) = at else {
         return Ok((subject, headers));
     };
+    let now = SystemTime::now();
+    if at <= now && !conn.server.schedules {
+        // Due already: published now, with no mover in between.
+        return Ok((subject, headers));
+    }
     // A time already passed is published at once by the server too.
-    let at = at.max(SystemTime::now());
+    let at = at.max(now);
     headers.insert(SCHEDULE, format!("@at {}", schedule_time(at)).as_str());
     headers.insert(SCHEDULE_TARGET, subject.as_str());
     let name = ticketrail_core::new_message_id();
     let stream = topology::stream_name(topic_space);
-    Ok((topology::schedule_subject(&stream, &name), headers))
+    Ok((
+        topology::schedule_subject(&stream, &name, conn.server.schedules),
+        headers,
+    ))
 }
 
 /// The error of a publish that took longer than the publish timeout.

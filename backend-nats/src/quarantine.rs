@@ -18,12 +18,13 @@ use std::time::SystemTime;
 
 use base64::Engine;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use ticketrail_core::wire::Attempt;
 use ticketrail_core::{DeadLetter, DeadLetterReason, ErrorKind, Result};
 
 use crate::connection::{Connection, QueueInfo};
 use crate::dead_letters;
+use crate::failures::{Deleted, MsgGet, Seq};
 use crate::headers::read_block;
 use crate::topology;
 
@@ -41,19 +42,6 @@ struct ConsumerState {
 struct Sequences {
     stream_seq: u64,
 }
-
-#[derive(Deserialize)]
-struct MsgGet {
-    message: async_nats::jetstream::stream::RawMessage,
-}
-
-#[derive(Serialize)]
-struct Seq {
-    seq: u64,
-}
-
-#[derive(Deserialize)]
-struct Deleted {}
 
 /// Looks at the messages delivered last to `info`'s queue and moves those
 /// the client cannot parse to the DLQ. Returns how many it moved.

@@ -1,7 +1,9 @@
 //! Reading and cancelling messages held for later (C24): each waits on a
-//! schedule subject of its own in its topic space's stream (see
-//! `publish.rs`), so listing reads the last message of each such subject
-//! and cancelling purges one.
+//! schedule subject of its own (see `publish.rs`), so listing reads the last message of each such subject
+//! and cancelling deletes one by its sequence. Not a purge by subject:
+//! before 2.10 a filtered purge moves every consumer of the stream past
+//! the purged messages, skipping the ones before them that it had not
+//! delivered yet.
 
 use std::time::SystemTime;
 
@@ -10,19 +12,20 @@ use futures::{StreamExt, TryStreamExt};
 use ticketrail_core::{wire, ErrorKind, Result, ScheduledMessage};
 
 use crate::connection::Connection;
-use crate::dead_letters::{stream_state, PurgeFilter, Purged};
-use crate::failures::{LastBySubject, MsgGet};
+use crate::dead_letters::stream_state;
+use crate::failures::{Deleted, LastBySubject, MsgGet, Seq};
 use crate::publish::{SCHEDULE, SCHEDULE_TARGET};
 use crate::topology;
 
 /// `STREAM.MSG.GET`s kept in flight while listing.
 const GETS_IN_FLIGHT: usize = 32;
 
-/// Every message held for `topic_space`, with its schedule subject,
+/// Every message held for `topic_space`, with its stream sequence,
 /// soonest first.
-async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, ScheduledMessage)>> {
-    let stream = topology::stream_name(topic_space);
-    let state = stream_state(conn, &stream, &topology::schedule_subjects(&stream)).await?;
+async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(u64, ScheduledMessage)>> {
+    let (stream, subjects) =
+        topology::held_in(&topology::stream_name(topic_space), conn.server.schedules);
+    let state = stream_state(conn, &stream, &subjects).await?;
     let prefix = format!("{topic_space}.");
     let api = &format!("STREAM.MSG.GET.{stream}");
     let doing = &format!("reading a message held for later in `{topic_space}`");
@@ -43,7 +46,7 @@ async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, Sched
         .try_collect()
         .await?;
     let mut held = Vec::new();
-    for (subject, got) in got {
+    for (_, got) in got {
         let Some(Ok(message)) = got.map(|g| StreamMessage::try_from(g.message)) else {
             continue;
         };
@@ -56,7 +59,10 @@ async fn held(conn: &Connection, topic_space: &str) -> Result<Vec<(String, Sched
             .and_then(|t| t.strip_prefix(&prefix).map(str::to_owned))
             .unwrap_or_default();
         let id = header(wire::ID).unwrap_or_default();
-        held.push((subject, ScheduledMessage::new(id, routing_key, due)));
+        held.push((
+            message.sequence,
+            ScheduledMessage::new(id, routing_key, due),
+        ));
     }
     held.sort_by(|a, b| (a.1.due, &a.1.id).cmp(&(b.1.due, &b.1.id)));
     Ok(held)
@@ -73,23 +79,29 @@ pub(crate) async fn list(
     Ok(held.into_iter().map(|(_, message)| message).collect())
 }
 
-/// Purges the schedule of the message with this id; whether one was held.
+/// Deletes the message with this id held for `topic_space`; whether one
+/// was held.
 pub(crate) async fn cancel(conn: &Connection, topic_space: &str, id: &str) -> Result<bool> {
-    let stream = topology::stream_name(topic_space);
-    let mut purged = 0;
-    for (subject, _) in held(conn, topic_space)
+    let (stream, _) = topology::held_in(&topology::stream_name(topic_space), conn.server.schedules);
+    let mut cancelled = false;
+    for (seq, _) in held(conn, topic_space)
         .await?
         .into_iter()
         .filter(|(_, m)| m.id == id)
     {
-        let done: Purged = conn
+        let deleted: Result<Deleted> = conn
             .api(
-                &format!("STREAM.PURGE.{stream}"),
-                &PurgeFilter { filter: &subject },
+                &format!("STREAM.MSG.DELETE.{stream}"),
+                &Seq { seq },
                 &format!("cancelling message `{id}` held for later in `{topic_space}`"),
             )
-            .await?;
-        purged += done.purged;
+            .await;
+        match deleted {
+            Ok(_) => cancelled = true,
+            // Published meanwhile.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
     }
-    Ok(purged > 0)
+    Ok(cancelled)
 }

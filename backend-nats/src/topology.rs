@@ -41,6 +41,8 @@ const DLQ_SUBJECT_PREFIX: &str = "_tr_dlq";
 const REPLAY_SUBJECT_PREFIX: &str = "_tr_replay";
 const FAILURES_SUBJECT_PREFIX: &str = "_tr_fail";
 const SCHEDULE_SUBJECT_PREFIX: &str = "_tr_sched";
+const LATER_STREAM_PREFIX: &str = "TR_LATER_";
+const LATER_SUBJECT_PREFIX: &str = "_tr_later";
 /// The name of the consumer holding messages published for later.
 pub(crate) const SCHEDULES_HOLDER: &str = "_tr_schedules";
 
@@ -88,14 +90,44 @@ pub(crate) fn replayed_to<'a>(stream: &str, subject: &'a str) -> Option<&'a str>
 }
 
 /// The subjects of messages of `stream` published for later (C24): each
-/// waits on a subject of its own, `name` being unique.
-pub(crate) fn schedule_subject(stream: &str, name: &str) -> String {
-    format!("{SCHEDULE_SUBJECT_PREFIX}.{stream}.{name}")
+/// waits on a subject of its own, `name` being unique; in `stream` itself
+/// where the server publishes them (`server_schedules`), else in its
+/// [`later_stream_name`].
+pub(crate) fn schedule_subject(stream: &str, name: &str, server_schedules: bool) -> String {
+    let prefix = if server_schedules {
+        SCHEDULE_SUBJECT_PREFIX
+    } else {
+        LATER_SUBJECT_PREFIX
+    };
+    format!("{prefix}.{stream}.{name}")
 }
 
-/// The stream subject capturing every [`schedule_subject`] of `stream`.
+/// The stream subject capturing every [`schedule_subject`] of `stream`
+/// that the server publishes itself.
 pub(crate) fn schedule_subjects(stream: &str) -> String {
     format!("{SCHEDULE_SUBJECT_PREFIX}.{stream}.>")
+}
+
+/// The stream holding the messages of `stream` published for later where
+/// the server does not publish them (before nats-server 2.12).
+pub(crate) fn later_stream_name(stream: &str) -> String {
+    format!("{LATER_STREAM_PREFIX}{stream}")
+}
+
+/// The stream subject capturing every message of `stream` published for
+/// later that a mover publishes.
+pub(crate) fn later_subjects(stream: &str) -> String {
+    format!("{LATER_SUBJECT_PREFIX}.{stream}.>")
+}
+
+/// Where the messages of `stream` published for later wait, and the
+/// subjects they wait on.
+pub(crate) fn held_in(stream: &str, server_schedules: bool) -> (String, String) {
+    if server_schedules {
+        (stream.to_owned(), schedule_subjects(stream))
+    } else {
+        (later_stream_name(stream), later_subjects(stream))
+    }
 }
 
 /// The durable consumer that gives the topic space's stream (interest
@@ -311,7 +343,8 @@ pub(crate) fn validate(topology: &Topology) -> Result<()> {
 /// The configuration of a topic space's stream.
 ///
 /// Where the server holds messages for later (nats-server 2.12+), the
-/// stream allows schedules and captures their subjects too.
+/// stream allows schedules and captures their subjects too; before, they
+/// wait in a stream of their own ([`later_stream_config`]).
 pub(crate) fn stream_config(
     space: &str,
     mut capture: Capture,
@@ -331,6 +364,24 @@ pub(crate) fn stream_config(
         num_replicas: replicas,
         allow_message_schedules: schedules,
         name,
+        ..stream::Config::default()
+    }
+}
+
+/// The configuration of the stream holding messages of `stream` published
+/// for later, before nats-server 2.12: limits retention, so a message
+/// stays until a mover publishes it and deletes it, whatever the queues'
+/// consumers do.
+pub(crate) fn later_stream_config(stream: &str, replicas: usize) -> stream::Config {
+    stream::Config {
+        name: later_stream_name(stream),
+        description: Some(format!(
+            "ticketrail messages of {stream} published for later"
+        )),
+        subjects: vec![later_subjects(stream)],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        num_replicas: replicas,
         ..stream::Config::default()
     }
 }

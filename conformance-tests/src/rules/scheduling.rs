@@ -123,8 +123,10 @@ pub(crate) async fn c24_scheduled_publishing(h: &dyn Harness) -> Result<(), Skip
                 .map_err(|e| format!("the message scheduled in the past: {e}"))?;
             ensure!(
                 first.envelope().id == past_id,
-                "a message scheduled for a time already passed should come at once; got {} first",
-                first.envelope().id
+                "a message scheduled for a time already passed should come at once; got {} ({:?}) \
+                 first",
+                first.envelope().id,
+                String::from_utf8_lossy(&first.envelope().payload)
             );
             first.ack().await.doing("acking")?;
             sc.publish_job("jobs.now", "now").await?;
