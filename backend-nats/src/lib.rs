@@ -18,10 +18,10 @@
 //!   (C7, C12). The broker keeps each message's first failure and retry
 //!   count, so the attempt counts retries, and a redelivery after a crash
 //!   counts against the queue's delivery limit instead (C13);
-//! - a message published for later waits on a subject of its own in the
-//!   stream, held by a consumer nothing reads; from 2.12 the server
-//!   publishes it at its time, before that the movers of the connections
-//!   using the space do (C24);
+//! - a message published for later waits on a subject of its own: from
+//!   2.12 in the stream, held by a consumer nothing reads, and the server
+//!   publishes it at its time; before, in the stream `TR_LATER_<stream>`,
+//!   and the movers of the connections using the space publish it (C24);
 //! - dead letters go to the stream `TR_DLQ_<stream>` under
 //!   `Nats-Msg-Id = stream:sequence:queue`, then the original is
 //!   terminated (C10); replays reach their queue by a subject of its own.

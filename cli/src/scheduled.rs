@@ -14,9 +14,9 @@ use crate::{Failure, Outcome};
 #[derive(Debug, Subcommand)]
 pub(crate) enum ScheduledCommand {
     /// The messages held for later in a topic space, soonest first (NATS
-    /// 2.12+ and memory; RabbitMQ cannot read them without taking them).
+    /// and memory; RabbitMQ cannot read them without taking them).
     List(ListArgs),
-    /// Cancels a message held for later, by id (NATS 2.12+ and memory).
+    /// Cancels a message held for later, by id (NATS and memory).
     Cancel(CancelArgs),
 }
 
