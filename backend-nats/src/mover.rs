@@ -5,11 +5,13 @@
 //! server version, `Nats-Schedule: @at …` and `Nats-Schedule-Target` (see
 //! `publish.rs`), on a subject of its own. From 2.12 it waits in its topic
 //! space's stream, and the server publishes it at its time. Before, it
-//! waits in a stream of its own, `TR_LATER_<stream>` (limits retention:
-//! in the topic space's stream the queues' consumers, which take a single
-//! filter subject there, would see it, and after a restart nats-server
-//! 2.9 can drop a message of an interest stream that the consumer
-//! recovered first has acknowledged). Every connection that declared the
+//! waits in a stream of its own, `TR_LATER_<stream>`, with limits
+//! retention: kept until a mover deletes it. (Held in the topic space's
+//! stream instead, where the queues' consumers read every subject before
+//! 2.10 and pass over these, 423 and then 762 of the drill's 1,000 never
+//! reached the worker once nats-server 2.9.10 had restarted, though a
+//! mover had published them; the cause is not known. In a stream of their
+//! own, none were lost.) Every connection that declared the
 //! space or subscribes to one of its queues runs a mover for it:
 //!
 //! - it learns what is held from an ordered consumer that reads only the

@@ -502,3 +502,76 @@ async fn rabbitmq_close_is_bounded_when_the_broker_stops_answering() {
     drop(freezer);
     node.remove().await.unwrap();
 }
+
+/// Two queues of one topic space, and a restart: on nats-server before
+/// 2.10 a queue's consumer takes a single filter subject, so it reads the
+/// whole stream and acknowledges the other queue's messages to pass over
+/// them. The other queue's messages, not yet consumed, must survive a
+/// restart of the server all the same.
+#[tokio::test]
+async fn nats_a_queue_keeps_its_messages_across_a_restart_when_another_passed_over_them() {
+    use ticketrail_conformance::testing::ServerProcess as _;
+    use ticketrail_core::{Consumer, QueueSpec, Topology};
+    let mut server = NatsServer::start().await.unwrap();
+    let url = server.url();
+    let connect = || async {
+        let broker: ticketrail_core::SharedBroker = Arc::new(
+            NatsBroker::connect(NatsConfig::from_url(&url).unwrap())
+                .await
+                .unwrap(),
+        );
+        broker
+    };
+    let broker = connect().await;
+    let topology = Topology::new("two.events")
+        .queue(QueueSpec::new("two.a").bind("a.#"))
+        .queue(QueueSpec::new("two.b").bind("b.#"));
+    broker.declare(&topology).await.unwrap();
+    let n = 300;
+    for i in 0..n {
+        for key in ["a.x", "b.x"] {
+            broker
+                .publish("two.events", Message::new(key, format!("{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    // Drains `queue`: how many messages its handler saw.
+    let drain = |broker: ticketrail_core::SharedBroker, queue: &'static str| async move {
+        let handled = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&handled);
+        let consumer = Consumer::new(
+            broker.clone(),
+            queue,
+            handler_fn(move |_: serde_json::Value, _ctx: Context| {
+                let counted = Arc::clone(&counted);
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    Ok::<(), HandlerError>(())
+                }
+            }),
+        )
+        .spawn();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while handled.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Passing over the other queue's messages: acknowledged by now.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        consumer.shutdown().await.unwrap();
+        handled.load(Ordering::SeqCst)
+    };
+    assert_eq!(drain(broker.clone(), "two.a").await, n);
+    let before = broker.queue_stats("two.b").await.unwrap();
+    let _ = broker.close().await;
+    server.halt().await.unwrap();
+    server.launch().await.unwrap();
+    let broker = connect().await;
+    let after = broker.queue_stats("two.b").await.unwrap();
+    assert_eq!(
+        drain(broker.clone(), "two.b").await,
+        n,
+        "queue b held {before:?} before the restart and {after:?} after"
+    );
+    server.remove().await.unwrap();
+}

@@ -43,22 +43,6 @@ async fn main() -> BenchResult<()> {
     publish_all(&publisher, n, |_| None, "now").await?;
     let plain_rate = n as f64 / started.elapsed().as_secs_f64();
 
-    let base = SystemTime::now() + Duration::from_secs(5);
-    let spread = Duration::from_secs(seconds);
-    let due_at = move |i: usize| base + spread.mul_f64(i as f64 / n as f64);
-    let started = Instant::now();
-    let due = publish_all(&publisher, n, |i| Some(due_at(i)), "later").await?;
-    let later_rate = n as f64 / started.elapsed().as_secs_f64();
-    let held = broker.scheduled(&space).await?.map(|s| s.held);
-    let rss_after = broker_rss(&url);
-    println!(
-        "scheduled {name}: published {n} now at {plain_rate:.0}/s, {n} for later at \
-         {later_rate:.0}/s ({:.2} of plain); held {held:?}; broker RSS {} -> {} MiB",
-        later_rate / plain_rate,
-        rss_before.map_or("?".to_owned(), |m| m.to_string()),
-        rss_after.map_or("?".to_owned(), |m| m.to_string()),
-    );
-
     let arrived: Arc<Mutex<HashMap<String, SystemTime>>> = Arc::default();
     let seen = Arc::clone(&arrived);
     let consumer = Consumer::new(
@@ -77,6 +61,24 @@ async fn main() -> BenchResult<()> {
     )
     .prefetch(100)
     .spawn();
+    // Running while they are published: the first are due before the last
+    // is published.
+    let base = SystemTime::now() + Duration::from_secs(5);
+    let spread = Duration::from_secs(seconds);
+    let due_at = move |i: usize| base + spread.mul_f64(i as f64 / n as f64);
+    let started = Instant::now();
+    let due = publish_all(&publisher, n, |i| Some(due_at(i)), "later").await?;
+    let later_rate = n as f64 / started.elapsed().as_secs_f64();
+    let held = broker.scheduled(&space).await?.map(|s| s.held);
+    let rss_after = broker_rss(&url);
+    println!(
+        "scheduled {name}: published {n} now at {plain_rate:.0}/s, {n} for later at \
+         {later_rate:.0}/s ({:.2} of plain); held {held:?}; broker RSS {} -> {} MiB",
+        later_rate / plain_rate,
+        rss_before.map_or("?".to_owned(), |m| m.to_string()),
+        rss_after.map_or("?".to_owned(), |m| m.to_string()),
+    );
+
     let deadline = due_at(n) + Duration::from_secs(120);
     while arrived.lock().expect("not poisoned").len() < n && SystemTime::now() < deadline {
         tokio::time::sleep(Duration::from_secs(1)).await;
