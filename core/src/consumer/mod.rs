@@ -204,9 +204,11 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
     /// takes no new deliveries, lets running handlers finish until the
     /// shutdown deadline, and releases the rest for redelivery.
     ///
-    /// Returns an error if the first subscription cannot be opened, or if
-    /// the broker connection is closed under it. Any later interruption is
-    /// logged, reported in [`Health`] and resumed with backoff.
+    /// Returns an error if the first subscription cannot be opened for a
+    /// reason that waiting does not mend (no such queue, a bad setting), or
+    /// if the broker connection is closed under it. A transient failure
+    /// (the broker away or silent), then or later, is logged, reported in
+    /// [`Health`] and tried again with backoff.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> Result<()> {
         let health = HealthState::new(Arc::clone(&self.queue), Arc::clone(&self.broker));
         self.run_reporting(signal, health).await
@@ -241,8 +243,18 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
             .rate
             .map(|(messages, per)| RateLimit::new(messages, per))
             .transpose()?;
-        let subscription = self.broker.subscribe(&self.queue, options).await?;
-        health.resumed();
+        let first = match self.broker.subscribe(&self.queue, options).await {
+            Ok(subscription) => {
+                health.resumed();
+                Some(subscription)
+            }
+            Err(e) if e.is_transient() && e.kind() != ErrorKind::Closed => {
+                health.failed(&e);
+                tracing::warn!(queue = %self.queue, error = %e, "first subscription failed; opening a new one");
+                None
+            }
+            Err(e) => return Err(e),
+        };
         let metrics = Arc::new(ConsumerMetrics::new(self.broker.backend(), &self.queue));
         let in_flight = |n: usize| {
             health.set_in_flight(n);
@@ -302,7 +314,7 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         // dropped half-way: a subscription need not be cancellation-safe. It
         // owns the subscription while it runs and hands it back (`None`:
         // a new one is to be opened).
-        let mut idle: Option<Option<Box<dyn Subscription>>> = Some(Some(subscription));
+        let mut idle: Option<Option<Box<dyn Subscription>>> = Some(first);
         // Where a `next()` dropped at shutdown leaves its subscription.
         let dropped_with_next = Slot::default();
         let mut next: Option<NextDelivery> = None;
@@ -311,6 +323,9 @@ impl<H: Handler, C: Codec> Consumer<H, C> {
         let mut pause = Duration::ZERO;
         let mut resume = Backoff::new(RESUME_BACKOFF_CAP);
         let mut resubscribe = Backoff::new(RESUBSCRIBE_BACKOFF_CAP);
+        if idle.as_ref().is_some_and(Option::is_none) {
+            pause = resubscribe.next_wait();
+        }
         let ended = loop {
             // Deliveries at hand are taken without a future each; the
             // subscription is awaited only when it has none.

@@ -219,6 +219,9 @@ struct ScriptedBroker {
     polls: Arc<Mutex<usize>>,
     closes: Arc<Mutex<usize>>,
     close_hangs: bool,
+    /// Whether the first subscribe times out, as over a silently dropped
+    /// connection.
+    first_subscribe_times_out: bool,
     flushes: Arc<Mutex<Vec<usize>>>,
 }
 
@@ -244,6 +247,7 @@ impl ScriptedBroker {
             polls: Arc::default(),
             closes: Arc::default(),
             close_hangs: false,
+            first_subscribe_times_out: false,
             flushes: Arc::default(),
         })
     }
@@ -291,7 +295,17 @@ impl Broker for ScriptedBroker {
         _queue: &str,
         _options: SubscribeOptions,
     ) -> crate::Result<Box<dyn Subscription>> {
-        *self.subscribes.lock().unwrap() += 1;
+        let subscribes = {
+            let mut count = self.subscribes.lock().unwrap();
+            *count += 1;
+            *count
+        };
+        if self.first_subscribe_times_out && subscribes == 1 {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                "opening a channel: the broker did not answer within 5s",
+            ));
+        }
         match self.scripts.lock().unwrap().pop_front() {
             Some(steps) => Ok(Box::new(ScriptedSubscription {
                 steps: steps.into(),
@@ -384,6 +398,25 @@ async fn a_handled_message_is_acked() {
     assert_eq!(health.handled, 1);
     assert!(health.is_ready(), "{health:?}");
     running.shutdown().await.unwrap();
+}
+
+/// The first subscribe failing for a reason that passes (a dropped
+/// connection noticed late) is tried again, as later ones are; one that
+/// does not pass (no such queue) still ends the consumer at once.
+#[tokio::test(start_paused = true)]
+async fn a_first_subscribe_that_times_out_is_tried_again() {
+    let mut broker = Arc::into_inner(ScriptedBroker::new(vec![vec![deliver("a", json("ok"))]]))
+        .expect("not shared yet");
+    broker.first_subscribe_times_out = true;
+    let broker = Arc::new(broker);
+    let running = consumer(&broker).spawn();
+    assert_eq!(settled(&broker, 1).await, vec![Settled::Ack("a".into())]);
+    assert_eq!(*broker.subscribes.lock().unwrap(), 2);
+    running.shutdown().await.unwrap();
+
+    let gone = ScriptedBroker::new(Vec::new());
+    let err = consumer(&gone).spawn().shutdown().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
 
 #[tokio::test(start_paused = true)]
