@@ -1,6 +1,7 @@
 //! Reading and cancelling messages held for later (C24): each waits on a
-//! schedule subject of its own (see `publish.rs`), so listing reads the last message of each such subject
-//! and cancelling deletes one by its sequence. Not a purge by subject:
+//! schedule subject of its own (see `publish.rs`), so listing reads the
+//! last message of each such subject and cancelling deletes one by its
+//! sequence. Not a purge by subject:
 //! before 2.10 a filtered purge moves every consumer of the stream past
 //! the purged messages, skipping the ones before them that it had not
 //! delivered yet.
