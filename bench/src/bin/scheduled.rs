@@ -16,8 +16,11 @@ use ticketrail::{handler_fn, Consumer, Context, Message, Publisher, QueueSpec, T
 
 #[path = "shared/args.rs"]
 mod args;
+#[path = "shared/process.rs"]
+mod process;
 
 use args::{Args, BenchResult};
+use process::usage;
 
 /// Confirmations awaited at once, as in the main bench.
 const WINDOW: usize = 256;
@@ -36,7 +39,7 @@ async fn main() -> BenchResult<()> {
         .queue(QueueSpec::new(format!("bench-later-{unique}.later")).bind("later"));
     broker.declare(&topology).await?;
     let publisher = Publisher::new(Arc::clone(&broker), &space);
-    let rss_before = broker_rss(&url);
+    let rss_before = usage(&url).map(|(rss, _)| rss);
 
     // Plain publishes first, to a queue of their own.
     let started = Instant::now();
@@ -70,7 +73,7 @@ async fn main() -> BenchResult<()> {
     let due = publish_all(&publisher, n, |i| Some(due_at(i)), "later").await?;
     let later_rate = n as f64 / started.elapsed().as_secs_f64();
     let held = broker.scheduled(&space).await?.map(|s| s.held);
-    let rss_after = broker_rss(&url);
+    let rss_after = usage(&url).map(|(rss, _)| rss);
     println!(
         "scheduled {name}: published {n} now at {plain_rate:.0}/s, {n} for later at \
          {later_rate:.0}/s ({:.2} of plain); held {held:?}; broker RSS {} -> {} MiB",
@@ -136,29 +139,4 @@ async fn publish_all(
     }
     while in_flight.next().await.transpose()?.is_some() {}
     Ok(due)
-}
-
-/// The resident memory in MiB of the process listening on the broker's
-/// port on this machine, if any (`ss -ltnpH`); none for the in-process
-/// broker.
-fn broker_rss(url: &str) -> Option<u64> {
-    if url.starts_with("memory:") {
-        return None;
-    }
-    let port = url.rsplit_once(':')?.1.split('/').next()?.to_owned();
-    let out = std::process::Command::new("ss")
-        .args(["-ltnpH", &format!("sport = :{port}")])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pid = text.split("pid=").nth(1)?.split(',').next()?.to_owned();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024)
 }
