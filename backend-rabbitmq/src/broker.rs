@@ -3,7 +3,7 @@
 use std::fmt;
 use std::num::NonZeroU16;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use ticketrail_core::{
@@ -86,10 +86,16 @@ impl Broker for RabbitBroker {
     }
 
     async fn delete(&self, topology: &Topology) -> Result<()> {
+        let tiers = {
+            let mut raw = open_raw(&self.link.config).await?;
+            let tiers = topology::tiers_in_use(&mut raw).await;
+            raw.close().await;
+            tiers?
+        };
+        let queues: Vec<&str> = topology.queues.iter().map(|q| q.name.as_str()).collect();
+        let session = self.link.session().await?;
+        topology::delete_queues(&session.connection, &queues, &tiers).await?;
         let channel = self.link.channel().await?;
-        for queue in &topology.queues {
-            topology::delete_queue(&channel, &queue.name).await?;
-        }
         let deleted = channel
             .exchange_delete(
                 topology.topic_space.as_str().into(),
@@ -198,14 +204,19 @@ impl Broker for RabbitBroker {
         let mut raw = open_raw(&self.link.config).await?;
         let (ready, consumers) = raw.queue_counts(queue).await?;
         let (dead, _) = raw.queue_counts(&topology::dlq_name(queue)).await?;
-        let mut waiting = 0u64;
-        for name in topology::wait_queue_names(queue) {
-            match raw.queue_counts(&name).await {
-                Ok((n, _)) => waiting += u64::from(n),
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
+        // Asked for once for many queues' stats in a row.
+        let tiers = self
+            .link
+            .tiers_in_use(&mut raw, Duration::from_secs(5))
+            .await?;
+        let waits: Vec<String> = topology::wait_queue_names(queue, &tiers).collect();
+        let waiting = raw
+            .queue_counts_many(&waits)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|(n, _)| u64::from(n))
+            .sum();
         raw.close().await;
         let mut stats = QueueStats::new(queue);
         stats.ready = Some(u64::from(ready));

@@ -1,11 +1,11 @@
 //! Connections to RabbitMQ: opened on the first node of the list that
 //! answers, and the publishing link, re-established after it breaks (C15).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -246,6 +246,11 @@ pub(crate) struct Link {
     closed: AtomicBool,
     declared: SyncMutex<Vec<Topology>>,
     wait_queues: SyncMutex<HashSet<String>>,
+    /// The tiers in use (`topology::tiers_in_use`), and when they were
+    /// asked for.
+    tiers: SyncMutex<Option<(Instant, Vec<Duration>)>>,
+    /// The queues whose wait queues are swept.
+    pub(crate) sweeps: Sweeps,
     /// Whether the ladder of messages published for later was declared on
     /// the current connection.
     pub(crate) ladder: AtomicBool,
@@ -271,6 +276,8 @@ impl Link {
             closed: AtomicBool::new(false),
             declared: SyncMutex::default(),
             wait_queues: SyncMutex::default(),
+            tiers: SyncMutex::default(),
+            sweeps: Sweeps::default(),
             ladder: AtomicBool::new(false),
             server,
             blocked: Arc::new(watch::channel(None).0),
@@ -314,7 +321,12 @@ impl Link {
                 }
                 for topology in &topologies {
                     let what = format!("declaring `{}` again", topology.topic_space);
-                    within(config, &what, topology::declare(&session.publish, topology)).await?;
+                    within(
+                        config,
+                        &what,
+                        topology::declare(&session.connection, &session.publish, topology),
+                    )
+                    .await?;
                 }
                 self.wait_queues.lock().expect("not poisoned").clear();
                 self.ladder.store(false, Ordering::Release);
@@ -334,7 +346,7 @@ impl Link {
     /// Declares a topology and remembers it for redeclaring after a reconnect.
     pub(crate) async fn declare(&self, topology: &Topology) -> Result<()> {
         let session = self.session().await?;
-        topology::declare(&session.publish, topology).await?;
+        topology::declare(&session.connection, &session.publish, topology).await?;
         let mut declared = self.declared.lock().expect("not poisoned");
         if !declared.contains(topology) {
             declared.push(topology.clone());
@@ -537,6 +549,23 @@ impl Link {
         Ok(())
     }
 
+    /// The tiers in use in the virtual host, asked for on `raw` unless
+    /// this link asked less than `fresh` ago.
+    pub(crate) async fn tiers_in_use(
+        &self,
+        raw: &mut RawConnection,
+        fresh: Duration,
+    ) -> Result<Vec<Duration>> {
+        if let Some((at, tiers)) = &*self.tiers.lock().expect("not poisoned") {
+            if at.elapsed() < fresh {
+                return Ok(tiers.clone());
+            }
+        }
+        let tiers = topology::tiers_in_use(raw).await?;
+        *self.tiers.lock().expect("not poisoned") = Some((Instant::now(), tiers.clone()));
+        Ok(tiers)
+    }
+
     /// The wait queues this link declared on its current connection.
     pub(crate) fn wait_queues(&self) -> Vec<String> {
         let declared = self.wait_queues.lock().expect("not poisoned");
@@ -636,5 +665,49 @@ impl std::fmt::Display for Target {
                 write!(f, "`{exchange}` with routing key `{key}`")
             }
         }
+    }
+}
+
+/// The queues a link's sweep covers: those of its live subscriptions.
+/// One task per link sweeps them all over one connection, so a process
+/// with a thousand consumers holds one sweeping connection, not a
+/// thousand (see `sweep.rs`).
+#[derive(Default)]
+pub(crate) struct Sweeps(SyncMutex<Covered>);
+
+#[derive(Default)]
+struct Covered {
+    /// Each queue, with how many subscriptions of this link it has.
+    queues: HashMap<Arc<str>, usize>,
+    /// Whether the task runs.
+    running: bool,
+}
+
+impl Sweeps {
+    /// Adds a subscription of `queue`; whether the task must be started.
+    pub(crate) fn join(&self, queue: &Arc<str>) -> bool {
+        let mut covered = self.0.lock().expect("not poisoned");
+        *covered.queues.entry(Arc::clone(queue)).or_default() += 1;
+        !std::mem::replace(&mut covered.running, true)
+    }
+
+    pub(crate) fn leave(&self, queue: &str) {
+        let mut covered = self.0.lock().expect("not poisoned");
+        if let Some(n) = covered.queues.get_mut(queue) {
+            *n -= 1;
+            if *n == 0 {
+                covered.queues.remove(queue);
+            }
+        }
+    }
+
+    /// The queues to sweep; none, once the task is to end (it is marked
+    /// stopped under the same lock, so a later `join` starts another).
+    pub(crate) fn queues(&self) -> Vec<Arc<str>> {
+        let mut covered = self.0.lock().expect("not poisoned");
+        if covered.queues.is_empty() {
+            covered.running = false;
+        }
+        covered.queues.keys().cloned().collect()
     }
 }

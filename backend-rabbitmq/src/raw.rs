@@ -55,6 +55,8 @@ mod method {
     pub(super) const CHANNEL_OPEN_OK: (u16, u16) = (20, 11);
     pub(super) const CHANNEL_CLOSE: (u16, u16) = (20, 40);
     pub(super) const CHANNEL_CLOSE_OK: (u16, u16) = (20, 41);
+    pub(super) const EXCHANGE_DECLARE: (u16, u16) = (40, 10);
+    pub(super) const EXCHANGE_DECLARE_OK: (u16, u16) = (40, 11);
     pub(super) const QUEUE_DECLARE: (u16, u16) = (50, 10);
     pub(super) const QUEUE_DECLARE_OK: (u16, u16) = (50, 11);
     pub(super) const BASIC_QOS: (u16, u16) = (60, 10);
@@ -770,13 +772,13 @@ impl RawConnection {
 
     async fn send_frame(&mut self, kind: u8, channel: u16, payload: &[u8]) -> Result<()> {
         let mut frame = Vec::with_capacity(payload.len() + 8);
-        frame.put_u8(kind);
-        frame.put_u16(channel);
-        frame.put_u32(payload.len() as u32);
-        frame.extend_from_slice(payload);
-        frame.put_u8(FRAME_END);
+        put_frame(&mut frame, kind, channel, payload);
+        self.send_bytes(&frame).await
+    }
+
+    async fn send_bytes(&mut self, frames: &[u8]) -> Result<()> {
         self.stream
-            .write_all(&frame)
+            .write_all(frames)
             .await
             .map_err(io_error("writing to RabbitMQ"))
     }
@@ -1068,6 +1070,135 @@ impl RawConnection {
         Ok((r.u32()?, r.u32()?))
     }
 
+    /// Ready messages and consumers of each of `queues`, `None` for one that
+    /// does not exist, in two round trips per batch of up to 512 queues
+    /// instead of one or two per queue. Each is looked for with a passive
+    /// declare on a channel of its own, since a miss (404) closes the
+    /// channel it came on. It uses the channels above the first: call it
+    /// with no consumer open.
+    pub async fn queue_counts_many(
+        &mut self,
+        queues: &[String],
+    ) -> Result<Vec<Option<(u32, u32)>>> {
+        self.passive_many(Object::Queue, queues).await
+    }
+
+    /// Which of `exchanges` exist, as [`queue_counts_many`](Self::queue_counts_many) looks.
+    pub async fn exchanges_exist(&mut self, exchanges: &[String]) -> Result<Vec<bool>> {
+        let found = self.passive_many(Object::Exchange, exchanges).await?;
+        Ok(found.into_iter().map(|f| f.is_some()).collect())
+    }
+
+    async fn passive_many(
+        &mut self,
+        object: Object,
+        names: &[String],
+    ) -> Result<Vec<Option<(u32, u32)>>> {
+        const BATCH: usize = 512;
+        let batch = BATCH.min(usize::from(self.channel_max.max(2) - 1));
+        let mut counts = Vec::with_capacity(names.len());
+        for chunk in names.chunks(batch) {
+            counts.extend(self.passive_batch(object, chunk).await?);
+        }
+        Ok(counts)
+    }
+
+    async fn passive_batch(
+        &mut self,
+        object: Object,
+        queues: &[String],
+    ) -> Result<Vec<Option<(u32, u32)>>> {
+        let first = CHANNEL + 1;
+        let mut frames = Vec::new();
+        for (i, name) in queues.iter().enumerate() {
+            let channel = first + i as u16;
+            let open = Writer::method(method::CHANNEL_OPEN).short(b"");
+            put_frame(&mut frames, FRAME_METHOD, channel, &open.0);
+            let declare = match object {
+                Object::Queue => Writer::method(method::QUEUE_DECLARE)
+                    .u16(0)
+                    .short(name.as_bytes())
+                    .u8(0b0000_0001), // passive
+                Object::Exchange => Writer::method(method::EXCHANGE_DECLARE)
+                    .u16(0)
+                    .short(name.as_bytes())
+                    .short(b"")
+                    .u8(0b0000_0001), // passive
+            };
+            put_frame(&mut frames, FRAME_METHOD, channel, &declare.table(&[]).0);
+        }
+        self.send_bytes(&frames).await?;
+        let mut counts = vec![None; queues.len()];
+        let mut open = Vec::new();
+        let mut refused = None;
+        let mut answered = 0;
+        while answered < queues.len() {
+            let frame = self.read_frame().await?;
+            let at = usize::from(frame.channel.wrapping_sub(first));
+            if frame.kind != FRAME_METHOD || at >= queues.len() {
+                return Err(malformed(&format!(
+                    "expected answers to passive declares, got a frame of type {} on channel {}",
+                    frame.kind, frame.channel
+                )));
+            }
+            let mut r = Reader(&frame.payload);
+            match (r.u16()?, r.u16()?) {
+                method::CHANNEL_OPEN_OK => {}
+                method::QUEUE_DECLARE_OK => {
+                    let _name = r.short_string()?;
+                    counts[at] = Some((r.u32()?, r.u32()?));
+                    open.push(frame.channel);
+                    answered += 1;
+                }
+                method::EXCHANGE_DECLARE_OK => {
+                    counts[at] = Some((0, 0));
+                    open.push(frame.channel);
+                    answered += 1;
+                }
+                method::CHANNEL_CLOSE => {
+                    let code = r.u16()?;
+                    let text = r.short_string()?.lossy();
+                    self.send_method(frame.channel, Writer::method(method::CHANNEL_CLOSE_OK))
+                        .await?;
+                    if code != 404 && refused.is_none() {
+                        refused = Some(Error::new(
+                            ErrorKind::Broker,
+                            format!("looking for {object} `{}`: {code} {text}", queues[at]),
+                        ));
+                    }
+                    answered += 1;
+                }
+                other => {
+                    return Err(malformed(&format!(
+                        "expected an answer to a passive declare, got method {other:?}"
+                    )))
+                }
+            }
+        }
+        let mut frames = Vec::new();
+        for channel in &open {
+            let close = Writer::method(method::CHANNEL_CLOSE)
+                .u16(200)
+                .short(b"done")
+                .u16(0)
+                .u16(0);
+            put_frame(&mut frames, FRAME_METHOD, *channel, &close.0);
+        }
+        self.send_bytes(&frames).await?;
+        for _ in &open {
+            let (id, on, _) = self.read_method().await?;
+            if id != method::CHANNEL_CLOSE_OK {
+                return Err(malformed(&format!(
+                    "expected channel {on} to close, got {id:?}"
+                )));
+            }
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(counts),
+        }
+    }
+
     /// Publishes a message exactly as given (any bytes in any short string)
     /// and waits for the broker's confirm. With `mandatory`, an unroutable
     /// message is [`ErrorKind::Unroutable`].
@@ -1205,6 +1336,31 @@ impl RawConnection {
             .await;
         }
     }
+}
+
+/// What a passive declare looks for.
+#[derive(Clone, Copy)]
+enum Object {
+    Queue,
+    Exchange,
+}
+
+impl fmt::Display for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Object::Queue => "queue",
+            Object::Exchange => "exchange",
+        })
+    }
+}
+
+/// Appends one frame to `out`.
+fn put_frame(out: &mut Vec<u8>, kind: u8, channel: u16, payload: &[u8]) {
+    out.put_u8(kind);
+    out.put_u16(channel);
+    out.put_u32(payload.len() as u32);
+    out.extend_from_slice(payload);
+    out.put_u8(FRAME_END);
 }
 
 async fn tls_stream(

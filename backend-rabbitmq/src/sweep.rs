@@ -5,15 +5,17 @@
 //! can stop for good: a wait queue with a healthy leader keeps every
 //! message past its TTL, ready, and expires none, not even when new ones
 //! arrive (rabbitmq-server #10718, #16652; seen in the cluster drill in
-//! about one run of three). So every subscription sweeps its work queue's
-//! wait queues: a message still there [`GRACE`] after it was due
+//! about one run of three). So the wait queues of every work queue a
+//! process subscribes to are swept, by one task and one connection per
+//! broker handle: a message still there [`GRACE`] after it was due
 //! ([`wire::RETRY_DUE`]) is taken, published to the work queue with the
 //! `x-death` entry RabbitMQ would have written (so it counts as the retry
 //! it is), confirmed, and only then acked. Copies sit in FIFO order of due
 //! time per wait queue, so the sweep stops at the first one not overdue,
 //! which it hands back untouched.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use ticketrail_core::{to_unix_millis, wire, Result};
@@ -28,90 +30,121 @@ pub(crate) const EVERY: Duration = Duration::from_secs(5);
 /// has this long to do it first.
 pub(crate) const GRACE: Duration = Duration::from_secs(10);
 /// How often the sweep asks the broker which of the queue's wait queues
-/// exist (one passive declare per delay tier); in between it adds those
-/// its own process declares.
+/// exist: on its first round in every tier, later in the tiers in use
+/// (see `topology::tiers_in_use`, shared by a process's sweeps); in
+/// between it adds those its own process declares.
 const DISCOVER_EVERY: Duration = Duration::from_secs(600);
 
-/// The sweeping task of one subscription; stops when dropped.
-pub(crate) struct Sweeper(tokio::task::JoinHandle<()>);
+/// A subscription's place in its link's sweep; it leaves when dropped.
+pub(crate) struct Sweeper {
+    link: Arc<Link>,
+    queue: Arc<str>,
+}
 
 impl Drop for Sweeper {
     fn drop(&mut self) {
-        self.0.abort();
+        self.link.sweeps.leave(&self.queue);
     }
 }
 
-/// Starts sweeping the wait queues of `queue`.
+/// Sweeps the wait queues of `queue` while the returned sweeper lives.
 pub(crate) fn start(link: Arc<Link>, queue: Arc<str>) -> Sweeper {
-    Sweeper(tokio::spawn(async move {
-        let mut sweep = Sweep {
-            link,
-            queue,
-            raw: None,
-            known: Vec::new(),
-            discovered: None,
+    if link.sweeps.join(&queue) {
+        tokio::spawn(run(Arc::downgrade(&link)));
+    }
+    Sweeper { link, queue }
+}
+
+/// The task: a round every [`EVERY`] over every covered queue, until none
+/// is left or the link is gone.
+async fn run(link: Weak<Link>) {
+    let mut sweep = Sweep {
+        raw: None,
+        queues: HashMap::new(),
+    };
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let Some(link) = link.upgrade() else {
+            return;
         };
-        loop {
-            tokio::time::sleep(EVERY).await;
-            if let Err(e) = sweep.round().await {
-                tracing::debug!(queue = %sweep.queue, error = %e, "sweeping wait queues failed; next round on a new connection");
-                sweep.raw = None;
+        let queues = link.sweeps.queues();
+        if queues.is_empty() {
+            return;
+        }
+        sweep.queues.retain(|q, _| queues.contains(q));
+        let mut failed = None;
+        for queue in &queues {
+            if let Err(e) = sweep.round(&link, queue).await {
+                failed = Some((queue, e));
+                break;
             }
         }
-    }))
+        if failed.is_none() {
+            // One queue a round, so a process that starts with many queues
+            // does not flood the broker with lookups.
+            if let Some(queue) = queues.iter().find(|q| !sweep.queues[*q].checked_every_tier) {
+                if let Err(e) = sweep.check_every_tier(&link, queue).await {
+                    failed = Some((queue, e));
+                }
+            }
+        }
+        if let Some((queue, e)) = failed {
+            tracing::debug!(queue = %queue, error = %e, "sweeping wait queues failed; next round on a new connection");
+            sweep.raw = None;
+        }
+        if sweep.queues.values().all(|q| q.known.is_empty()) {
+            // Nothing to sweep: hold no connection until there is.
+            sweep.raw = None;
+        }
+    }
 }
 
 struct Sweep {
-    link: Arc<Link>,
-    queue: Arc<str>,
     raw: Option<RawConnection>,
-    /// The wait queues of `queue` that exist.
+    queues: HashMap<Arc<str>, Queue>,
+}
+
+/// What the sweep knows of one queue.
+#[derive(Default)]
+struct Queue {
+    /// Its wait queues that exist.
     known: Vec<String>,
     discovered: Option<Instant>,
+    /// Whether it was looked for in every tier (see
+    /// [`Sweep::check_every_tier`]).
+    checked_every_tier: bool,
+}
+
+/// A connection for this round.
+async fn connection<'a>(
+    raw: &'a mut Option<RawConnection>,
+    link: &Link,
+) -> Result<&'a mut RawConnection> {
+    if raw.is_none() {
+        *raw = Some(open_raw(&link.config).await?);
+    }
+    Ok(raw.as_mut().expect("opened above"))
 }
 
 impl Sweep {
-    /// A connection for this round.
-    async fn raw(&mut self) -> Result<&mut RawConnection> {
-        if self.raw.is_none() {
-            self.raw = Some(open_raw(&self.link.config).await?);
-        }
-        Ok(self.raw.as_mut().expect("opened above"))
-    }
-
-    async fn round(&mut self) -> Result<()> {
-        if self
+    async fn round(&mut self, link: &Link, queue: &Arc<str>) -> Result<()> {
+        let state = self.queues.entry(Arc::clone(queue)).or_default();
+        let raw = connection(&mut self.raw, link).await?;
+        if state
             .discovered
             .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
         {
-            // Which tiers' wait queues exist: one passive declare each, of
-            // this version's names (the earlier ones expired by themselves).
-            let queue = Arc::clone(&self.queue);
-            let raw = self.raw().await?;
-            let mut known = Vec::new();
-            for tier in topology::tiers() {
-                let name = topology::wait_queue_name(&queue, tier);
-                if raw.queue_counts(&name).await.is_ok() {
-                    known.push(name);
-                }
-            }
-            self.known = known;
-            self.discovered = Some(Instant::now());
+            let tiers = link.tiers_in_use(raw, DISCOVER_EVERY).await?;
+            state.known = existing(raw, link, queue, &tiers, false).await?;
+            state.discovered = Some(Instant::now());
         }
-        for name in self.link.wait_queues() {
-            if topology::is_wait_queue_of(&self.queue, &name) && !self.known.contains(&name) {
-                self.known.push(name);
+        for name in link.wait_queues() {
+            if topology::is_wait_queue_of(queue, &name) && !state.known.contains(&name) {
+                state.known.push(name);
             }
         }
-        if self.known.is_empty() {
-            // Nothing to sweep: hold no connection until there is.
-            self.raw = None;
-            return Ok(());
-        }
-        let (queue, known) = (Arc::clone(&self.queue), self.known.clone());
-        let raw = self.raw().await?;
-        for wait in &known {
-            let moved = sweep_one(raw, &queue, wait).await?;
+        for wait in &state.known {
+            let moved = sweep_one(raw, queue, wait).await?;
             if moved > 0 {
                 tracing::warn!(
                     queue = %queue,
@@ -123,6 +156,51 @@ impl Sweep {
         }
         Ok(())
     }
+}
+
+impl Sweep {
+    /// Looks for the wait queues of `queue` in every tier, once: those made
+    /// before tier markers existed (0.1.0) are found, and their tiers
+    /// marked, so `stats` and `delete` see them too.
+    async fn check_every_tier(&mut self, link: &Link, queue: &Arc<str>) -> Result<()> {
+        let raw = connection(&mut self.raw, link).await?;
+        let tiers: Vec<Duration> = topology::tiers().collect();
+        let found = existing(raw, link, queue, &tiers, true).await?;
+        let state = self.queues.entry(Arc::clone(queue)).or_default();
+        for name in found {
+            if !state.known.contains(&name) {
+                state.known.push(name);
+            }
+        }
+        state.checked_every_tier = true;
+        Ok(())
+    }
+}
+
+/// The wait queues of `queue` that exist among `tiers`; with `mark`, the
+/// markers of their tiers are declared.
+async fn existing(
+    raw: &mut RawConnection,
+    link: &Link,
+    queue: &str,
+    tiers: &[Duration],
+    mark: bool,
+) -> Result<Vec<String>> {
+    let names: Vec<String> = topology::wait_queue_names(queue, tiers).collect();
+    let found = raw.queue_counts_many(&names).await?;
+    let mut existing = Vec::new();
+    for ((name, tier), counts) in names.into_iter().zip(tiers).zip(found) {
+        if counts.is_some() {
+            if mark {
+                let channel = link.channel().await?;
+                let marked = topology::declare_tier_marker(&channel, *tier).await;
+                let _ = channel.close(200, "marked".into()).await;
+                marked?;
+            }
+            existing.push(name);
+        }
+    }
+    Ok(existing)
 }
 
 /// Moves the overdue retries at the head of `wait` back to `queue`;

@@ -10,11 +10,17 @@
 //!   it with whatever it holds, also messages RabbitMQ has not yet moved
 //!   back (its at-least-once dead-lettering can stall after leader
 //!   elections in quick succession). `Broker::delete` removes them.
-//!   (Earlier versions named them `Q.retry.<ms>ms`, with `x-expires`; those
-//!   are still recognised, counted and deleted.)
+//!   (Versions before 0.1.0 named them `Q.retry.<ms>ms`, with `x-expires`;
+//!   a return from one still counts as a retry.)
+//! - `ticketrail.tier.<ms>ms`: a fanout exchange bound to nothing, declared
+//!   before the first wait queue of its tier in the virtual host. AMQP
+//!   cannot list queues, and a missing one costs a channel to look for, so
+//!   `stats`, `delete` and the sweep look for a queue's wait queues only
+//!   in the tiers these markers name: a few lookups instead of 177.
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -23,6 +29,7 @@ use lapin::{Channel, Connection, ExchangeKind};
 use ticketrail_core::{Error, ErrorKind, Finding, FindingStatus, QueueSpec, Result, Topology};
 
 use crate::error::{kind_of, map, reply_text};
+use crate::raw::RawConnection;
 
 /// The longest work-queue name: room is left for the `.retry.<ms>ms` suffix.
 pub(crate) const MAX_QUEUE_NAME: usize = 220;
@@ -46,12 +53,31 @@ pub(crate) fn wait_queue_name(queue: &str, tier: Duration) -> String {
     format!("{queue}{WAIT_INFIX}{}{WAIT_SUFFIX}", tier.as_millis())
 }
 
-/// Every wait queue `queue` may have, of this version and earlier ones.
-pub(crate) fn wait_queue_names(queue: &str) -> impl Iterator<Item = String> + '_ {
-    tiers().flat_map(move |tier| {
-        [WAIT_INFIX, LEGACY_WAIT_INFIX]
-            .map(|infix| format!("{queue}{infix}{}{WAIT_SUFFIX}", tier.as_millis()))
-    })
+/// The names of the wait queues `queue` has if any, in `tiers`.
+pub(crate) fn wait_queue_names<'a>(
+    queue: &'a str,
+    tiers: &'a [Duration],
+) -> impl Iterator<Item = String> + 'a {
+    tiers.iter().map(move |tier| wait_queue_name(queue, *tier))
+}
+
+/// The marker exchange of a tier: it exists once some work queue of the
+/// virtual host has had a wait queue of that tier.
+fn tier_marker(tier: Duration) -> String {
+    format!("ticketrail.tier.{}{WAIT_SUFFIX}", tier.as_millis())
+}
+
+/// The tiers in which some work queue of the virtual host may have a wait
+/// queue: those whose marker exists. One batch of lookups.
+pub(crate) async fn tiers_in_use(raw: &mut RawConnection) -> Result<Vec<Duration>> {
+    let all: Vec<Duration> = tiers().collect();
+    let markers: Vec<String> = all.iter().map(|t| tier_marker(*t)).collect();
+    let exist = raw.exchanges_exist(&markers).await?;
+    Ok(all
+        .into_iter()
+        .zip(exist)
+        .filter_map(|(tier, exists)| exists.then_some(tier))
+        .collect())
 }
 
 /// Whether `name` is one of the wait queues of `queue`.
@@ -150,8 +176,19 @@ pub(crate) fn validate(topology: &Topology) -> Result<()> {
     Ok(())
 }
 
-/// Declares the exchange, the work queues, their DLQs and bindings.
-pub(crate) async fn declare(channel: &Channel, topology: &Topology) -> Result<()> {
+/// How many channels declare or inspect queues at once: RabbitMQ carries
+/// out a channel's commands one after another, and declaring a quorum
+/// queue waits for its Raft member to start.
+const AT_ONCE: usize = 8;
+
+/// Declares the exchange, the work queues, their DLQs and bindings; the
+/// queues on up to [`AT_ONCE`] channels of their own at once (a refused
+/// declaration closes only its channel).
+pub(crate) async fn declare(
+    connection: &Connection,
+    channel: &Channel,
+    topology: &Topology,
+) -> Result<()> {
     let space = topology.topic_space.as_str();
     channel
         .exchange_declare(
@@ -165,9 +202,19 @@ pub(crate) async fn declare(channel: &Channel, topology: &Topology) -> Result<()
         )
         .await
         .map_err(|e| map(&format!("declaring topic exchange `{space}`"), e))?;
-    for queue in &topology.queues {
-        declare_queue(channel, space, queue).await?;
-    }
+    let per_channel = topology.queues.len().div_ceil(AT_ONCE).max(1);
+    let declaring = topology
+        .queues
+        .chunks(per_channel)
+        .map(|queues| async move {
+            let channel = open_channel(connection).await?;
+            for queue in queues {
+                declare_queue(&channel, space, queue).await?;
+            }
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<_, Error>(())
+        });
+    futures::future::try_join_all(declaring).await?;
     // Messages published for later reach the topic exchange through this
     // binding (C24).
     crate::ladder::bind_space(channel, space).await
@@ -261,7 +308,24 @@ pub(crate) async fn inspect(connection: &Connection, topology: &Topology) -> Res
         )
         .await?,
     );
-    for spec in &topology.queues {
+    let probes: Vec<_> = (topology.queues.iter())
+        .map(|spec| inspect_queue(connection, space, spec))
+        .collect();
+    let queues = futures::stream::iter(probes).buffered(AT_ONCE);
+    for queue in queues.collect::<Vec<_>>().await {
+        findings.extend(queue?);
+    }
+    Ok(findings)
+}
+
+/// What RabbitMQ has of one work queue, its DLQ and its bindings.
+async fn inspect_queue(
+    connection: &Connection,
+    space: &str,
+    spec: &QueueSpec,
+) -> Result<Vec<Finding>> {
+    let mut findings = Vec::new();
+    {
         let dlq = dlq_name(&spec.name);
         let mut dlq_args = FieldTable::default();
         dlq_args.insert("x-queue-type".into(), long("quorum"));
@@ -384,12 +448,14 @@ where
     }
 }
 
-/// Declares the wait queue of `queue` for `tier`.
+/// Declares the wait queue of `queue` for `tier`, after its tier's
+/// marker.
 pub(crate) async fn declare_wait_queue(
     channel: &Channel,
     queue: &str,
     tier: Duration,
 ) -> Result<()> {
+    declare_tier_marker(channel, tier).await?;
     let name = wait_queue_name(queue, tier);
     let mut args = quorum_args(queue);
     args.insert(
@@ -403,19 +469,63 @@ pub(crate) async fn declare_wait_queue(
     Ok(())
 }
 
-/// Deletes a work queue with its DLQ and every wait queue it may have.
-pub(crate) async fn delete_queue(channel: &Channel, queue: &str) -> Result<()> {
-    let mut names = vec![queue.to_owned(), dlq_name(queue)];
-    names.extend(wait_queue_names(queue));
-    let deletes = names.iter().map(|name| async move {
-        channel
-            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .map_err(|e| map(&format!("deleting queue `{name}`"), e))
+/// Declares the marker of `tier` (idempotent).
+pub(crate) async fn declare_tier_marker(channel: &Channel, tier: Duration) -> Result<()> {
+    let marker = tier_marker(tier);
+    channel
+        .exchange_declare(
+            marker.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| map(&format!("declaring tier marker `{marker}`"), e))
+}
+
+/// How many deletions a channel has sent and not yet seen answered.
+const DELETES_IN_FLIGHT: usize = 256;
+
+/// Deletes work queues with their DLQs and their wait queues in `tiers`
+/// (see [`tiers_in_use`]), pipelined on [`AT_ONCE`] channels: RabbitMQ
+/// deletes a channel's quorum queues one after another.
+pub(crate) async fn delete_queues(
+    connection: &Connection,
+    queues: &[&str],
+    tiers: &[Duration],
+) -> Result<()> {
+    let names: Vec<String> = queues
+        .iter()
+        .flat_map(|queue| {
+            [queue.to_string(), dlq_name(queue)]
+                .into_iter()
+                .chain(wait_queue_names(queue, tiers))
+        })
+        .collect();
+    let per_channel = names.len().div_ceil(AT_ONCE).max(1);
+    let deleting = names.chunks(per_channel).map(|names| async move {
+        let channel = open_channel(connection).await?;
+        for chunk in names.chunks(DELETES_IN_FLIGHT) {
+            let deletes = chunk.iter().map(|name| {
+                let deleted =
+                    channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default());
+                async move {
+                    deleted
+                        .await
+                        .map_err(|e| map(&format!("deleting queue `{name}`"), e))
+                }
+            });
+            for result in futures::future::join_all(deletes).await {
+                result?;
+            }
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        Ok::<_, Error>(())
     });
-    for result in futures::future::join_all(deletes).await {
-        result?;
-    }
+    futures::future::try_join_all(deleting).await?;
     Ok(())
 }
 

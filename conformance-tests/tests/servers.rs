@@ -444,8 +444,31 @@ async fn rabbitmq_retries_kept_past_their_time_are_brought_back() {
     );
     let stats = broker.queue_stats(&queue).await.unwrap();
     assert_eq!(stats.waiting_retries, Some(0), "{stats:?}");
+    // The wait queue was made as 0.1.0 made them, without its tier's
+    // marker exchange: the sweep marked the tier, so deleting finds it.
+    let marker = channel
+        .exchange_declare(
+            "ticketrail.tier.64000ms".into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(marker.is_ok(), "no tier marker: {marker:?}");
     broker.delete(&topology).await.unwrap();
     broker.close().await.unwrap();
+    let look = connection.create_channel().await.unwrap();
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let left = look
+        .queue_declare(wait.as_str().into(), passive, FieldTable::default())
+        .await;
+    assert!(left.is_err(), "`{wait}` outlived delete: {left:?}");
     let _ = connection.close(200, "done".into()).await;
 }
 
