@@ -164,6 +164,19 @@ impl Broker for MemoryBroker {
         Ok(self.connection.server.schedule.cancel(topic_space, id))
     }
 
+    async fn queues(&self, topic_space: &str) -> Result<Vec<String>> {
+        self.connection.ensure_open()?;
+        let registry = self.connection.registry();
+        let mut names: Vec<String> = (registry.spaces.get(topic_space))
+            .into_iter()
+            .flatten()
+            .map(|binding| binding.queue.name.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
         Ok(self.connection.queue(queue)?.stats())
     }

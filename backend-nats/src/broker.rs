@@ -609,6 +609,16 @@ impl Broker for NatsBroker {
         scheduled::cancel(&self.conn, topic_space, id).await
     }
 
+    async fn queues(&self, topic_space: &str) -> Result<Vec<String>> {
+        validate_name("topic space", topic_space)?;
+        let mut names: Vec<String> = (self.conn.queues_of(topic_space).await?)
+            .into_iter()
+            .map(|spec| spec.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
         let info = self.conn.locate(queue).await?;
         let counts: ConsumerCounts = self

@@ -1,17 +1,20 @@
-//! `ticketrail stats QUEUE... [--space SPACE]...`
+//! `ticketrail stats QUEUE... [--space SPACE]...`; with no queue, every
+//! queue of each topic space the broker can list.
 
 use std::io::Write;
 
 use clap::Args;
 use serde_json::json;
-use ticketrail::SharedBroker;
+use ticketrail::{ErrorKind, SharedBroker};
 
 use crate::output::{count, json_line, table};
 use crate::Outcome;
 
 #[derive(Debug, Args)]
 pub(crate) struct StatsArgs {
-    /// The work queues.
+    /// The work queues; with none, every queue of each `--space` (where
+    /// the broker lists them: AMQP lists no queues, so on RabbitMQ name
+    /// them).
     #[arg(required_unless_present = "spaces", value_name = "QUEUE")]
     queues: Vec<String>,
     /// A topic space (repeatable): how many messages published for later
@@ -26,8 +29,22 @@ pub(crate) struct StatsArgs {
 }
 
 pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
+    let mut queues = args.queues.clone();
+    let mut unlisted = Vec::new();
+    if queues.is_empty() {
+        for space in &args.spaces {
+            match broker.queues(space).await {
+                Ok(names) => queues.extend(names),
+                Err(e) if e.kind() == ErrorKind::Unsupported => unlisted.push(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for e in &unlisted {
+        eprintln!("ticketrail: {e}");
+    }
     let mut rows = Vec::new();
-    for queue in &args.queues {
+    for queue in &queues {
         rows.push(broker.queue_stats(queue).await?);
     }
     let mut scheduled = Vec::new();

@@ -370,6 +370,19 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
         ))
     }
 
+    /// The names of the work queues of `topic_space` the broker has,
+    /// sorted. [`ErrorKind::Unsupported`] where the broker cannot list them
+    /// (AMQP lists no queues), the default.
+    async fn queues(&self, topic_space: &str) -> Result<Vec<String>> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot list the queues of `{topic_space}`: name them",
+                self.backend()
+            ),
+        ))
+    }
+
     /// What the broker can tell about a work queue: ready, in flight,
     /// waiting retries, dead letters, consumers.
     async fn queue_stats(&self, queue: &str) -> Result<QueueStats> {
