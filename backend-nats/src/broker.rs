@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use async_nats::jetstream::context::CreateStreamErrorKind;
 use async_nats::jetstream::stream::ConsumerErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_trait::async_trait;
 use serde::Deserialize;
 use ticketrail_core::{
@@ -231,6 +232,15 @@ impl NatsBroker {
                 replicas,
             );
             stream.create_consumer(config).await.map_err(|e| {
+                if let ConsumerErrorKind::JetStream(api) = e.kind() {
+                    if api.error_code() == ErrorCode::MAXIMUM_CONSUMERS_LIMIT {
+                        return Error::new(
+                            ErrorKind::Config,
+                            consumer_limit(&queue.name, &stream_name),
+                        )
+                        .with_source(e);
+                    }
+                }
                 let kind = match e.kind() {
                     ConsumerErrorKind::JetStream(api) => match error::api_kind(api.error_code()) {
                         ErrorKind::Broker => ErrorKind::Config,
@@ -262,6 +272,7 @@ impl NatsBroker {
         let stream_name = topology::stream_name(space);
         let mut findings = Vec::new();
         let object = format!("stream {stream_name}");
+        let mut consumers = None;
         let stream = match conn.js.get_stream(&stream_name).await {
             Err(_) => {
                 findings.push(Finding::new(
@@ -272,15 +283,11 @@ impl NatsBroker {
                 None
             }
             Ok(mut stream) => {
-                let config = stream
-                    .info()
-                    .await
-                    .map_err(|e| {
-                        Error::new(ErrorKind::Connection, format!("reading {object}"))
-                            .with_source(e)
-                    })?
-                    .config
-                    .clone();
+                let info = stream.info().await.map_err(|e| {
+                    Error::new(ErrorKind::Connection, format!("reading {object}")).with_source(e)
+                })?;
+                let config = info.config.clone();
+                consumers = Some((info.state.consumer_count, config.max_consumers));
                 let owner = config
                     .description
                     .as_deref()
@@ -417,6 +424,13 @@ impl NatsBroker {
             };
             findings.push(finding);
         }
+        if let Some((count, own_limit)) = consumers {
+            let missing = (findings.iter())
+                .filter(|f| f.object.starts_with("consumer ") && f.status == FindingStatus::Missing)
+                .count();
+            let cap = consumer_cap(own_limit, &conn.server.version);
+            findings.push(consumer_room(&stream_name, count, missing, cap));
+        }
         Ok(findings)
     }
 
@@ -489,6 +503,62 @@ impl NatsBroker {
             .map_err(|e| stream_error("updating the stream", e))?;
         Ok(())
     }
+}
+
+/// How many consumers a stream may have: its own `max_consumers`, else
+/// the default of nats-server 2.15 and later (1,000, unless the server's
+/// `default_max_consumers` says otherwise: a client cannot see that);
+/// `None` for no limit.
+fn consumer_cap(own: i32, version: &str) -> Option<usize> {
+    if own > 0 {
+        Some(own as usize)
+    } else if crate::connection::version_before(version, (2, 15)) {
+        None
+    } else {
+        Some(1000)
+    }
+}
+
+/// Whether the queues the topology lacks fit in its stream's consumer
+/// limit; a warning at 80 %.
+fn consumer_room(stream: &str, count: usize, missing: usize, cap: Option<usize>) -> Finding {
+    let object = format!("consumers of stream {stream}");
+    let Some(cap) = cap else {
+        return Finding::new(
+            object,
+            FindingStatus::Matches,
+            format!("{count}, with no limit"),
+        );
+    };
+    let after = count + missing;
+    if after > cap {
+        let detail = format!(
+            "{count} of at most {cap}: the {missing} queue(s) not declared yet do not fit. {}",
+            LIMIT_ADVICE
+        );
+        Finding::new(object, FindingStatus::Differs, detail)
+    } else if after * 5 >= cap * 4 {
+        let detail = format!("{count} of at most {cap} (near the limit). {LIMIT_ADVICE}");
+        Finding::new(object, FindingStatus::Matches, detail)
+    } else {
+        Finding::new(
+            object,
+            FindingStatus::Matches,
+            format!("{count} of at most {cap}"),
+        )
+    }
+}
+
+/// What to do about a stream's consumer limit.
+const LIMIT_ADVICE: &str = "ticketrail makes one consumer per queue of the topic space, and \
+    readers for a while. nats-server 2.15 allows 1,000 per stream unless its configuration says \
+    otherwise (`jetstream { limits { default_max_consumers: N } }`), and an account can set a \
+    lower limit: raise it, or spread the queues over more topic spaces";
+
+/// Why a queue could not be declared: its stream holds as many consumers
+/// as it may.
+fn consumer_limit(queue: &str, stream: &str) -> String {
+    format!("declaring queue `{queue}`: stream `{stream}` has as many consumers as it may. {LIMIT_ADVICE}")
 }
 
 #[async_trait]
@@ -697,5 +767,28 @@ mod tests {
         let send = Broker::send(&broker, "space", Message::new("a.b", "x"));
         let size = std::mem::size_of_val(&*send);
         assert!(size < 1024, "Broker::send's future is {size} bytes");
+    }
+
+    #[test]
+    fn a_stream_s_consumer_limit_is_its_own_else_2_15_s_default() {
+        assert_eq!(consumer_cap(5000, "2.15.1"), Some(5000));
+        assert_eq!(consumer_cap(-1, "2.15.1"), Some(1000));
+        assert_eq!(consumer_cap(0, "2.16.0"), Some(1000));
+        assert_eq!(consumer_cap(-1, "2.9.10"), None);
+        assert_eq!(consumer_cap(20, "2.9.10"), Some(20));
+    }
+
+    #[test]
+    fn check_says_when_the_missing_queues_do_not_fit() {
+        let room = |count, missing, cap| consumer_room("S", count, missing, cap);
+        assert_eq!(room(10, 5, None).status, FindingStatus::Matches);
+        assert_eq!(room(10, 5, Some(1000)).status, FindingStatus::Matches);
+        assert!(!room(10, 5, Some(1000)).detail.contains("near"));
+        let near = room(790, 20, Some(1000));
+        assert_eq!(near.status, FindingStatus::Matches);
+        assert!(near.detail.contains("near the limit"), "{}", near.detail);
+        let full = room(999, 2, Some(1000));
+        assert_eq!(full.status, FindingStatus::Differs);
+        assert!(full.detail.contains("default_max_consumers"), "{}", full.detail);
     }
 }

@@ -37,6 +37,37 @@ pub(crate) struct ServerFacts {
     pub(crate) schedules: bool,
 }
 
+/// Logs a warning when the account uses 80 % or more of a JetStream limit
+/// that stops it once reached: its streams (three or four per topic space),
+/// consumers, memory or storage. Per-stream consumer limits are reported
+/// by `inspect` (`ticketrail topology check`).
+async fn warn_near_limits(js: jetstream::Context) {
+    let Ok(account) = js.query_account().await else {
+        return; // JetStream's own errors surface where it is used.
+    };
+    let limits = &account.limits;
+    let near = [
+        ("streams", account.streams as i64, limits.max_streams),
+        ("consumers", account.consumers as i64, limits.max_consumers),
+        ("bytes of memory", account.memory as i64, limits.max_memory),
+        (
+            "bytes of storage",
+            account.storage as i64,
+            limits.max_storage,
+        ),
+    ];
+    for (what, used, limit) in near {
+        if let Some(limit) = limit.filter(|l| *l > 0 && used.saturating_mul(5) >= l * 4) {
+            tracing::warn!(
+                used,
+                limit,
+                "the JetStream account uses {used} of its {limit} {what}: at the limit, \
+                 declaring topic spaces and queues (or storing messages) fails"
+            );
+        }
+    }
+}
+
 /// Whether a server version (`2.9.10`) is older than `major.minor`.
 pub(crate) fn version_before(version: &str, (major, minor): (u64, u64)) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
@@ -229,6 +260,7 @@ impl Connection {
             max_payload: info.max_payload,
             progress_acks,
         };
+        tokio::spawn(warn_near_limits(js.clone()));
         Ok(Connection {
             config,
             client,
