@@ -789,6 +789,10 @@ mod tests {
         assert!(near.detail.contains("near the limit"), "{}", near.detail);
         let full = room(999, 2, Some(1000));
         assert_eq!(full.status, FindingStatus::Differs);
-        assert!(full.detail.contains("default_max_consumers"), "{}", full.detail);
+        assert!(
+            full.detail.contains("default_max_consumers"),
+            "{}",
+            full.detail
+        );
     }
 }
