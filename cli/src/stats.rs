@@ -43,6 +43,13 @@ pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
     for e in &unlisted {
         eprintln!("ticketrail: {e}");
     }
+    if queues.len() >= 100 {
+        eprintln!(
+            "reading the statistics of {} queues on {}...",
+            queues.len(),
+            broker.describe()
+        );
+    }
     let mut rows = Vec::new();
     for queue in &queues {
         rows.push(broker.queue_stats(queue).await?);

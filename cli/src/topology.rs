@@ -85,6 +85,7 @@ pub(crate) async fn run(
     match command {
         TopologyCommand::Declare(args) => {
             let topology = topology(&args, matches)?;
+            announce("declaring", &topology, broker);
             broker.declare(&topology).await?;
             println!(
                 "declared topic space `{}` with {} queue(s)",
@@ -95,6 +96,7 @@ pub(crate) async fn run(
         }
         TopologyCommand::Delete(args) => {
             let topology = topology(&args, matches)?;
+            announce("deleting", &topology, broker);
             broker.delete(&topology).await?;
             println!(
                 "deleted {} queue(s) of `{}`",
@@ -108,6 +110,7 @@ pub(crate) async fn run(
             json,
         } => {
             let topology = topology(&args, matches)?;
+            announce("checking", &topology, broker);
             let findings = broker.inspect(&topology).await?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -145,5 +148,22 @@ pub(crate) async fn run(
             }
             Ok(())
         }
+    }
+}
+
+/// How many queues make an operation long enough to say, on stderr, what
+/// it is doing: 100 take about a second on RabbitMQ, 1,000 ten to fifteen.
+const MANY: usize = 100;
+
+/// Says on stderr what a long topology operation is doing.
+fn announce(doing: &str, topology: &Topology, broker: &SharedBroker) {
+    if topology.queues.len() >= MANY {
+        eprintln!(
+            "{doing} {} queues of `{}` on {} (with their dead-letter queues; about 10 s per \
+             1,000 on RabbitMQ)...",
+            topology.queues.len(),
+            topology.topic_space,
+            broker.describe()
+        );
     }
 }
