@@ -7,9 +7,12 @@
 //! its consumer, one per queue in this process, fails RETRIES times with
 //! delays of 1 s, 2 s, 4 s, ... before it succeeds: the queues then have
 //! those wait tiers too, and the program reports this process's
-//! connections to the broker while the consumers run.
+//! connections to the broker while the consumers run. With MESSAGES above
+//! 0 (default 0), it first measures one queue's throughput among its
+//! neighbours: MESSAGES for the first queue and as many spread over the
+//! others, then the first queue drained by one consumer.
 //!
-//! `cargo run --release -p ticketrail-bench --bin queues -- [memory|rabbitmq|nats] [N] [RETRIES]`
+//! `cargo run --release -p ticketrail-bench --bin queues -- [memory|rabbitmq|nats] [N] [RETRIES] [MESSAGES]`
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +38,7 @@ async fn main() -> BenchResult<()> {
     let (name, url) = args.broker()?;
     let n: usize = args.number(1_000)?;
     let retries: u32 = args.number(3)?;
+    let messages: usize = args.number(0)?;
     let broker = ticketrail::connect(&url).await?;
     let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let space = format!("bench-queues-{unique}.events");
@@ -48,6 +52,11 @@ async fn main() -> BenchResult<()> {
     let started = Instant::now();
     broker.declare(&topology).await?;
     let declare = started.elapsed();
+    let alone = if messages > 0 {
+        Some(one_queue(&broker, &topology, messages).await?)
+    } else {
+        None
+    };
     let retried = if retries > 0 {
         let retried = retry_once_each(&broker, &topology, retries).await?;
         // The consumers' connections close.
@@ -82,6 +91,16 @@ async fn main() -> BenchResult<()> {
     broker.close().await?;
 
     println!("{name}: {n} work queues in one topic space, {retries} wait tiers each");
+    if let Some((publish, consume)) = alone {
+        let neighbours = match n - 1 {
+            0 => "no neighbours".to_owned(),
+            k => format!("{k} neighbours holding {messages} messages between them"),
+        };
+        println!(
+            "  one queue, {neighbours}: published at {publish:.0}/s (all), \
+             its {messages} consumed at {consume:.0}/s"
+        );
+    }
     if let Some((took, connections, duplicates)) = retried {
         println!(
             "  {n} consumers retried a message {retries} times each in {:.1} s \
@@ -119,6 +138,66 @@ async fn main() -> BenchResult<()> {
         println!("  per work queue: {per:.0} KiB of broker RSS");
     }
     Ok(())
+}
+
+/// One queue's throughput among neighbours: `m` messages for the first
+/// queue, `m` spread over the others (their backlog, which a NATS 2.9
+/// consumer reads past), then the first queue drained by one consumer
+/// (prefetch 100). The publish rate of all, and the first queue's consume
+/// rate.
+async fn one_queue(
+    broker: &SharedBroker,
+    topology: &Topology,
+    m: usize,
+) -> BenchResult<(f64, f64)> {
+    let publisher = Publisher::new(Arc::clone(broker), &topology.topic_space);
+    let others = topology.queues.len() - 1;
+    let mut publish = Duration::ZERO;
+    let mut confirmations = Vec::with_capacity(256);
+    for i in 0..m {
+        let started = Instant::now();
+        let message = Message::new("q0.go", "{}").content_type("application/json");
+        confirmations.push(publisher.send_message(message).await?);
+        if others > 0 {
+            let key = format!("q{}.go", 1 + i % others);
+            let message = Message::new(key, "{}").content_type("application/json");
+            confirmations.push(publisher.send_message(message).await?);
+        }
+        if confirmations.len() >= 256 || i + 1 == m {
+            for confirmation in confirmations.drain(..) {
+                confirmation.await?;
+            }
+        }
+        publish += started.elapsed();
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&done);
+    let handler = handler_fn(move |_: serde_json::Value, _: Context| {
+        let counted = Arc::clone(&counted);
+        async move {
+            counted.fetch_add(1, Ordering::Relaxed);
+            Ok::<_, HandlerError>(())
+        }
+    });
+    let started = Instant::now();
+    let consumer = Consumer::new(Arc::clone(broker), topology.queues[0].name.clone(), handler)
+        .prefetch(100)
+        .spawn();
+    let deadline = started + Duration::from_secs(600);
+    while done.load(Ordering::Relaxed) < m && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let consume = started.elapsed();
+    consumer.shutdown().await?;
+    let handled = done.load(Ordering::Relaxed);
+    if handled < m {
+        return Err(format!("the first queue handled {handled} of {m} in time").into());
+    }
+    let published = if others > 0 { 2 * m } else { m };
+    Ok((
+        published as f64 / publish.as_secs_f64(),
+        m as f64 / consume.as_secs_f64(),
+    ))
 }
 
 /// Publishes a message to every queue and runs a consumer per queue that
