@@ -543,6 +543,7 @@ impl Link {
         {
             return Ok(());
         }
+        topology::mark_tier(self.channel().await?, tier).await;
         let session = self.session().await?;
         topology::declare_wait_queue(&session.publish, queue, tier).await?;
         self.wait_queues.lock().expect("not poisoned").insert(name);

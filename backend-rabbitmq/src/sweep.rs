@@ -192,10 +192,7 @@ async fn existing(
     for ((name, tier), counts) in names.into_iter().zip(tiers).zip(found) {
         if counts.is_some() {
             if mark {
-                let channel = link.channel().await?;
-                let marked = topology::declare_tier_marker(&channel, *tier).await;
-                let _ = channel.close(200, "marked".into()).await;
-                marked?;
+                topology::mark_tier(link.channel().await?, *tier).await;
             }
             existing.push(name);
         }

@@ -448,14 +448,13 @@ where
     }
 }
 
-/// Declares the wait queue of `queue` for `tier`, after its tier's
-/// marker.
+/// Declares the wait queue of `queue` for `tier` (after its tier's
+/// marker: see [`mark_tier`]).
 pub(crate) async fn declare_wait_queue(
     channel: &Channel,
     queue: &str,
     tier: Duration,
 ) -> Result<()> {
-    declare_tier_marker(channel, tier).await?;
     let name = wait_queue_name(queue, tier);
     let mut args = quorum_args(queue);
     args.insert(
@@ -469,8 +468,25 @@ pub(crate) async fn declare_wait_queue(
     Ok(())
 }
 
+/// Declares the marker of `tier` on `channel`, a channel of its own, and
+/// closes it. A refusal (a user without configure permission on
+/// `ticketrail.tier.*`) is logged, not returned: retries work without the
+/// marker, only `stats`, `delete` and the sweep's later rounds do not see
+/// the tier's wait queues.
+pub(crate) async fn mark_tier(channel: Channel, tier: Duration) {
+    if let Err(e) = declare_tier_marker(&channel, tier).await {
+        tracing::warn!(
+            marker = %tier_marker(tier),
+            error = %e,
+            "could not declare a tier marker: `stats` and `delete` will not see this tier's \
+             wait queues (the user needs configure permission on `ticketrail.tier.*`)"
+        );
+    }
+    let _ = channel.close(200, "marked".into()).await;
+}
+
 /// Declares the marker of `tier` (idempotent).
-pub(crate) async fn declare_tier_marker(channel: &Channel, tier: Duration) -> Result<()> {
+async fn declare_tier_marker(channel: &Channel, tier: Duration) -> Result<()> {
     let marker = tier_marker(tier);
     channel
         .exchange_declare(
