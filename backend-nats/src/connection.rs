@@ -38,7 +38,7 @@ pub(crate) struct ServerFacts {
 }
 
 /// Logs a warning when the account uses 80 % or more of a JetStream limit
-/// that stops it once reached: its streams (three or four per topic space),
+/// that stops it once reached: its streams (three to five per topic space),
 /// consumers, memory or storage. Per-stream consumer limits are reported
 /// by `inspect` (`ticketrail topology check`).
 async fn warn_near_limits(js: jetstream::Context) {

@@ -87,8 +87,9 @@ impl Broker for RabbitBroker {
 
     async fn delete(&self, topology: &Topology) -> Result<()> {
         let tiers = {
+            // Asked for afresh: a queue's wait queues must all go.
             let mut raw = open_raw(&self.link.config).await?;
-            let tiers = topology::tiers_in_use(&mut raw).await;
+            let tiers = self.link.tiers_in_use(&mut raw, Duration::ZERO).await;
             raw.close().await;
             tiers?
         };

@@ -1106,11 +1106,11 @@ impl RawConnection {
     async fn passive_batch(
         &mut self,
         object: Object,
-        queues: &[String],
+        names: &[String],
     ) -> Result<Vec<Option<(u32, u32)>>> {
         let first = CHANNEL + 1;
         let mut frames = Vec::new();
-        for (i, name) in queues.iter().enumerate() {
+        for (i, name) in names.iter().enumerate() {
             let channel = first + i as u16;
             let open = Writer::method(method::CHANNEL_OPEN).short(b"");
             put_frame(&mut frames, FRAME_METHOD, channel, &open.0);
@@ -1128,14 +1128,14 @@ impl RawConnection {
             put_frame(&mut frames, FRAME_METHOD, channel, &declare.table(&[]).0);
         }
         self.send_bytes(&frames).await?;
-        let mut counts = vec![None; queues.len()];
+        let mut counts = vec![None; names.len()];
         let mut open = Vec::new();
         let mut refused = None;
         let mut answered = 0;
-        while answered < queues.len() {
+        while answered < names.len() {
             let frame = self.read_frame().await?;
             let at = usize::from(frame.channel.wrapping_sub(first));
-            if frame.kind != FRAME_METHOD || at >= queues.len() {
+            if frame.kind != FRAME_METHOD || at >= names.len() {
                 return Err(malformed(&format!(
                     "expected answers to passive declares, got a frame of type {} on channel {}",
                     frame.kind, frame.channel
@@ -1163,7 +1163,7 @@ impl RawConnection {
                     if code != 404 && refused.is_none() {
                         refused = Some(Error::new(
                             ErrorKind::Broker,
-                            format!("looking for {object} `{}`: {code} {text}", queues[at]),
+                            format!("looking for {object} `{}`: {code} {text}", names[at]),
                         ));
                     }
                     answered += 1;
@@ -1177,11 +1177,7 @@ impl RawConnection {
         }
         let mut frames = Vec::new();
         for channel in &open {
-            let close = Writer::method(method::CHANNEL_CLOSE)
-                .u16(200)
-                .short(b"done")
-                .u16(0)
-                .u16(0);
+            let close = channel_close();
             put_frame(&mut frames, FRAME_METHOD, *channel, &close.0);
         }
         self.send_bytes(&frames).await?;
@@ -1276,11 +1272,7 @@ impl RawConnection {
     /// The first channel, which carries this connection's own commands, is
     /// opened again.
     pub async fn close_channel(&mut self, channel: u16) -> Result<()> {
-        let close = Writer::method(method::CHANNEL_CLOSE)
-            .u16(200)
-            .short(b"done")
-            .u16(0)
-            .u16(0);
+        let close = channel_close();
         self.send_method(channel, close).await?;
         loop {
             let (id, on, args) = self.read_method().await?;
@@ -1352,6 +1344,15 @@ impl fmt::Display for Object {
             Object::Exchange => "exchange",
         })
     }
+}
+
+/// A `channel.close` of ours: reply 200, for no method of the broker's.
+fn channel_close() -> Writer {
+    Writer::method(method::CHANNEL_CLOSE)
+        .u16(200)
+        .short(b"done")
+        .u16(0)
+        .u16(0)
 }
 
 /// Appends one frame to `out`.

@@ -135,7 +135,10 @@ impl Sweep {
             .is_none_or(|at| at.elapsed() >= DISCOVER_EVERY)
         {
             let tiers = link.tiers_in_use(raw, DISCOVER_EVERY).await?;
-            state.known = existing(raw, link, queue, &tiers, false).await?;
+            state.known = (existing(raw, queue, &tiers).await?)
+                .into_iter()
+                .map(|(_, name)| name)
+                .collect();
             state.discovered = Some(Instant::now());
         }
         for name in link.wait_queues() {
@@ -156,18 +159,17 @@ impl Sweep {
         }
         Ok(())
     }
-}
 
-impl Sweep {
     /// Looks for the wait queues of `queue` in every tier, once: those made
     /// before tier markers existed (0.1.0) are found, and their tiers
     /// marked, so `stats` and `delete` see them too.
     async fn check_every_tier(&mut self, link: &Link, queue: &Arc<str>) -> Result<()> {
         let raw = connection(&mut self.raw, link).await?;
         let tiers: Vec<Duration> = topology::tiers().collect();
-        let found = existing(raw, link, queue, &tiers, true).await?;
+        let found = existing(raw, queue, &tiers).await?;
         let state = self.queues.entry(Arc::clone(queue)).or_default();
-        for name in found {
+        for (tier, name) in found {
+            topology::mark_tier(link.channel().await?, tier).await;
             if !state.known.contains(&name) {
                 state.known.push(name);
             }
@@ -177,27 +179,17 @@ impl Sweep {
     }
 }
 
-/// The wait queues of `queue` that exist among `tiers`; with `mark`, the
-/// markers of their tiers are declared.
+/// The wait queues of `queue` that exist among `tiers`, with their tiers.
 async fn existing(
     raw: &mut RawConnection,
-    link: &Link,
     queue: &str,
     tiers: &[Duration],
-    mark: bool,
-) -> Result<Vec<String>> {
+) -> Result<Vec<(Duration, String)>> {
     let names: Vec<String> = topology::wait_queue_names(queue, tiers).collect();
     let found = raw.queue_counts_many(&names).await?;
-    let mut existing = Vec::new();
-    for ((name, tier), counts) in names.into_iter().zip(tiers).zip(found) {
-        if counts.is_some() {
-            if mark {
-                topology::mark_tier(link.channel().await?, *tier).await;
-            }
-            existing.push(name);
-        }
-    }
-    Ok(existing)
+    Ok((tiers.iter().copied().zip(names).zip(found))
+        .filter_map(|(wait, counts)| counts.map(|_| wait))
+        .collect())
 }
 
 /// Moves the overdue retries at the head of `wait` back to `queue`;

@@ -325,58 +325,56 @@ async fn inspect_queue(
     spec: &QueueSpec,
 ) -> Result<Vec<Finding>> {
     let mut findings = Vec::new();
-    {
-        let dlq = dlq_name(&spec.name);
-        let mut dlq_args = FieldTable::default();
-        dlq_args.insert("x-queue-type".into(), long("quorum"));
-        findings.push(
-            probe_queue(
-                connection,
-                &dlq,
-                dlq_args,
-                format!(
-                    "the quorum queue holding the dead letters of `{}`, with no length limit or TTL",
-                    spec.name
-                ),
-                format!(
-                    "RabbitMQ cannot change a queue's type or arguments in place. A TTL or length \
-                     limit on a DLQ drops dead letters. Move its records elsewhere (e.g. a shovel), \
-                     delete `{dlq}` and declare, or give the work queue another name"
-                ),
-            )
-            .await?,
-        );
-        let mut args = quorum_args(&dlq);
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(spec.delivery_limit)),
-        );
-        findings.push(
-            probe_queue(
-                connection,
-                &spec.name,
-                args,
-                format!(
-                    "a quorum queue with delivery limit {}, dead-lettering at least once to `{dlq}`",
-                    spec.delivery_limit
-                ),
-                format!(
-                    "RabbitMQ cannot change a queue's type or arguments in place. To migrate: \
-                     declare ticketrail's topology with another queue name (e.g. `{0}.v2`) bound \
-                     to the same patterns and start its workers; unbind `{0}`, let its old \
-                     consumers drain it (or move its messages with a shovel); then delete it",
-                    spec.name
-                ),
-            )
-            .await?,
-        );
-        for pattern in &spec.bindings {
-            findings.push(Finding::new(
-                format!("binding {space} -> {} ({pattern})", spec.name),
-                FindingStatus::Unknown,
-                "AMQP cannot list bindings; `declare` adds it if it is missing (idempotent)",
-            ));
-        }
+    let dlq = dlq_name(&spec.name);
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert("x-queue-type".into(), long("quorum"));
+    findings.push(
+        probe_queue(
+            connection,
+            &dlq,
+            dlq_args,
+            format!(
+                "the quorum queue holding the dead letters of `{}`, with no length limit or TTL",
+                spec.name
+            ),
+            format!(
+                "RabbitMQ cannot change a queue's type or arguments in place. A TTL or length \
+                 limit on a DLQ drops dead letters. Move its records elsewhere (e.g. a shovel), \
+                 delete `{dlq}` and declare, or give the work queue another name"
+            ),
+        )
+        .await?,
+    );
+    let mut args = quorum_args(&dlq);
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(spec.delivery_limit)),
+    );
+    findings.push(
+        probe_queue(
+            connection,
+            &spec.name,
+            args,
+            format!(
+                "a quorum queue with delivery limit {}, dead-lettering at least once to `{dlq}`",
+                spec.delivery_limit
+            ),
+            format!(
+                "RabbitMQ cannot change a queue's type or arguments in place. To migrate: \
+                 declare ticketrail's topology with another queue name (e.g. `{0}.v2`) bound \
+                 to the same patterns and start its workers; unbind `{0}`, let its old \
+                 consumers drain it (or move its messages with a shovel); then delete it",
+                spec.name
+            ),
+        )
+        .await?,
+    );
+    for pattern in &spec.bindings {
+        findings.push(Finding::new(
+            format!("binding {space} -> {} ({pattern})", spec.name),
+            FindingStatus::Unknown,
+            "AMQP cannot list bindings; `declare` adds it if it is missing (idempotent)",
+        ));
     }
     Ok(findings)
 }

@@ -30,20 +30,16 @@ pub(crate) struct StatsArgs {
 
 pub(crate) async fn run(broker: &SharedBroker, args: StatsArgs) -> Outcome {
     let mut queues = args.queues.clone();
-    let mut unlisted = Vec::new();
     if queues.is_empty() {
         for space in &args.spaces {
             match broker.queues(space).await {
                 Ok(names) => queues.extend(names),
-                Err(e) if e.kind() == ErrorKind::Unsupported => unlisted.push(e),
+                Err(e) if e.kind() == ErrorKind::Unsupported => eprintln!("ticketrail: {e}"),
                 Err(e) => return Err(e.into()),
             }
         }
     }
-    for e in &unlisted {
-        eprintln!("ticketrail: {e}");
-    }
-    if queues.len() >= 100 {
+    if queues.len() >= crate::topology::MANY {
         eprintln!(
             "reading the statistics of {} queues on {}...",
             queues.len(),

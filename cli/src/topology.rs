@@ -153,7 +153,7 @@ pub(crate) async fn run(
 
 /// How many queues make an operation long enough to say, on stderr, what
 /// it is doing: 100 take about a second on RabbitMQ, 1,000 ten to fifteen.
-const MANY: usize = 100;
+pub(crate) const MANY: usize = 100;
 
 /// Says on stderr what a long topology operation is doing.
 fn announce(doing: &str, topology: &Topology, broker: &SharedBroker) {

@@ -42,56 +42,23 @@ async fn main() -> BenchResult<()> {
     let broker = ticketrail::connect(&url).await?;
     let unique = &uuid::Uuid::new_v4().simple().to_string()[..8];
     let space = format!("bench-queues-{unique}.events");
-    let queue = |i: usize| format!("bench-queues-{unique}.q{i:04}");
     let mut topology = Topology::new(&space);
     for i in 0..n {
-        topology = topology.queue(QueueSpec::new(queue(i)).bind(format!("q{i}.#")));
+        let queue = QueueSpec::new(format!("bench-queues-{unique}.q{i:04}"));
+        topology = topology.queue(queue.bind(format!("q{i}.#")));
     }
     let before = usage(&url);
 
-    let started = Instant::now();
-    broker.declare(&topology).await?;
-    let declare = started.elapsed();
-    let alone = if messages > 0 {
-        Some(one_queue(&broker, &topology, messages).await?)
-    } else {
-        None
-    };
-    let retried = if retries > 0 {
-        let retried = retry_once_each(&broker, &topology, retries).await?;
-        // The consumers' connections close.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        Some(retried)
-    } else {
-        None
-    };
-    let declared = usage(&url);
-
-    let started = Instant::now();
-    let mut ready = 0;
-    for spec in &topology.queues {
-        ready += broker.queue_stats(&spec.name).await?.ready.unwrap_or(0);
+    let measured = measure(&broker, &topology, &url, messages, retries).await;
+    if measured.is_err() {
+        // Leave nothing behind on a shared broker.
+        let _ = broker.delete(&topology).await;
     }
-    let stats = started.elapsed();
-
-    let started = Instant::now();
-    let findings = broker.inspect(&topology).await?;
-    let check = started.elapsed();
-
-    let started = Instant::now();
-    broker
-        .delete(&Topology::new(&space).queue(QueueSpec::new(queue(0))))
-        .await?;
-    let delete_one = started.elapsed();
-
-    let started = Instant::now();
-    broker.delete(&topology).await?;
-    let delete_all = started.elapsed();
-    let deleted = usage(&url);
+    let m = measured?;
     broker.close().await?;
 
     println!("{name}: {n} work queues in one topic space, {retries} wait tiers each");
-    if let Some((publish, consume)) = alone {
+    if let Some((publish, consume)) = m.alone {
         let neighbours = match n - 1 {
             0 => "no neighbours".to_owned(),
             k => format!("{k} neighbours holding {messages} messages between them"),
@@ -101,7 +68,7 @@ async fn main() -> BenchResult<()> {
              its {messages} consumed at {consume:.0}/s"
         );
     }
-    if let Some((took, connections, duplicates)) = retried {
+    if let Some((took, connections, duplicates)) = m.retried {
         println!(
             "  {n} consumers retried a message {retries} times each in {:.1} s \
              ({duplicates} duplicates); this process had {} connections to the broker",
@@ -109,22 +76,23 @@ async fn main() -> BenchResult<()> {
             connections.map_or("?".to_owned(), |c| c.to_string())
         );
     }
-    println!("  declare        {:>8.2} s", declare.as_secs_f64());
+    println!("  declare        {:>8.2} s", m.declare.as_secs_f64());
     println!(
-        "  stats (each)   {:>8.2} s   ({ready} ready in all)",
-        stats.as_secs_f64()
+        "  stats (each)   {:>8.2} s   ({} ready in all)",
+        m.stats.as_secs_f64(),
+        m.ready
     );
     println!(
         "  check          {:>8.2} s   ({} findings)",
-        check.as_secs_f64(),
-        findings.len()
+        m.check.as_secs_f64(),
+        m.findings
     );
-    println!("  delete one     {:>8.3} s", delete_one.as_secs_f64());
-    println!("  delete the rest{:>8.2} s", delete_all.as_secs_f64());
+    println!("  delete one     {:>8.3} s", m.delete_one.as_secs_f64());
+    println!("  delete the rest{:>8.2} s", m.delete_all.as_secs_f64());
     for (when, u) in [
         ("before", before),
-        ("declared", declared),
-        ("deleted", deleted),
+        ("declared", m.declared),
+        ("deleted", m.deleted),
     ] {
         match u {
             Some((rss, fds)) => {
@@ -133,11 +101,91 @@ async fn main() -> BenchResult<()> {
             None => println!("  broker {when:<9} (not a process on this machine)"),
         }
     }
-    if let (Some((a, _)), Some((b, _))) = (before, declared) {
+    if let (Some((a, _)), Some((b, _))) = (before, m.declared) {
         let per = (b as f64 - a as f64) * 1024.0 / n as f64;
         println!("  per work queue: {per:.0} KiB of broker RSS");
     }
     Ok(())
+}
+
+/// What [`measure`] took and saw.
+struct Measured {
+    declare: Duration,
+    alone: Option<(f64, f64)>,
+    retried: Option<(Duration, Option<usize>, usize)>,
+    declared: Option<(u64, usize)>,
+    stats: Duration,
+    ready: u64,
+    check: Duration,
+    findings: usize,
+    delete_one: Duration,
+    delete_all: Duration,
+    deleted: Option<(u64, usize)>,
+}
+
+/// Every phase, from declaring the topology to deleting it.
+async fn measure(
+    broker: &SharedBroker,
+    topology: &Topology,
+    url: &str,
+    messages: usize,
+    retries: u32,
+) -> BenchResult<Measured> {
+    let started = Instant::now();
+    broker.declare(topology).await?;
+    let declare = started.elapsed();
+    let alone = if messages > 0 {
+        Some(one_queue(broker, topology, messages).await?)
+    } else {
+        None
+    };
+    let retried = if retries > 0 {
+        let retried = retry_once_each(broker, topology, retries).await?;
+        // The consumers' connections close.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        Some(retried)
+    } else {
+        None
+    };
+    let declared = usage(url);
+
+    let started = Instant::now();
+    let mut ready = 0;
+    for spec in &topology.queues {
+        ready += broker.queue_stats(&spec.name).await?.ready.unwrap_or(0);
+    }
+    let stats = started.elapsed();
+
+    let started = Instant::now();
+    let findings = broker.inspect(topology).await?;
+    let check = started.elapsed();
+
+    let started = Instant::now();
+    broker
+        .delete(
+            &Topology::new(&topology.topic_space).queue(QueueSpec::new(&topology.queues[0].name)),
+        )
+        .await?;
+    let delete_one = started.elapsed();
+
+    let started = Instant::now();
+    broker.delete(topology).await?;
+    let delete_all = started.elapsed();
+    let deleted = usage(url);
+
+    Ok(Measured {
+        declare,
+        alone,
+        retried,
+        declared,
+        stats,
+        ready,
+        check,
+        findings: findings.len(),
+        delete_one,
+        delete_all,
+        deleted,
+    })
 }
 
 /// One queue's throughput among neighbours: `m` messages for the first
